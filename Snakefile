@@ -1,0 +1,33 @@
+# tifactory: roster + raw photos -> SD1.5 textual-inversion embeddings.
+# Run the demo roster:   snakemake --cores 1 --resources gpu=1
+# One subject:           snakemake --cores 1 --resources gpu=1 results/astronaut/astronaut-ti.safetensors
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# The tifactory package beside this Snakefile wins at parse time; jobs import the installed one
+# (requirements.txt installs this checkout in editable mode).
+sys.path.insert(0, workflow.basedir)
+
+
+configfile: "config.yaml"
+
+
+validate(config, schema="workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/collect.smk"
+include: "rules/crop.smk"
+include: "rules/dataset.smk"
+include: "rules/train.smk"
+include: "rules/samples.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,26 @@
+# Resumable state lives in results/{subject}/train_state/ (not a declared output), so a killed or
+# failed job restarts from its last checkpoint instead of from scratch.
+
+
+rule train:
+    input:
+        dataset="results/{subject}/dataset",
+        model=base_model_input,
+    output:
+        embedding="results/{subject}/{subject}-ti.safetensors",
+        checkpoints=directory("results/{subject}/checkpoints"),
+        loss="results/{subject}/train/loss.tsv",
+    params:
+        recipe=subject_train_params,
+        model=model_params(),
+        state_dir="results/{subject}/train_state",
+    resources:
+        gpu=1,
+    conda:
+        "../envs/tifactory.yaml"
+    log:
+        "logs/train/{subject}.log",
+    benchmark:
+        "benchmarks/train/{subject}.tsv"
+    script:
+        "../workflow/scripts/train.py"

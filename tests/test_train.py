@@ -1,0 +1,138 @@
+"""Training on the tiny model (CPU): contract, only-new-vectors, determinism, resume, NaN, diffusers loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from tifactory.dataset import build_dataset
+from tifactory.embedding import load_embedding
+from tifactory.train import TrainingError, checkpoint_name, train_embedding
+
+BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
+          "bucket_no_upscale": True}
+
+
+@pytest.fixture(scope="module")
+def dataset_toml(tmp_path_factory):
+    """Two real crops from the astronaut photo (no detector needed: fixed boxes)."""
+    import pandas as pd
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("ds")
+    crops = root / "crops"
+    crops.mkdir()
+    astronaut = Image.fromarray(data.astronaut())
+    rows = []
+    for index, box in enumerate([(100, 0, 356, 256), (120, 10, 376, 266)]):
+        name = f"{index:03d}_astronaut.png"
+        astronaut.crop(box).resize((256, 256)).save(crops / name)
+        rows.append({"source": "astronaut.png", "status": "kept", "reason": "", "output": name})
+    pd.DataFrame(rows).to_csv(crops / "manifest.tsv", sep="\t", index=False)
+    return build_dataset(crops_manifest=crops / "manifest.tsv", crops_dir=crops, dataset_dir=root / "dataset",
+                         subject="eva", class_word="woman", repeats=3, resolution=256, bucket=BUCKET)
+
+
+@pytest.fixture
+def params(repo_config):
+    recipe = dict(repo_config["train"])
+    recipe.update(init_word="woman", max_train_steps=4, save_every_n_steps=2, gradient_accumulation_steps=3,
+                  micro_batch_size=3, resolution=256, device="cpu")
+    return recipe
+
+
+def run(tmp_path, name, dataset_toml, tiny_model_dir, params, **kwargs):
+    out = tmp_path / name
+    final = out / "eva-ti.safetensors"
+    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="eva", params=params,
+                    final_path=final, checkpoint_dir=out / "checkpoints", loss_tsv=out / "loss.tsv",
+                    state_dir=out / "state", log=kwargs.get("log", lambda message: None))
+    return out, final
+
+
+def test_embedding_contract_and_only_new_vectors_train(tmp_path, dataset_toml, tiny_model_dir, params):
+    from tifactory.models import load_components
+
+    out, final = run(tmp_path, "a", dataset_toml, tiny_model_dir, params)
+    vectors, metadata = load_embedding(final)
+    assert tuple(vectors.shape) == (5, 768) and vectors.dtype == torch.bfloat16
+    for key in ["modelspec.architecture", "modelspec.title", "modelspec.resolution", "modelspec.date",
+                "modelspec.prediction_type", "tifactory.recipe", "tifactory.seed", "tifactory.step",
+                "tifactory.base_model_sha256", "tifactory.dataset_sha256", "tifactory.package_versions"]:
+        assert metadata[key], key
+    assert metadata["modelspec.title"] == "eva-ti" and metadata["tifactory.step"] == "4"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint_name("eva", 2),
+                                                                       checkpoint_name("eva", 4)]
+    loss_lines = (out / "loss.tsv").read_text().splitlines()
+    assert len(loss_lines) == 5 and all(float(line.split("\t")[1]) > 0 for line in loss_lines[1:])
+    # the vectors moved away from the init word's embedding
+    components = load_components(tiny_model_dir)
+    woman = components.tokenizer("woman", add_special_tokens=False).input_ids[0]
+    init = components.text_encoder.get_input_embeddings().weight[woman].detach()
+    assert not torch.allclose(vectors.float(), init.expand(5, -1), atol=1e-3)
+    step2, _ = load_embedding(out / "checkpoints" / checkpoint_name("eva", 2))
+    assert not torch.equal(step2, vectors)
+
+
+def test_same_inputs_give_byte_identical_embedding(tmp_path, dataset_toml, tiny_model_dir, params):
+    _, first = run(tmp_path, "a", dataset_toml, tiny_model_dir, params)
+    _, second = run(tmp_path, "b", dataset_toml, tiny_model_dir, params)
+    assert first.read_bytes() == second.read_bytes()
+    _, other_seed = run(tmp_path, "c", dataset_toml, tiny_model_dir, dict(params, seed=7))
+    assert other_seed.read_bytes() != first.read_bytes()
+
+
+def test_resume_after_crash_is_byte_identical(tmp_path, dataset_toml, tiny_model_dir, params):
+    params = dict(params, max_train_steps=6)
+    _, reference = run(tmp_path, "ref", dataset_toml, tiny_model_dir, params)
+
+    def crash_after_step_2(message):
+        if message.startswith("step 2/"):
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "crash", dataset_toml, tiny_model_dir, params, log=crash_after_step_2)
+    out = tmp_path / "crash"
+    assert (out / "state" / "state.pt").exists() and not (out / "eva-ti.safetensors").exists()
+    import shutil
+    shutil.rmtree(out / "checkpoints")  # Snakemake clears declared outputs before the rerun
+    messages = []
+    _, resumed = run(tmp_path, "crash", dataset_toml, tiny_model_dir, params, log=messages.append)
+    assert any("resuming from step 2" in m for m in messages)
+    assert resumed.read_bytes() == reference.read_bytes()
+    for step in (2, 4, 6):
+        assert (out / "checkpoints" / checkpoint_name("eva", step)).read_bytes() == \
+            (tmp_path / "ref" / "checkpoints" / checkpoint_name("eva", step)).read_bytes()
+    assert not (out / "state" / "state.pt").exists()
+
+
+def test_sequential_and_fused_batches_match(tmp_path, dataset_toml, tiny_model_dir, params):
+    _, fused = run(tmp_path, "fused", dataset_toml, tiny_model_dir, params)
+    _, sequential = run(tmp_path, "seq", dataset_toml, tiny_model_dir, dict(params, micro_batch_size=1))
+    fused_vectors, _ = load_embedding(fused)
+    sequential_vectors, _ = load_embedding(sequential)
+    torch.testing.assert_close(fused_vectors.float(), sequential_vectors.float(), atol=2e-2, rtol=0)
+
+
+def test_nan_loss_stops_with_step_and_no_final(tmp_path, dataset_toml, tiny_model_dir, params):
+    with pytest.raises(TrainingError, match=r"at step \d+"):
+        run(tmp_path, "nan", dataset_toml, tiny_model_dir, dict(params, learning_rate=float("1e30")))
+    assert not (tmp_path / "nan" / "eva-ti.safetensors").exists()
+
+
+def test_embedding_loads_in_diffusers_pipeline(tmp_path, dataset_toml, tiny_model_dir, params):
+    from diffusers import StableDiffusionPipeline
+
+    _, final = run(tmp_path, "a", dataset_toml, tiny_model_dir, params)
+    vectors, _ = load_embedding(final)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_textual_inversion(str(final), token="eva")
+    tokens = ["eva"] + [f"eva_{index}" for index in range(1, 5)]
+    ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+    loaded = pipe.text_encoder.get_input_embeddings().weight[ids].detach()
+    torch.testing.assert_close(loaded.float(), vectors.float())
+    image = pipe("a photo of eva", num_inference_steps=2, width=64, height=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)

@@ -1,0 +1,80 @@
+"""Unit tests of the training module's pure pieces (no model needed)."""
+
+import collections
+
+import pytest
+
+from tifactory.train import (
+    bucket_resolution,
+    epoch_order,
+    lr_lambda_for,
+    samples_for_step,
+    spread_init_ids,
+)
+from tifactory.templates import OBJECT_TEMPLATES, placeholder_tokens
+
+BUCKETS = {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+           "bucket_reso_steps": 64, "bucket_no_upscale": True}
+
+
+def test_placeholder_tokens_follow_kohya():
+    assert placeholder_tokens("eva", 5) == ["eva", "eva1", "eva2", "eva3", "eva4"]
+    assert placeholder_tokens("eva", 1) == ["eva"]
+
+
+def test_spread_init_ids_repeats_or_truncates_with_warning():
+    messages = []
+    assert spread_init_ids([7], 3, messages.append) == [7, 7, 7]
+    assert spread_init_ids([1, 2, 3], 2, messages.append) == [1, 2]
+    assert spread_init_ids([1, 2], 2, messages.append) == [1, 2]
+    assert len(messages) == 2 and "repeating" in messages[0] and "truncating" in messages[1]
+
+
+@pytest.mark.parametrize("size, bucket", [
+    ((512, 512), (512, 512)),
+    ((1024, 1024), (512, 512)),      # downscaled to the target area
+    ((300, 300), (256, 256)),        # no upscale: floor to the step, clamped at the minimum
+    ((1024, 512), (704, 320)),       # aspect kept, area <= 512², sides multiples of 64
+])
+def test_bucket_resolution(size, bucket):
+    result = bucket_resolution(*size, BUCKETS)
+    assert result == bucket
+    assert result[0] * result[1] <= 512 * 512 and result[0] % 64 == 0 and result[1] % 64 == 0
+
+
+def test_bucket_upscale_allowed_when_asked():
+    assert bucket_resolution(300, 300, dict(BUCKETS, bucket_no_upscale=False)) == (512, 512)
+    assert bucket_resolution(300, 700, dict(BUCKETS, enable_bucket=False)) == (512, 512)
+
+
+def test_epoch_order_repeats_each_image_and_depends_on_seed_and_epoch():
+    order = epoch_order(1234, 0, [3, 2])
+    assert collections.Counter(order) == {0: 3, 1: 2}
+    assert epoch_order(1234, 0, [3, 2]) == order
+    many = [5] * 6
+    assert epoch_order(1234, 0, many) != epoch_order(1234, 1, many)
+    assert epoch_order(1234, 0, many) != epoch_order(99, 0, many)
+
+
+def test_samples_for_step_covers_epochs_in_order():
+    repeats = [4, 4, 4]  # epoch of 12 samples, 5 per step
+    stream = [s for step in range(12) for s in samples_for_step(step, 5, repeats, 1, 2, len(OBJECT_TEMPLATES))]
+    first_epoch = [image for image, _, _ in stream[:12]]
+    assert first_epoch == epoch_order(1, 0, repeats)
+    assert [image for image, _, _ in stream[12:24]] == epoch_order(1, 1, repeats)
+    assert {variant for _, variant, _ in stream} == {0, 1}
+    assert all(0 <= template < len(OBJECT_TEMPLATES) for _, _, template in stream)
+    # a step is a pure function of (step, seed): what resume relies on
+    assert samples_for_step(7, 5, repeats, 1, 2, 27) == stream[35:40]
+
+
+def test_lr_schedules():
+    base = {"max_train_steps": 100, "lr_warmup_steps": 10}
+    constant = lr_lambda_for(dict(base, lr_scheduler="constant", lr_warmup_steps=0))
+    assert constant(0) == constant(99) == 1.0
+    warm = lr_lambda_for(dict(base, lr_scheduler="constant_with_warmup"))
+    assert warm(0) == pytest.approx(0.1) and warm(50) == 1.0
+    linear = lr_lambda_for(dict(base, lr_scheduler="linear"))
+    assert linear(10) == pytest.approx(1.0) and linear(100) == pytest.approx(0.0)
+    cosine = lr_lambda_for(dict(base, lr_scheduler="cosine"))
+    assert cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0, abs=1e-12)

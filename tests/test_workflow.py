@@ -1,0 +1,163 @@
+"""Integration tests through Snakemake on a tiny config in a temp dir (demo-tiny model, real photos)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tifactory.demo import make_demo_photos
+from tifactory.embedding import load_embedding
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBJECTS = {"eva": ("woman", "astronaut"), "tom": ("person", "t1person")}
+
+
+def snakemake(workdir, *args, check=True):
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir),
+               "--cores", "2", "--resources", "gpu=1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
+    """(rule, subject) for every job a dry run would run."""
+    output = snakemake(workdir, "-n", *args).stdout
+    jobs = []
+    for block in re.split(r"\n(?=rule \w+:)", output):
+        rule = re.match(r"rule (\w+):", block)
+        if rule and rule.group(1) != "all":
+            subject = re.search(r"wildcards: .*?subject=([\w-]+)", block)
+            jobs.append((rule.group(1), subject.group(1) if subject else ""))
+    return jobs
+
+
+def make_workdir(root, repo_config, tiny_overrides):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["subject\tclass_word\tsources"]
+    for subject, (class_word, demo_subject) in SUBJECTS.items():
+        make_demo_photos(demo_subject, root / "photos" / subject)
+        rows.append(f"{subject}\t{class_word}\tphotos/{subject}")
+    (root / "roster.tsv").write_text("\n".join(rows) + "\n")
+    config = dict(repo_config, roster="roster.tsv", demo_overrides=tiny_overrides)
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, repo_config, tiny_overrides):
+    root = make_workdir(tmp_path_factory.mktemp("wf"), repo_config, tiny_overrides)
+    snakemake(root)
+    return root
+
+
+def test_full_run_produces_every_contract_path(workdir, repo_config, tiny_overrides):
+    steps = tiny_overrides["train"]["max_train_steps"]
+    every = tiny_overrides["train"]["save_every_n_steps"]
+    for subject, (class_word, _) in SUBJECTS.items():
+        results = workdir / "results" / subject
+        assert (results / "raw" / "manifest.tsv").is_file()
+        crops = sorted((results / "crops").glob("*.png"))
+        assert crops and all(Image.open(p).size == (512, 512) for p in crops)
+        header = (results / "crops" / "manifest.tsv").read_text().splitlines()[0].split("\t")
+        for column in ["source", "status", "reason", "face_x", "face_y", "face_w", "face_h", "crop_x", "crop_y",
+                       "crop_size", "det_score", "output"]:
+            assert column in header
+        repeats = repo_config["dataset"]["repeats"]
+        assert len(list((results / "dataset" / f"{repeats}_{subject} {class_word}").glob("*.png"))) == len(crops)
+        assert (results / "dataset" / "dataset.toml").is_file()
+        checkpoints = sorted(p.name for p in (results / "checkpoints").iterdir())
+        assert checkpoints == [f"{subject}-ti-step{s:08d}.safetensors" for s in range(every, steps + 1, every)]
+        vectors, metadata = load_embedding(results / f"{subject}-ti.safetensors")
+        assert tuple(vectors.shape) == (repo_config["train"]["num_vectors"], 768)
+        assert str(vectors.dtype) == "torch.bfloat16"
+        assert metadata["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+        assert metadata["tifactory.step"] == str(steps)
+        loss = (results / "train" / "loss.tsv").read_text().splitlines()
+        assert loss[0] == "step\tloss\tlr\tseconds" and len(loss) == steps + 1
+        grid = Image.open(results / "samples" / "grid.png")
+        samples = tiny_overrides["samples"]
+        rows = 1 + steps // every
+        assert grid.height > rows * samples["height"] and grid.width > samples["width"]
+        assert (workdir / "logs" / "train" / f"{subject}.log").is_file()
+        assert (workdir / "benchmarks" / "train" / f"{subject}.tsv").is_file()
+        assert not (results / "train_state" / "state.pt").exists()
+    demo_log = (workdir / "logs" / "demo_model" / "demo_model.log").read_text()
+    assert "MEANINGLESS" in demo_log
+
+
+def test_second_run_has_nothing_to_do(workdir):
+    assert planned_jobs(workdir) == []
+
+
+def test_changed_photo_reruns_only_that_subject(workdir):
+    photo = sorted((workdir / "photos" / "eva").glob("*.png"))[0]
+    image = Image.open(photo)
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo)
+    jobs = planned_jobs(workdir)
+    assert {subject for _, subject in jobs} == {"eva"}
+    assert {rule for rule, _ in jobs} == {"collect", "crop", "dataset", "train", "samples"}
+    snakemake(workdir)
+    assert planned_jobs(workdir) == []
+
+
+def test_changed_training_parameter_reruns_training_and_samples_only(workdir):
+    config_path = workdir / "config.yaml"
+    original = config_path.read_text()
+    config = yaml.safe_load(original)
+    config["train"]["learning_rate"] = 0.001
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        jobs = planned_jobs(workdir)
+    finally:
+        config_path.write_text(original)
+    assert sorted(jobs) == sorted((rule, subject) for rule in ("train", "samples") for subject in SUBJECTS)
+
+
+def test_single_target_builds_one_subject(tmp_path, repo_config, tiny_overrides):
+    fresh = make_workdir(tmp_path / "fresh", repo_config, tiny_overrides)
+    jobs = planned_jobs(fresh, "results/eva/eva-ti.safetensors")
+    assert {subject for _, subject in jobs} == {"eva", ""}
+    assert {rule for rule, subject in jobs if subject == ""} == {"demo_model"}
+    assert ("train", "eva") in jobs and not any(rule == "samples" for rule, _ in jobs)
+
+
+def test_bad_roster_row_fails_with_row_and_column(tmp_path, repo_config, tiny_overrides):
+    fresh = make_workdir(tmp_path / "bad", repo_config, tiny_overrides)
+    (fresh / "roster.tsv").write_text("subject\tclass_word\tsources\neva\twoman\tphotos/eva\nbob\tdog\tphotos/eva\n")
+    result = snakemake(fresh, "-n", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "row 3 (subject 'bob'), column 'class_word'" in output
+    assert "Traceback" not in output
+
+
+def test_bad_config_fails_with_schema_message(tmp_path, repo_config, tiny_overrides):
+    fresh = make_workdir(tmp_path / "badconfig", repo_config, tiny_overrides)
+    result = snakemake(fresh, "-n", "--config", "roster=roster.tsv", "colour=red", check=False)
+    assert result.returncode != 0
+    assert "colour" in result.stdout + result.stderr
+
+
+def test_subject_with_no_usable_photo_fails_alone(tmp_path, repo_config, tiny_overrides):
+    fresh = make_workdir(tmp_path / "keepgoing", repo_config, tiny_overrides)
+    (fresh / "nofaces").mkdir()
+    Image.new("RGB", (300, 300), (120, 90, 60)).save(fresh / "nofaces" / "wall.png")
+    (fresh / "roster.tsv").write_text("subject\tclass_word\tsources\neva\twoman\tphotos/eva\n"
+                                      "wall\tman\tnofaces\n")
+    result = snakemake(fresh, "--keep-going", check=False)
+    assert result.returncode != 0
+    assert (fresh / "results" / "eva" / "samples" / "grid.png").is_file()
+    dataset_log = (fresh / "logs" / "dataset" / "wall.log").read_text()
+    assert "subject 'wall': no usable photos (1 rejected: no face x1)" in dataset_log
+    assert "Traceback" not in dataset_log
+    shutil.rmtree(fresh)

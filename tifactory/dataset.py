@@ -1,0 +1,110 @@
+"""Kohya dataset layout: `{repeats}_{subject} {class_word}/` + a `dataset.toml` for `--dataset_config`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+
+from tifactory.fileio import atomic_path, write_text_atomic
+
+
+class DatasetError(ValueError):
+    """The subject has no usable images; the message carries the crop stage's rejection summary."""
+
+
+def image_folder_name(repeats: int, subject: str, class_word: str) -> str:
+    return f"{repeats}_{subject} {class_word}"
+
+
+def _toml_string(value: str) -> str:
+    # A JSON string literal is a valid TOML basic string (same escapes, \uXXXX included).
+    return json.dumps(value, ensure_ascii=False)
+
+
+def dataset_toml_text(*, image_dir: str, repeats: int, class_tokens: str, resolution: int,
+                      bucket: dict) -> str:
+    """kohya sd-scripts dataset config (DreamBooth-style subset, one folder)."""
+    lines = [
+        "# kohya sd-scripts --dataset_config; written by tifactory",
+        "[general]",
+        f"enable_bucket = {str(bucket['enable_bucket']).lower()}",
+        f"min_bucket_reso = {bucket['min_bucket_reso']}",
+        f"max_bucket_reso = {bucket['max_bucket_reso']}",
+        f"bucket_reso_steps = {bucket['bucket_reso_steps']}",
+        f"bucket_no_upscale = {str(bucket['bucket_no_upscale']).lower()}",
+        "shuffle_caption = false",
+        'caption_extension = ".txt"',
+        "",
+        "[[datasets]]",
+        f"resolution = {resolution}",
+        "batch_size = 1",
+        "",
+        "  [[datasets.subsets]]",
+        f"  image_dir = {_toml_string(image_dir)}",
+        f"  num_repeats = {repeats}",
+        f"  class_tokens = {_toml_string(class_tokens)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summarize_rejections(manifest: pd.DataFrame) -> str:
+    rejected = manifest[manifest["status"] == "rejected"]
+    if rejected.empty:
+        return "no photos at all"
+    counts = rejected["reason"].fillna("").str.split(":").str[0].value_counts()
+    return "; ".join(f"{reason} x{count}" for reason, count in counts.items())
+
+
+def build_dataset(*, crops_manifest: str | os.PathLike, crops_dir: str | os.PathLike,
+                  dataset_dir: str | os.PathLike, subject: str, class_word: str, repeats: int,
+                  resolution: int, bucket: dict) -> Path:
+    """Copy kept crops into the kohya folder and write dataset.toml; return the toml path.
+
+    The toml's image_dir is written as given by `dataset_dir` (relative paths stay relative to the
+    workflow's working directory, where kohya would be run too).
+    """
+    manifest = pd.read_csv(crops_manifest, sep="\t", dtype=str, keep_default_na=False)
+    kept = manifest[manifest["status"] == "kept"]
+    if kept.empty:
+        raise DatasetError(f"subject {subject!r}: no usable photos "
+                           f"({len(manifest)} rejected: {summarize_rejections(manifest)})")
+    dataset_dir = Path(dataset_dir)
+    image_dir = dataset_dir / image_folder_name(repeats, subject, class_word)
+    if image_dir.exists():
+        shutil.rmtree(image_dir)
+    image_dir.mkdir(parents=True)
+    for name in kept["output"]:
+        source = Path(crops_dir) / name
+        with atomic_path(image_dir / Path(name).name) as tmp_path:
+            shutil.copyfile(source, tmp_path)
+    toml_path = dataset_dir / "dataset.toml"
+    write_text_atomic(toml_path, dataset_toml_text(
+        image_dir=str(image_dir), repeats=repeats, class_tokens=f"{subject} {class_word}",
+        resolution=resolution, bucket=bucket))
+    return toml_path
+
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def read_dataset_toml(toml_path: str | os.PathLike) -> list[dict]:
+    """Parse a kohya dataset config into subsets: [{image_dir, num_repeats, images: [...]}].
+
+    Relative image_dir values are resolved against the current working directory (kohya's rule).
+    """
+    with open(toml_path, "rb") as handle:
+        config = tomllib.load(handle)
+    subsets = []
+    for dataset in config.get("datasets", []):
+        for subset in dataset.get("subsets", []):
+            image_dir = Path(subset["image_dir"])
+            images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            subsets.append({"image_dir": image_dir, "num_repeats": int(subset.get("num_repeats", 1)),
+                            "images": images})
+    return subsets

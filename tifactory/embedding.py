@@ -1,0 +1,98 @@
+"""The embedding file contract: safetensors with one tensor `emb_params` [num_vectors, dim] + metadata.
+
+Loads in A1111/ComfyUI (single-key layout) and in diffusers' `load_textual_inversion(path, token=...)`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tifactory.fileio import atomic_path
+
+EMBEDDING_KEY = "emb_params"
+SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "float": "float32"}
+VERSIONED_PACKAGES = ("tifactory", "torch", "diffusers", "transformers", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "tifactory":
+                from tifactory import __version__
+                versions[name] = __version__
+    return versions
+
+
+def git_commit() -> str:
+    """The workflow's git commit (with '+dirty' when the tree has changes), or '' outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("+dirty" if dirty else "")
+
+
+def reproducible_date() -> str:
+    """SOURCE_DATE_EPOCH (reproducible-builds convention) if set, else today's UTC date."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
+              else datetime.datetime.now(datetime.timezone.utc))
+    return moment.date().isoformat()
+
+
+def build_metadata(*, subject: str, step: int, resolution: int, date: str, recipe: dict,
+                   base_model: str, base_model_hash: str, dataset_hash: str) -> dict[str, str]:
+    """modelspec-style keys + provenance; safetensors metadata values must be strings."""
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": f"{subject}-ti",
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": date,
+        "modelspec.prediction_type": "epsilon",
+        "tifactory.subject": subject,
+        "tifactory.step": str(step),
+        "tifactory.seed": str(recipe["seed"]),
+        "tifactory.recipe": json.dumps(recipe, sort_keys=True),
+        "tifactory.base_model": os.path.basename(str(base_model).rstrip("/")),
+        "tifactory.base_model_sha256": base_model_hash,
+        "tifactory.dataset_sha256": dataset_hash,
+        "tifactory.package_versions": json.dumps(package_versions(), sort_keys=True),
+        "tifactory.git_commit": git_commit(),
+    }
+
+
+def save_embedding(path: str | os.PathLike, vectors, metadata: dict[str, str], save_precision: str) -> Path:
+    """Write `vectors` ([num_vectors, dim]) atomically as `emb_params` in the save precision."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, SAVE_DTYPES[save_precision])
+    tensor = vectors.detach().to(device="cpu", dtype=dtype).contiguous()
+    with atomic_path(path) as tmp_path:
+        save_file({EMBEDDING_KEY: tensor}, str(tmp_path), metadata=metadata)
+    return Path(path)
+
+
+def load_embedding(path: str | os.PathLike):
+    """Return (tensor [num_vectors, dim], metadata dict)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        if keys != [EMBEDDING_KEY]:
+            raise ValueError(f"{path}: expected one tensor {EMBEDDING_KEY!r}, found {keys}")
+        return handle.get_tensor(EMBEDDING_KEY), dict(handle.metadata() or {})

@@ -1,0 +1,57 @@
+"""Small I/O helpers shared by every stage: atomic writes and content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds.
+
+    A crash, a full disk or an exception inside the block leaves no file under the final name.
+    The temporary name keeps the final suffix so writers that look at the extension still work.
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final_path.stem}.", suffix=f".tmp{final_path.suffix}", dir=final_path.parent
+    )
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, final_path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(final_path: str | os.PathLike, text: str) -> None:
+    with atomic_path(final_path) as tmp_path:
+        tmp_path.write_text(text, encoding="utf-8")
+
+
+def write_tsv_atomic(final_path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame as TSV atomically (no index, empty string for missing values)."""
+    with atomic_path(final_path) as tmp_path:
+        frame.to_csv(tmp_path, sep="\t", index=False, na_rep="")
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

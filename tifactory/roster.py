@@ -1,0 +1,150 @@
+"""Roster and recipe: read + validate the roster TSV, resolve each subject's training parameters.
+
+Imported by the Snakefile at DAG-parse time, so it must stay cheap (no torch, no image libraries).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+DEMO_MODEL_NAME = "demo-tiny"
+INTEGER_COLUMNS = {"num_vectors", "max_train_steps", "gradient_accumulation_steps", "save_every_n_steps",
+                   "seed", "repeats"}
+NUMBER_COLUMNS = {"learning_rate"}
+
+
+class RosterError(ValueError):
+    """A roster problem; the message names the file, row and column."""
+
+
+def _load_schema(name: str) -> dict:
+    with open(SCHEMA_DIR / name, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _convert_cell(column: str, text: str) -> Any:
+    if column in INTEGER_COLUMNS:
+        try:
+            return int(text)
+        except ValueError:
+            return text  # left as a string: the schema then names the column and the expected type
+    if column in NUMBER_COLUMNS:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def read_roster(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read and validate the roster; return one dict per subject (empty cells dropped).
+
+    Raises RosterError listing every bad row as `row N (subject 'x'), column 'c': problem`.
+    Row numbers count the header as row 1, as a spreadsheet shows them.
+    """
+    import jsonschema
+
+    path = Path(path)
+    if not path.is_file():
+        raise RosterError(f"roster {path}: file not found")
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = [line for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    reader = csv.reader(lines, delimiter="\t")
+    rows = list(reader)
+    if not rows:
+        raise RosterError(f"roster {path}: empty (needs a header: subject, class_word, sources)")
+    header = [cell.strip() for cell in rows[0]]
+    validator = jsonschema.Draft202012Validator(_load_schema("roster.schema.yaml"))
+    problems: list[str] = []
+    subjects: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for row_number, cells in enumerate(rows[1:], start=2):
+        if len(cells) > len(header):
+            problems.append(f"row {row_number}: {len(cells)} cells but the header has {len(header)} columns")
+            continue
+        record = {}
+        for column, cell in zip(header, cells):
+            cell = cell.strip()
+            if cell:
+                record[column] = _convert_cell(column, cell)
+        label = f"row {row_number} (subject {record.get('subject', '?')!r})"
+        for error in sorted(validator.iter_errors(record), key=lambda e: list(e.path)):
+            if error.validator == "additionalProperties":
+                extra = sorted(set(record) - set(validator.schema["properties"]))
+                problems.append(f"{label}: unknown column(s) {extra}; allowed: "
+                                f"{sorted(validator.schema['properties'])}")
+            elif error.validator == "required":
+                problems.append(f"{label}: {error.message}")
+            else:
+                column = error.path[0] if error.path else "?"
+                problems.append(f"{label}, column {column!r}: {error.message}")
+        subject = record.get("subject")
+        if isinstance(subject, str):
+            if subject in seen:
+                problems.append(f"{label}, column 'subject': duplicate of row {seen[subject]}")
+            else:
+                seen[subject] = row_number
+        subjects.append(record)
+    if problems:
+        raise RosterError(f"roster {path}:\n  " + "\n  ".join(problems))
+    if not subjects:
+        raise RosterError(f"roster {path}: no subjects")
+    return subjects
+
+
+def split_sources(sources: str) -> list[str]:
+    return [part.strip() for part in sources.split(";") if part.strip()]
+
+
+def is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
+
+
+def list_source_files(sources: str) -> list[str]:
+    """Every existing file the sources name (folders recursively, globs expanded), sorted.
+
+    Missing folders and empty globs contribute nothing here; the collect stage reports them as rows.
+    Hidden files and folders are skipped; symlink loops are not followed.
+    """
+    files: set[str] = set()
+    for source in split_sources(sources):
+        if os.path.isdir(source):  # an existing folder wins, even with glob characters in its name
+            for root, dirnames, filenames in os.walk(source):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files.update(os.path.join(root, f) for f in filenames if not f.startswith("."))
+        elif os.path.isfile(source):
+            files.add(source)
+        elif is_glob(source):
+            files.update(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+    return sorted(files)
+
+
+def is_demo(config: dict) -> bool:
+    return config["base_model"] == DEMO_MODEL_NAME
+
+
+def merged_section(config: dict, section: str) -> dict:
+    """config[section], with demo_overrides[section] applied when the demo model is in use."""
+    merged = copy.deepcopy(config[section])
+    if is_demo(config):
+        merged.update(config.get("demo_overrides", {}).get(section, {}))
+    return merged
+
+
+def train_params(config: dict, subject_row: dict) -> dict:
+    """The full training recipe for one subject: config.train (+ demo overrides) + roster overrides."""
+    params = merged_section(config, "train")
+    for key, value in subject_row.items():
+        if key in params:
+            params[key] = value
+    if not params["init_word"]:
+        params["init_word"] = subject_row["class_word"]
+    return params

@@ -1,0 +1,13 @@
+from tifactory.collect import collect_photos
+from tifactory.jobs import run_job
+
+
+def main(smk, log):
+    manifest = collect_photos(list(smk.params.sources), smk.output[0], min_side_px=smk.params.min_side_px)
+    counts = manifest["status"].value_counts().to_dict()
+    log(f"collected {len(manifest)} item(s): {counts}")
+    for row in manifest[manifest["status"] == "rejected"].itertuples():
+        log(f"rejected {row.source}: {row.reason}")
+
+
+run_job(snakemake, main)

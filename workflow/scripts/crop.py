@@ -1,0 +1,16 @@
+from pathlib import Path
+
+from tifactory.crop import crop_faces
+from tifactory.jobs import run_job
+
+
+def main(smk, log):
+    out_dir = Path(smk.output[0])
+    manifest = crop_faces(smk.input[0], out_dir, out_dir / "manifest.tsv", **smk.params.crop)
+    counts = manifest["status"].value_counts().to_dict()
+    log(f"cropped: {counts}")
+    for row in manifest[manifest["status"] == "rejected"].itertuples():
+        log(f"rejected {row.source}: {row.reason}")
+
+
+run_job(snakemake, main)

@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from tifactory.jobs import run_job
+from tifactory.samples import render_sample_grid
+
+
+def main(smk, log):
+    samples = dict(smk.params.samples)
+    samples.pop("prompts")
+    render_sample_grid(
+        subject=smk.wildcards.subject, checkpoint_dir=smk.input.checkpoints, prompts_file=smk.input.prompts,
+        out_dir=Path(smk.output.grid).parent, log=log, **samples, **dict(smk.params.model))
+
+
+run_job(snakemake, main)
