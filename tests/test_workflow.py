@@ -75,7 +75,7 @@ def test_full_run_produces_every_contract_path(workdir, repo_config, tiny_overri
         repeats = repo_config["dataset"]["repeats"]
         assert len(list((results / "dataset" / f"{repeats}_{subject} {class_word}").glob("*.png"))) == len(crops)
         assert (results / "dataset" / "dataset.toml").is_file()
-        checkpoints = sorted(p.name for p in (results / "checkpoints").iterdir())
+        checkpoints = sorted(p.name for p in (results / "checkpoints").glob("*.safetensors"))
         assert checkpoints == [f"{subject}-ti-step{s:08d}.safetensors" for s in range(every, steps + 1, every)]
         vectors, metadata = load_embedding(results / f"{subject}-ti.safetensors")
         assert tuple(vectors.shape) == (repo_config["train"]["num_vectors"], 768)

@@ -75,15 +75,37 @@ def build_metadata(*, subject: str, step: int, resolution: int, date: str, recip
     }
 
 
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def safetensors_bytes(name: str, tensor, metadata: dict[str, str]) -> bytes:
+    """One tensor in the safetensors format with a deterministic header (sorted keys).
+
+    safetensors' own writer orders metadata keys differently from run to run; reproducible embeddings
+    need the same bytes for the same inputs, so the (simple) format is written here: an 8-byte
+    little-endian header length, a JSON header padded to 8 bytes, then the raw little-endian data.
+    """
+    import torch
+
+    data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    header = {
+        "__metadata__": dict(sorted(metadata.items())),
+        name: {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+               "shape": list(tensor.shape), "data_offsets": [0, len(data)]},
+    }
+    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    return len(header_bytes).to_bytes(8, "little") + header_bytes + data
+
+
 def save_embedding(path: str | os.PathLike, vectors, metadata: dict[str, str], save_precision: str) -> Path:
     """Write `vectors` ([num_vectors, dim]) atomically as `emb_params` in the save precision."""
     import torch
-    from safetensors.torch import save_file
 
     dtype = getattr(torch, SAVE_DTYPES[save_precision])
     tensor = vectors.detach().to(device="cpu", dtype=dtype).contiguous()
     with atomic_path(path) as tmp_path:
-        save_file({EMBEDDING_KEY: tensor}, str(tmp_path), metadata=metadata)
+        tmp_path.write_bytes(safetensors_bytes(EMBEDDING_KEY, tensor, metadata))
     return Path(path)
 
 

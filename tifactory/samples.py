@@ -104,7 +104,9 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
     for step, path in checkpoints:
         pipe.load_textual_inversion(str(path), token=subject)
         rows.append((f"step {step}", render(subject)))
-        pipe.unload_textual_inversion(subject)
+        added = [token for token in pipe.tokenizer.get_added_vocab()
+                 if token == subject or re.fullmatch(rf"{re.escape(subject)}_\d+", token)]
+        pipe.unload_textual_inversion(added)
     column_labels = [f"{prompt.replace('{token}', '*')} s{seed}" for prompt in prompts for seed in seeds]
 
     for label, images in rows:
