@@ -95,6 +95,23 @@ def test_full_run_produces_every_contract_path(workdir, repo_config, tiny_overri
     assert "MEANINGLESS" in demo_log
 
 
+def test_samples_likeness_loss_and_report(workdir):
+    for subject in SUBJECTS:
+        samples = workdir / "results" / subject / "samples"
+        assert Image.open(samples / "grid_preview.jpg").format == "JPEG"
+        assert len((samples / "images.tsv").read_text().splitlines()) == 1 + len(list(samples.glob("step*.png")))
+        assert all(line.endswith("not scored") for line in (samples / "scores.tsv").read_text().splitlines()[1:])
+        assert "likeness NOT scored" in (workdir / "logs" / "likeness" / f"{subject}.log").read_text()
+        assert not (workdir / "results" / subject / f"{subject}-ti-best.safetensors").exists()
+        assert Image.open(workdir / "results" / subject / "train" / "loss.png").size == (900, 500)
+        summary = (workdir / "results" / subject / "report" / "summary.html").read_text()
+        assert "likeness NOT scored" in summary and "data:image/jpeg;base64," in summary
+    assert all(s in (workdir / "results" / "report" / "roster.html").read_text() for s in SUBJECTS)
+    snakemake(workdir, "--report", "report.html")
+    report = (workdir / "report.html").read_text()
+    assert "Roster overview" in report and all(s in report for s in SUBJECTS)
+
+
 def test_second_run_has_nothing_to_do(workdir):
     assert planned_jobs(workdir) == []
 
@@ -105,7 +122,8 @@ def test_changed_photo_reruns_only_that_subject(workdir):
     image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo)
     jobs = planned_jobs(workdir)
     assert {subject for _, subject in jobs} == {"eva"}
-    assert {rule for rule, _ in jobs} == {"collect", "crop", "dataset", "train", "samples"}
+    assert {rule for rule, _ in jobs} == {"collect", "crop", "dataset", "train", "samples", "loss_plot", "likeness",
+                                          "subject_summary", "roster_overview"}
     snakemake(workdir)
     assert planned_jobs(workdir) == []
 
@@ -120,7 +138,9 @@ def test_changed_training_parameter_reruns_training_and_samples_only(workdir):
         jobs = planned_jobs(workdir)
     finally:
         config_path.write_text(original)
-    assert sorted(jobs) == sorted((rule, subject) for rule in ("train", "samples") for subject in SUBJECTS)
+    per_subject = ("train", "samples", "loss_plot", "likeness", "subject_summary")
+    assert sorted(jobs) == sorted([(rule, subject) for rule in per_subject for subject in SUBJECTS]
+                                  + [("roster_overview", "")])
 
 
 def test_single_target_builds_one_subject(tmp_path, repo_config, tiny_overrides):

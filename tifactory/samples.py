@@ -1,36 +1,72 @@
-"""Sample grids: one row per checkpoint step (step 0 = the init word alone), one column per prompt × seed."""
+"""Sample grids: one row per checkpoint step (step 0 = the init word alone), one column per prompt × seed.
+
+`load_sampler` loads a base model once; `Sampler.render_grid` encodes every (step, prompt) with the
+weighted-prompt encoder of `tifactory.prompts` (the subject's vectors swapped in per checkpoint), then
+samples all images of the grid in batches (images of different steps share a batch: only their prompt
+embeddings differ). Every image has its own CPU generator seeded with its column's seed, so an image does
+not depend on the batch it lands in. Outputs in `out_dir`: each image, `images.tsv`, the labelled
+`grid.png` and a smaller `grid_preview.jpg`.
+
+Parse-time cheap: torch/diffusers are imported inside the functions.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tifactory.fileio import atomic_path
+from tifactory.fileio import atomic_path, write_text_atomic
+from tifactory.prompts import PromptError, SamplePrompt, load_embedding_vectors, read_prompts  # noqa: F401
 
 CHECKPOINT_STEP = re.compile(r"-step(\d+)\.safetensors$")
-LABEL_HEIGHT = 18
+SCHEDULERS = ("ddim", "euler_a", "dpmpp_2m")
+PREVIEW_MAX_SIDE = 1600
+IMAGES_COLUMNS = ("step", "column", "prompt", "seed", "negative", "steps", "guidance_scale", "width", "height",
+                  "file")
 
 
-class PromptError(ValueError):
-    """The sample prompts file is unusable."""
-ROW_LABEL_WIDTH = 96
+@dataclass(frozen=True)
+class Column:
+    """One grid column: a prompt with its resolved options and one seed."""
+
+    index: int
+    prompt_index: int
+    prompt: SamplePrompt
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+    def label(self, token: str) -> str:
+        options = []
+        if self.prompt.negative:
+            options.append(f"neg: {self.prompt.negative}")
+        if self.prompt.steps is not None or self.prompt.guidance_scale is not None:
+            options.append(f"{self.steps} steps, CFG {self.guidance_scale:g}")
+        if self.prompt.width is not None or self.prompt.height is not None:
+            options.append(f"{self.width}x{self.height}")
+        extra = f" [{'; '.join(options)}]" if options else ""
+        return f"{self.prompt.text.replace('{token}', token)}{extra} · seed {self.seed}"
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts, one per line; blank lines and `#` comments skipped; each must hold `{token}`."""
-    prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{token}" not in line:
-            raise PromptError(f"{path}, line {number}: prompt has no {{token}} placeholder: {line!r}")
-        prompts.append(line)
-    if not prompts:
-        raise PromptError(f"{path}: no prompts")
-    return prompts
+def plan_columns(prompts: list[SamplePrompt], *, seeds: list[int], steps: int, guidance_scale: float,
+                 width: int, height: int) -> list[Column]:
+    """prompt × seed (a prompt with its own `--d` seed gets that one column), config defaults filled in."""
+    columns = []
+    for prompt_index, prompt in enumerate(prompts):
+        for seed in ([prompt.seed] if prompt.seed is not None else seeds):
+            columns.append(Column(
+                index=len(columns), prompt_index=prompt_index, prompt=prompt, seed=seed,
+                steps=prompt.steps if prompt.steps is not None else steps,
+                guidance_scale=prompt.guidance_scale if prompt.guidance_scale is not None else guidance_scale,
+                width=prompt.width if prompt.width is not None else width,
+                height=prompt.height if prompt.height is not None else height))
+    return columns
 
 
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -42,80 +78,234 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]
     return sorted(found)
 
 
+def image_name(step: int, column: Column) -> str:
+    return f"step{step:08d}_p{column.prompt_index:02d}_s{column.seed}.png"
+
+
 def make_scheduler(name: str, config):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
-    schedulers = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-                  "dpmpp_2m": DPMSolverMultistepScheduler}
+    if name not in SCHEDULERS:
+        raise PromptError(f"unknown scheduler {name!r} (use one of {', '.join(SCHEDULERS)})")
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    schedulers = {"ddim": DDIMScheduler, "euler_a": EulerAncestralDiscreteScheduler}
     return schedulers[name].from_config(config)
 
 
-def compose_grid(rows: list[tuple[str, list]], column_labels: list[str]):
-    """Paste images into a labelled grid: a label column on the left, a label row on top."""
+# ---------------------------------------------------------------------------------------------
+# Grid drawing
+# ---------------------------------------------------------------------------------------------
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and draw.textlength(lines[-1] + "…", font=font) > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "…"
+    return lines
+
+
+def compose_grid(rows: list[tuple[str, list]], column_labels: list[str], title: str = ""):
+    """Paste images into a labelled grid: row labels on the left, wrapped column labels on top."""
     from PIL import Image, ImageDraw
 
-    cell_w, cell_h = rows[0][1][0].size
-    grid = Image.new("RGB", (ROW_LABEL_WIDTH + cell_w * len(column_labels),
-                             LABEL_HEIGHT + cell_h * len(rows)), "white")
+    cell_w = max(image.size[0] for _, images in rows for image in images)
+    cell_h = max(image.size[1] for _, images in rows for image in images)
+    size = max(12, min(28, cell_w // 20))
+    font = _font(size)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = size // 2
+    wrapped = [_wrap(scratch, label, font, cell_w - 2 * pad, 4) for label in column_labels]
+    title_h = (size + 2 * pad) if title else 0
+    header_h = title_h + max(len(lines) for lines in wrapped) * (size + 3) + 2 * pad
+    label_w = int(max(scratch.textlength(label, font=font) for label, _ in rows)) + 3 * pad
+    grid = Image.new("RGB", (label_w + cell_w * len(column_labels), header_h + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for column, label in enumerate(column_labels):
-        draw.text((ROW_LABEL_WIDTH + column * cell_w + 3, 3), label[: max(4, cell_w // 6)], fill="black")
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    for column, lines in enumerate(wrapped):
+        for number, line in enumerate(lines):
+            draw.text((label_w + column * cell_w + pad, title_h + pad + number * (size + 3)), line, fill="black",
+                      font=font)
     for row, (label, images) in enumerate(rows):
-        top = LABEL_HEIGHT + row * cell_h
-        draw.text((4, top + cell_h // 2 - 6), label, fill="black")
+        top = header_h + row * cell_h
+        draw.text((pad, top + cell_h // 2 - size // 2), label, fill="black", font=font)
         for column, image in enumerate(images):
-            grid.paste(image, (ROW_LABEL_WIDTH + column * cell_w, top))
+            grid.paste(image, (label_w + column * cell_w + (cell_w - image.size[0]) // 2,
+                               top + (cell_h - image.size[1]) // 2))
+        draw.line([(0, top), (grid.width, top)], fill=(200, 200, 200))
     return grid
+
+
+def write_preview(grid, path: str | os.PathLike, max_side: int = PREVIEW_MAX_SIDE) -> Path:
+    """A smaller JPEG copy of the grid for the report."""
+    from PIL import Image
+
+    scale = min(1.0, max_side / max(grid.size))
+    preview = grid.resize((max(1, round(grid.width * scale)), max(1, round(grid.height * scale))),
+                          Image.Resampling.LANCZOS) if scale < 1 else grid
+    with atomic_path(path) as tmp_path:
+        preview.save(tmp_path, format="JPEG", quality=85)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """A loaded base model ready to render grids (pipeline + weighted-prompt encoder)."""
+
+    def __init__(self, components, *, scheduler: str, device: str = "auto"):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from tifactory.prompts import PromptEncoder
+        from tifactory.train import pick_device
+
+        self.device = pick_device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.pipe = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+            unet=components.unet, scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ).to(self.device, self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder)
+
+    def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print) -> list:
+        """jobs: dicts with cond, uncond ([1, 77, dim]), seed, steps, guidance_scale, width, height.
+        Returns one PIL image per job, in order. Jobs that share steps/CFG/size share batches."""
+        import torch
+
+        images: list = [None] * len(jobs)
+        groups: dict = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault((job["steps"], job["guidance_scale"], job["width"], job["height"]), []).append(index)
+        for (steps, guidance_scale, width, height), indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start:start + batch_size]
+                output = self.pipe(
+                    prompt_embeds=torch.cat([jobs[i]["cond"] for i in batch]).to(self.device, self.dtype),
+                    negative_prompt_embeds=torch.cat([jobs[i]["uncond"] for i in batch]).to(self.device, self.dtype),
+                    generator=[torch.Generator(device="cpu").manual_seed(jobs[i]["seed"]) for i in batch],
+                    num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
+                for i, image in zip(batch, output.images):
+                    images[i] = image
+        return images
+
+    def render_grid(self, *, subject: str, init_word: str, checkpoints: list[tuple[int, Path]],
+                    prompts: list[SamplePrompt], seeds: list[int], steps: int, guidance_scale: float,
+                    width: int, height: int, batch_size: int, out_dir: str | os.PathLike,
+                    extra_embeddings: dict[str, str] | None = None, title: str = "",
+                    log: Callable[[str], None] = print) -> dict:
+        """Render step 0 and every checkpoint; write the images, images.tsv, grid.png, grid_preview.jpg.
+        Returns timings (seconds) and paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        for trigger, path in sorted((extra_embeddings or {}).items()):
+            self.encoder.set(trigger, load_embedding_vectors(path))
+        columns = plan_columns(prompts, seeds=seeds, steps=steps, guidance_scale=guidance_scale, width=width,
+                               height=height)
+        row_steps = [0] + [step for step, _ in checkpoints]
+        jobs = []
+        for step, path in [(0, None)] + list(checkpoints):
+            if path is not None:
+                self.encoder.set(subject, load_embedding_vectors(path))
+            token = init_word if path is None else subject
+            encoded_texts: dict = {}  # the same text in several columns is encoded once per row
+            for column in columns:
+                where = f"prompt on line {column.prompt.line}"
+                for text in (column.prompt.text.replace("{token}", token), column.prompt.negative.replace("{token}", token)):
+                    if text not in encoded_texts:
+                        encoded_texts[text] = self.encoder.encode(text, where=where, log=log)
+                cond = encoded_texts[column.prompt.text.replace("{token}", token)]
+                uncond = encoded_texts[column.prompt.negative.replace("{token}", token)]
+                jobs.append(dict(step=step, column=column, cond=cond, uncond=uncond, seed=column.seed,
+                                 steps=column.steps, guidance_scale=column.guidance_scale, width=column.width,
+                                 height=column.height))
+        encoded = time.perf_counter()
+        images = self.sample(jobs, batch_size, log)
+        sampled = time.perf_counter()
+
+        rows_table = ["\t".join(IMAGES_COLUMNS)]
+        for job, image in zip(jobs, images):
+            column = job["column"]
+            name = image_name(job["step"], column)
+            with atomic_path(out_dir / name) as tmp_path:
+                image.save(tmp_path, format="PNG", compress_level=1)
+            rows_table.append("\t".join(str(value).replace("\t", " ") for value in (
+                job["step"], column.index, column.prompt.text, column.seed, column.prompt.negative, column.steps,
+                column.guidance_scale, column.width, column.height, name)))
+        write_text_atomic(out_dir / "images.tsv", "\n".join(rows_table) + "\n")
+        rows = []
+        for row, step in enumerate(row_steps):
+            label = f"step 0 ({init_word})" if step == 0 else f"step {step}"
+            rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
+        grid = compose_grid(rows, [column.label(subject) for column in columns], title=title)
+        grid_path = out_dir / "grid.png"
+        with atomic_path(grid_path) as tmp_path:
+            grid.save(tmp_path, format="PNG", compress_level=1)
+        write_preview(grid, out_dir / "grid_preview.jpg")
+        written = time.perf_counter()
+        timings = {"encode_s": encoded - started, "sample_s": sampled - encoded, "write_s": written - sampled,
+                   "total_s": written - started}
+        log(f"wrote {grid_path}: {len(rows)} rows (steps {row_steps}) x {len(columns)} columns (prompt x seed), "
+            f"{len(images)} images in batches of {batch_size}; encode {timings['encode_s']:.2f}s, "
+            f"sample {timings['sample_s']:.2f}s, write {timings['write_s']:.2f}s")
+        return {"grid": grid_path, "rows": row_steps, "columns": len(columns), **timings}
+
+
+def load_sampler(*, base_model: str, base_model_config: str = "", vae: str = "", scheduler: str = "ddim",
+                 device: str = "auto") -> Sampler:
+    from tifactory.models import load_components
+
+    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
+    return Sampler(components, scheduler=scheduler, device=device)
 
 
 def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str = "", subject: str,
                        init_word: str, checkpoint_dir: str | os.PathLike, prompts_file: str | os.PathLike,
                        seeds: list[int], steps: int, guidance_scale: float, width: int, height: int,
-                       scheduler: str, device: str, out_dir: str | os.PathLike,
+                       scheduler: str, device: str, out_dir: str | os.PathLike, batch_size: int = 8,
+                       extra_embeddings: dict[str, str] | None = None, model_label: str = "",
                        log: Callable[[str], None] = print) -> Path:
-    """Render every prompt × seed for step 0 and each checkpoint; write each image and grid.png."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from tifactory.models import load_components
-    from tifactory.train import pick_device
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The samples stage: read the prompts, load the model, render the grid of every checkpoint."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
-    torch_device = pick_device(device)
-    dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
-    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).to(torch_device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-
-    def render(token_text: str) -> list:
-        texts = [prompt.replace("{token}", token_text) for prompt in prompts for _ in seeds]
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in prompts for seed in seeds]
-        return pipe(prompt=texts, generator=generators, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, width=width, height=height).images
-
-    rows = [("step 0", render(init_word))]
-    for step, path in checkpoints:
-        pipe.load_textual_inversion(str(path), token=subject)
-        rows.append((f"step {step}", render(subject)))
-        added = [token for token in pipe.tokenizer.get_added_vocab()
-                 if token == subject or re.fullmatch(rf"{re.escape(subject)}_\d+", token)]
-        pipe.unload_textual_inversion(added)
-    column_labels = [f"{prompt.replace('{token}', '*')} s{seed}" for prompt in prompts for seed in seeds]
-
-    for label, images in rows:
-        step = int(label.split()[1])
-        for index, image in enumerate(images):
-            with atomic_path(out_dir / f"step{step:08d}_{index:02d}.png") as tmp_path:
-                image.save(tmp_path, format="PNG")
-    grid_path = out_dir / "grid.png"
-    with atomic_path(grid_path) as tmp_path:
-        compose_grid(rows, column_labels).save(tmp_path, format="PNG")
-    log(f"wrote {grid_path}: {len(rows)} rows (steps) x {len(column_labels)} columns (prompt x seed)")
-    return grid_path
+    if not checkpoints:
+        log(f"no checkpoints in {checkpoint_dir}: the grid has the step-0 row only")
+    started = time.perf_counter()
+    sampler = load_sampler(base_model=base_model, base_model_config=base_model_config, vae=vae,
+                           scheduler=scheduler, device=device)
+    log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s; "
+        f"scheduler {scheduler}")
+    title = f"{subject} on {model_label or os.path.basename(str(base_model).rstrip('/'))} · {scheduler}"
+    result = sampler.render_grid(
+        subject=subject, init_word=init_word, checkpoints=checkpoints, prompts=prompts, seeds=seeds, steps=steps,
+        guidance_scale=guidance_scale, width=width, height=height, batch_size=batch_size, out_dir=out_dir,
+        extra_embeddings=extra_embeddings, title=title, log=log)
+    return result["grid"]

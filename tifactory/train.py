@@ -233,17 +233,88 @@ def load_state(state_dir: Path, fingerprint: str, log: Callable[[str], None]) ->
     return state
 
 
+# ----------------------------------------------------------------------------- captions and the step plan
+
+def caption_prompts(images: list[TrainingImage], subject: str, token_text: str,
+                    log: Callable[[str], None]) -> list[str]:
+    """Caption mode: one prompt per image from the `.txt` beside it, the subject token expanded."""
+    prompts, missing = [], []
+    for image in images:
+        caption_path = image.path.with_suffix(".txt")
+        if not caption_path.is_file():
+            raise TrainingError(f"caption mode: {caption_path} is missing (template: caption needs a .txt "
+                                "beside every image)")
+        caption = caption_path.read_text(encoding="utf-8").strip()
+        if not any(word.strip(",.;:!?()") == subject for word in caption.split()):
+            missing.append(caption_path.name)
+            caption = f"{subject}, {caption}" if caption else subject
+        prompts.append(" ".join(token_text if word.strip(",.;:!?()") == subject else word
+                                for word in caption.split()).replace(f"{subject},", f"{token_text},"))
+    if missing:
+        log(f"warning: the token {subject!r} is not in {len(missing)} caption(s) ({', '.join(missing[:5])}"
+            f"{'…' if len(missing) > 5 else ''}); it was put in front, since a caption without it trains nothing")
+    return prompts
+
+
+@dataclass
+class StepPlan:
+    """Device-resident indices for a range of steps: per step, one (bucket, start, end) per bucket group."""
+    groups: list[list[tuple[int, int, int]]]
+    positions: object   # [n] position of each sample inside its step (timestep index)
+    latent_rows: object  # [n] row in its bucket's latent tensor
+    prompt_rows: object  # [n] row in the tokenised prompts
+
+
+def build_step_plan(first_step: int, last_step: int, samples_per_step: int, repeats: list[int], seed: int,
+                    num_variants: int, images: list[TrainingImage], image_slots: list[tuple[int, int]],
+                    prompt_for_sample: Callable[[int, int], int], device) -> StepPlan:
+    """Precompute every index the loop needs, so the loop itself never waits on the host."""
+    import torch
+
+    groups, positions, latent_rows, prompt_rows = [], [], [], []
+    for step in range(first_step, last_step):
+        samples = samples_for_step(step, samples_per_step, repeats, seed, num_variants, 1 << 30)
+        by_bucket: dict[int, list[int]] = {}
+        for position, (image_index, _, _) in enumerate(samples):
+            by_bucket.setdefault(image_slots[image_index][0], []).append(position)
+        step_groups = []
+        for bucket_id, members in by_bucket.items():
+            start = len(positions)
+            for position in members:
+                image_index, variant, random_pick = samples[position]
+                positions.append(position)
+                latent_rows.append(image_slots[image_index][1] * num_variants + variant)
+                prompt_rows.append(prompt_for_sample(image_index, random_pick))
+            step_groups.append((bucket_id, start, len(positions)))
+        groups.append(step_groups)
+
+    def to_device(values):
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=False)
+
+    return StepPlan(groups=groups, positions=to_device(positions), latent_rows=to_device(latent_rows),
+                    prompt_rows=to_device(prompt_rows))
+
+
 # ----------------------------------------------------------------------------- the training run
+
+@dataclass
+class TrainingResult:
+    final_path: Path
+    stats: dict
+
 
 def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_model_config: str = "",
                     vae: str = "", subject: str, params: dict, final_path: str | os.PathLike,
                     checkpoint_dir: str | os.PathLike, loss_tsv: str | os.PathLike,
-                    state_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
+                    state_dir: str | os.PathLike, log: Callable[[str], None] = print,
+                    components=None) -> TrainingResult:
+    """Train one subject's embedding. `components` (preloaded models) is for benchmarks; else loaded."""
     import torch
 
     from tifactory.models import load_components, model_fingerprint
 
     started = time.perf_counter()
+    stats: dict = {}
     final_path, checkpoint_dir, state_dir = Path(final_path), Path(checkpoint_dir), Path(state_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     seed = params["seed"]
@@ -253,19 +324,25 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     device = pick_device(params["device"])
     compute_dtype = pick_compute_dtype(device, params["mixed_precision"])
     use_autocast = compute_dtype != torch.float32
+    if device.type == "cpu":  # bit-exact reruns and resumes (some CPU kernels otherwise vary with load)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     log(f"device {device}, compute dtype {compute_dtype} (asked: {params['mixed_precision']}), "
         f"save precision {params['save_precision']}")
 
     # -- model
-    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
+    if components is None:
+        components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
+        base_model_hash = model_fingerprint(base_model)
+    else:
+        base_model_hash = "in-memory"
     tokenizer, text_encoder, vae_model, unet = (components.tokenizer, components.text_encoder,
                                                 components.vae, components.unet)
     noise_scheduler = components.noise_scheduler
     for module in (text_encoder, vae_model, unet):
         module.requires_grad_(False)
         module.eval()
-    base_model_hash = model_fingerprint(base_model)
-    log(f"loaded {base_model} in {time.perf_counter() - started:.1f} s")
+    stats["load_s"] = time.perf_counter() - started
+    log(f"loaded {base_model} in {stats['load_s']:.1f} s")
 
     # -- placeholder tokens, initialised from the init word
     token_strings = placeholder_tokens(subject, params["num_vectors"])
@@ -282,46 +359,62 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     if not init_ids:
         raise TrainingError(f"init word {params['init_word']!r} encodes to no tokens")
     init_ids = spread_init_ids(init_ids, params["num_vectors"], log)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     base_embedding = text_encoder.get_input_embeddings()
     initial_vectors = base_embedding.weight[init_ids].detach().clone().float()
     embedding = make_placeholder_embedding(base_embedding, placeholder_ids[0], initial_vectors)
     text_encoder.set_input_embeddings(embedding)
+    del base_embedding
     trainable_vectors = embedding.vectors
 
     weight_dtype = compute_dtype
     unet.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
     embedding.vectors.data = embedding.vectors.data.float()  # the trained vectors stay fp32
-    vae_model.to(device, dtype=torch.float32)
+    vae_model.to(device, dtype=torch.float32)  # the VAE only caches latents, in fp32 (no_half_vae)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    if params["attention"] == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as error:  # noqa: BLE001 - report the library's reason plainly
+            raise TrainingError(f"attention: xformers asked for but unusable here ({error}); "
+                                "use attention: sdpa") from None
 
-    # -- data: images, cached latents, tokenised prompts (all resident on the device)
+    # -- data: images, cached latents per bucket, tokenised prompts (all resident on the device)
     images, repeats = list_training_images(Path(dataset_toml), params)
     dataset_hash = hashlib.sha256("".join(sha256_file(image.path) for image in images).encode()).hexdigest()
     num_variants = 2 if params["flip_aug"] else 1
-    if params["template"] not in TEMPLATES:
-        raise TrainingError(f"template {params['template']!r} is not supported by this trainer yet")
-    templates = TEMPLATES[params["template"]]
     prompt_token = " ".join(token_strings)
-    prompts = [template.format(prompt_token) for template in templates]
+    if params["template"] == "caption":
+        prompts = caption_prompts(images, subject, prompt_token, log)
+        prompt_for_sample = lambda image_index, random_pick: image_index  # noqa: E731
+    else:
+        prompts = [template.format(prompt_token) for template in TEMPLATES[params["template"]]]
+        prompt_for_sample = lambda image_index, random_pick: random_pick % len(prompts)  # noqa: E731
     prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt").input_ids.to(device)
 
     cache_started = time.perf_counter()
+    buckets = sorted({image.bucket for image in images})
+    image_slots: list[tuple[int, int]] = []  # (bucket id, index inside the bucket) per image
+    latents_per_bucket: list[list] = [[] for _ in buckets]
     latent_generator = torch.Generator(device="cpu").manual_seed(seed)
-    latents_by_image: list[list] = []
     with torch.no_grad():
         for image in images:
+            bucket_id = buckets.index(image.bucket)
+            image_slots.append((bucket_id, len(latents_per_bucket[bucket_id]) // num_variants))
             pixels = load_image_tensor(image.path, image.bucket)
-            variants = [pixels, pixels.flip(-1)][:num_variants]
-            batch = torch.stack(variants).to(device, dtype=torch.float32)
+            batch = torch.stack([pixels, pixels.flip(-1)][:num_variants]).to(device, dtype=torch.float32)
             distribution = vae_model.encode(batch).latent_dist
             noise = torch.randn(distribution.mean.shape, generator=latent_generator).to(device)
             latents = (distribution.mean + distribution.std * noise) * vae_model.config.scaling_factor
-            latents_by_image.append([latent.to(weight_dtype) for latent in latents])
+            latents_per_bucket[bucket_id].extend(latents)
+    bucket_latents = [torch.stack(rows).float().contiguous() for rows in latents_per_bucket]
     vae_model.to("cpu")
-    log(f"cached latents of {len(images)} image(s) x {num_variants} variant(s) in "
-        f"{time.perf_counter() - cache_started:.1f} s")
+    stats["cache_latents_s"] = time.perf_counter() - cache_started
+    log(f"cached latents of {len(images)} image(s) x {num_variants} variant(s) in {len(buckets)} bucket(s) "
+        f"{buckets} in {stats['cache_latents_s']:.1f} s")
 
     # -- optimizer and schedule
     optimizer = torch.optim.AdamW([trainable_vectors], lr=params["learning_rate"],
@@ -333,6 +426,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     max_steps, save_every = params["max_train_steps"], params["save_every_n_steps"]
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, dtype=torch.float32)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    min_snr_gamma = params["min_snr_gamma"]
 
     # -- resume
     fingerprint = run_fingerprint(params, dataset_hash, base_model_hash)
@@ -360,18 +455,67 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         save_embedding(checkpoint_dir / checkpoint_name(subject, step), vectors, metadata_for(step),
                        params["save_precision"])
 
-    log(f"training {max_steps} steps x {samples_per_step} samples "
-        f"(micro-batch {params['micro_batch_size']}), {len(images)} image(s), repeats {repeats[0]}, "
-        f"{len(prompts)} templates, tokens {token_strings}, init {params['init_word']!r}")
+    plan = build_step_plan(start_step, max_steps, samples_per_step, repeats, seed, num_variants, images,
+                           image_slots, prompt_for_sample, device)
+
+    # -- the model call: text encoder + UNet, optionally compiled (inductor caches compiled graphs on disk)
+    def predict_noise(noisy_latents, timesteps, input_ids):
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast):
+            encoder_hidden_states = text_encoder(input_ids)[0]
+            return unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states).sample
+
+    if params["compile"]:
+        predict_noise = torch.compile(predict_noise, dynamic=False)
+
+    micro_batch = params["micro_batch_size"]
+    log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
+        f"{len(images)} image(s), repeats {repeats[0]}, {len(prompts)} prompt(s), tokens {token_strings}, "
+        f"init {params['init_word']!r}, compile {params['compile']}")
+
+    def accumulate_step_gradient(step: int, micro_batch: int):
+        """Forward + backward of every sample of one optimizer step; returns the step's mean loss."""
+        step_generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+        # noise and timesteps are drawn per bucket group before chunking: any micro-batch size sees the
+        # same samples, so sequential (1) and fused (15) micro-batches compute the same gradient
+        timesteps = torch.randint(0, num_train_timesteps, (samples_per_step,), generator=step_generator,
+                                  device=device)
+        step_loss = torch.zeros((), device=device)
+        for bucket_id, start, end in plan.groups[step - start_step]:
+            group_latents = bucket_latents[bucket_id].index_select(0, plan.latent_rows[start:end])
+            group_noise = torch.randn(group_latents.shape, generator=step_generator, device=device)
+            if params["noise_offset"]:
+                group_noise = group_noise + params["noise_offset"] * torch.randn(
+                    (end - start, group_latents.shape[1], 1, 1), generator=step_generator, device=device)
+            group_timesteps = timesteps.index_select(0, plan.positions[start:end])
+            group_ids = prompt_ids.index_select(0, plan.prompt_rows[start:end])
+            for chunk_start in range(0, end - start, micro_batch):
+                chunk = slice(chunk_start, chunk_start + micro_batch)
+                latents, noise, chunk_timesteps = group_latents[chunk], group_noise[chunk], group_timesteps[chunk]
+                alpha_bar = alphas_cumprod[chunk_timesteps].view(-1, 1, 1, 1)
+                noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+                if device.type == "cuda":
+                    noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
+                noise_pred = predict_noise(noisy_latents, chunk_timesteps, group_ids[chunk])
+                per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+                if min_snr_gamma:
+                    chunk_snr = snr[chunk_timesteps]
+                    per_sample = per_sample * torch.clamp(chunk_snr, max=min_snr_gamma) / chunk_snr
+                loss = per_sample.sum() / samples_per_step  # mean over the whole accumulated batch
+                grad_scaler.scale(loss).backward()
+                step_loss += loss.detach()
+        return step_loss
+
     pending_losses: list = []  # device tensors, read back in one sync every few steps
+    flush_times: list[tuple[int, float]] = []
     loop_started = time.perf_counter() - (loss_rows[-1][3] if loss_rows else 0.0)
 
     def flush_losses(up_to_step: int) -> None:
         if not pending_losses:
             return
-        values = torch.stack(pending_losses).float().tolist()
+        values = torch.stack(pending_losses).float().tolist()  # the loop's only host sync
         first_step = up_to_step - len(values) + 1
         seconds = time.perf_counter() - loop_started
+        flush_times.append((up_to_step, time.perf_counter()))
         for offset, value in enumerate(values):
             step_number = first_step + offset
             if not math.isfinite(value):
@@ -381,36 +525,18 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         pending_losses.clear()
 
     for step in range(start_step, max_steps):
-        step_generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-        samples = samples_for_step(step, samples_per_step, repeats, seed, num_variants, len(prompts))
-        # noise and timesteps are drawn per bucket group, before chunking: any micro-batch size sees
-        # the same samples, so sequential (1) and fused (15) micro-batches compute the same gradient
-        timesteps = torch.randint(0, num_train_timesteps, (samples_per_step,), generator=step_generator,
-                                  device=device)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for position, (image_index, _, _) in enumerate(samples):
-            by_bucket.setdefault(images[image_index].bucket, []).append(position)
-        step_loss = torch.zeros((), device=device)
-        for positions in by_bucket.values():
-            group_latents = torch.stack([latents_by_image[samples[p][0]][samples[p][1]] for p in positions]).float()
-            group_noise = torch.randn(group_latents.shape, generator=step_generator, device=device)
-            if params["noise_offset"]:
-                group_noise = group_noise + params["noise_offset"] * torch.randn(
-                    (len(positions), group_latents.shape[1], 1, 1), generator=step_generator, device=device)
-            group_timesteps = timesteps[positions]
-            group_ids = prompt_ids[[samples[p][2] for p in positions]]
-            for start in range(0, len(positions), params["micro_batch_size"]):
-                chunk = slice(start, start + params["micro_batch_size"])
-                latents, noise, chunk_timesteps = group_latents[chunk], group_noise[chunk], group_timesteps[chunk]
-                alpha_bar = alphas_cumprod[chunk_timesteps].view(-1, 1, 1, 1)
-                noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-                with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast):
-                    encoder_hidden_states = text_encoder(group_ids[chunk])[0]
-                    noise_pred = unet(noisy_latents.to(weight_dtype), chunk_timesteps, encoder_hidden_states).sample
-                per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-                loss = per_sample.sum() / samples_per_step  # mean over the whole accumulated batch
-                grad_scaler.scale(loss).backward()
-                step_loss += loss.detach()
+        while True:
+            try:
+                step_loss = accumulate_step_gradient(step, micro_batch)
+                break
+            except torch.OutOfMemoryError:
+                if micro_batch == 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                micro_batch = max(1, micro_batch // 2)
+                log(f"out of GPU memory at step {step + 1}: splitting the accumulated batch into "
+                    f"micro-batches of {micro_batch} (same gradient, less memory)")
         if params["max_grad_norm"]:
             grad_scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([trainable_vectors], params["max_grad_norm"])
@@ -421,6 +547,9 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         pending_losses.append(step_loss)
 
         done = step + 1
+        if done == start_step + 1:  # first step: includes compilation and kernel autotuning
+            flush_losses(done)
+            stats["first_step_s"] = time.perf_counter() - loop_started
         if done % 10 == 0 or done % save_every == 0 or done == max_steps:
             flush_losses(done)
             if not torch.isfinite(trainable_vectors).all():
@@ -446,5 +575,13 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     save_embedding(final_path, trainable_vectors.detach().float().cpu(), metadata_for(max_steps),
                    params["save_precision"])
     (state_dir / "state.pt").unlink(missing_ok=True)
-    log(f"wrote {final_path} after {time.perf_counter() - started:.1f} s")
-    return final_path
+    if len(flush_times) >= 2:
+        (first_step, first_time), (last_step, last_time) = flush_times[1], flush_times[-1]
+        if last_step > first_step:
+            stats["steady_ms_per_step"] = 1000 * (last_time - first_time) / (last_step - first_step)
+    stats.update(total_s=time.perf_counter() - started, micro_batch_size=micro_batch,
+                 samples_per_step=samples_per_step, steps=max_steps - start_step)
+    if device.type == "cuda":
+        stats["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    log(f"wrote {final_path} after {stats['total_s']:.1f} s; stats {json.dumps(stats)}")
+    return TrainingResult(final_path=final_path, stats=stats)
