@@ -5,7 +5,8 @@ rule collect:
         "results/{subject}/raw/manifest.tsv",
     params:
         sources=lambda wildcards: split_sources(ROSTER[wildcards.subject]["sources"]),
-        min_side_px=config["collect"]["min_side_px"],
+        collect=config["collect"],
+    threads: 2
     conda:
         "../envs/tifactory.yaml"
     log:

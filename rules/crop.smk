@@ -5,6 +5,7 @@ rule crop:
         directory("results/{subject}/crops"),
     params:
         crop=config["crop"],
+    threads: 2
     conda:
         "../envs/tifactory.yaml"
     log:
@@ -13,3 +14,18 @@ rule crop:
         "benchmarks/crop/{subject}.tsv"
     script:
         "../workflow/scripts/crop.py"
+
+
+rule crop_summary:
+    input:
+        expand("results/{subject}/crops", subject=SUBJECTS),
+    output:
+        "results/summary/crops.tsv",
+    params:
+        subjects=SUBJECTS,
+    conda:
+        "../envs/tifactory.yaml"
+    log:
+        "logs/crop_summary/crop_summary.log",
+    script:
+        "../workflow/scripts/crop_summary.py"

@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tifactory.fileio import write_tsv_atomic
+from tifactory.fileio import sha256_file, write_tsv_atomic
 
 RAW_MANIFEST_COLUMNS = [
     "source",
@@ -20,70 +20,23 @@ RAW_MANIFEST_COLUMNS = [
     "height",
     "pixel_sha256",
     "exif_orientation",
+    "file",
+    "file_sha256",
+    "format",
+    "colour",
+    "phash",
 ]
 
 _GLOB_CHARS = set("*?[")
-_EXIF_ORIENTATION_TAG = 0x0112
 _MAX_ERROR_CHARS = 120
-
-
-def _decode(path: str | os.PathLike):
-    """Decode `path` with PIL; return (EXIF-upright RGB image, orientation tag or None).
-
-    Raises whatever PIL raises for undecodable input.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as opened:
-        opened.load()
-        image = opened
-        orientation = None
-        try:
-            raw_orientation = opened.getexif().get(_EXIF_ORIENTATION_TAG)
-            if raw_orientation is not None:
-                orientation = int(raw_orientation)
-        except Exception:  # malformed EXIF: treat as "no orientation"
-            orientation = None
-        if orientation in (2, 3, 4, 5, 6, 7, 8):
-            try:
-                image = ImageOps.exif_transpose(opened)
-            except Exception:  # malformed EXIF block: keep the stored orientation
-                image = opened
-        rgb = _to_rgb(image)
-        if rgb is opened:
-            rgb = rgb.copy()
-    return rgb, orientation
-
-
-def _to_rgb(image):
-    """Convert any PIL mode to RGB; transparency is flattened onto white."""
-    from PIL import Image
-
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        # 16/32-bit integer or float greyscale: scale into 8 bits instead of clipping
-        import numpy as np
-
-        values = np.asarray(image, dtype=np.float64)
-        top = float(values.max()) if values.size else 0.0
-        if top > 255.0:
-            values = values * (255.0 / (65535.0 if top <= 65535.0 else top))
-        grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-        return grey.convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+_HASH_SIDE = 256  # JPEGs are decoded at the smallest DCT scale with a long side >= this for hashing
 
 
 def load_upright_rgb(path: str | os.PathLike):
-    """Load `path` as an EXIF-upright RGB PIL image (alpha flattened on white). Raises if undecodable."""
-    return _decode(path)[0]
+    """Load `path` as an EXIF-upright 8-bit sRGB RGB PIL image (see tifactory.imageio). Raises if undecodable."""
+    from tifactory.imageio import open_upright
+
+    return open_upright(path)[0]
 
 
 def pixel_sha256(image) -> str:
@@ -135,15 +88,79 @@ def _expand_source(source: str) -> tuple[list[str], str | None]:
 
 
 def _empty_row(source: str) -> dict:
-    return {
-        "source": source,
-        "status": "rejected",
-        "reason": "",
-        "width": None,
-        "height": None,
-        "pixel_sha256": "",
-        "exif_orientation": None,
-    }
+    row = {column: None for column in RAW_MANIFEST_COLUMNS}
+    row.update(source=source, status="rejected", reason="", pixel_sha256="", file="", file_sha256="",
+               format="", colour="", phash="")
+    return row
+
+
+def _examine(row: dict, file_path: str, *, min_side_px: int, max_pixels: int) -> tuple[int, int] | None:
+    """Decode a small copy of one file, fill the row's measurements; return (phash, pixels) if usable."""
+    from tifactory.imageio import DecodeRejected, open_upright, perceptual_hash
+
+    try:
+        if os.path.getsize(file_path) == 0:
+            row["reason"] = "undecodable: empty file"
+            return None
+        row["file_sha256"] = sha256_file(file_path)
+        image, info = open_upright(file_path, min_long_side=_HASH_SIDE, max_pixels=max_pixels)
+    except DecodeRejected as exc:
+        row["reason"] = str(exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is data, not a crash
+        if type(exc).__name__ == "DecompressionBombError":
+            row["reason"] = f"decompression-bomb guard ({_short_error(exc, file_path)})"
+        else:
+            row["reason"] = f"undecodable: {_short_error(exc, file_path)}"
+        return None
+    row.update(width=info.width, height=info.height, exif_orientation=info.orientation,
+               format=info.format, colour=info.colour)
+    phash = perceptual_hash(image)
+    row["phash"] = f"{phash:016x}"
+    image.close()
+    if min(info.width, info.height) < min_side_px:
+        row["reason"] = f"too small ({info.width}x{info.height} px, short side < {min_side_px})"
+        return None
+    return phash, info.width * info.height
+
+
+def _full_pixel_hash(row: dict) -> str:
+    if not row["pixel_sha256"]:
+        with load_upright_rgb(row["file"]) as image:
+            row["pixel_sha256"] = pixel_sha256(image)
+    return row["pixel_sha256"]
+
+
+def _deduplicate(candidates: list[tuple[dict, int, int]], near_duplicate_distance: int) -> None:
+    """Mark exact and near-duplicates rejected; keep the larger photo (ties: the first in path order).
+
+    Exact: same bytes, or same size and identical decoded pixels (full decode only for same-size
+    pairs whose perceptual hashes are close: pixel-identical photos always are). Near: perceptual-hash
+    Hamming distance <= near_duplicate_distance (negative: off).
+    """
+    from tifactory.imageio import hamming
+
+    exact_window = 2  # pixel-identical photos give (near-)identical small decodes
+    kept: list[tuple[dict, int]] = []
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i][2], candidates[i][0]["source"]))
+    for i in order:
+        row, phash, _pixels = candidates[i]
+        verdict = ""
+        for other, other_hash in kept:
+            same_size = (row["width"], row["height"]) == (other["width"], other["height"])
+            distance = hamming(phash, other_hash)
+            if row["file_sha256"] == other["file_sha256"] or (
+                same_size and distance <= exact_window and _full_pixel_hash(row) == _full_pixel_hash(other)
+            ):
+                verdict = f"duplicate of {other['source']}"
+                break
+            if not verdict and 0 <= near_duplicate_distance and distance <= near_duplicate_distance:
+                verdict = f"near-duplicate of {other['source']} (phash distance {distance})"
+        if verdict:
+            row["reason"] = verdict
+        else:
+            row["status"] = "kept"
+            kept.append((row, phash))
 
 
 def collect_photos(
@@ -151,18 +168,35 @@ def collect_photos(
     manifest_path: str | os.PathLike,
     *,
     min_side_px: int = 64,
+    max_megapixels: float = 100.0,
+    near_duplicate_distance: int = 6,
+    allow_network: bool = False,
+    url_cache: str | os.PathLike = "cache/urls",
+    max_download_mb: float = 30.0,
+    timeout_s: float = 20.0,
+    retries: int = 2,
+    backoff_s: float = 1.0,
+    workers: int = 1,
 ):
-    """Scan `sources`, decode every file, write the raw manifest TSV atomically, return it as a DataFrame.
+    """Scan `sources`, decode every item, write the raw manifest TSV atomically, return it as a DataFrame.
 
-    `sources`: folders (all files inside, recursively; hidden files and folders skipped) or glob
-    patterns (`**` allowed) or single files. All files found are de-duplicated by path and processed
-    in sorted order of their absolute path, so "the first" of a set of pixel-identical photos is the
-    one whose path sorts first. Sources that match nothing come first, one rejected row each.
+    `sources`: folders (all files inside, recursively; hidden files and folders skipped), glob
+    patterns (`**` allowed), single files, and URL-list files (text files whose lines are URLs; see
+    tifactory.fetch: downloads only with `allow_network`, http/https only, cached by URL). Items are
+    processed in sorted order (files by absolute path, then URLs in list order).
 
-    Columns: see RAW_MANIFEST_COLUMNS. `width`/`height` are EXIF-upright; `exif_orientation` is the
-    EXIF Orientation tag value, 1 when the file has none; empty for undecodable files.
+    Every item is one row: kept, or rejected with a reason (undecodable, decompression-bomb guard,
+    too small, duplicate of X, near-duplicate of X (phash distance d), download problems). Of a set
+    of duplicates the one with the most pixels is kept; ties go to the first in path order.
+    Columns: see RAW_MANIFEST_COLUMNS. `width`/`height` are EXIF-upright full-resolution sizes;
+    `file` is the local file the crop stage reads (the cached download for URLs); `pixel_sha256` is
+    filled where a full-pixel comparison was needed to tell an exact duplicate.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import pandas as pd
+
+    from tifactory.fetch import fetch_url, read_url_list
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -179,39 +213,48 @@ def collect_photos(
         all_files.update(files)
 
     manifest_abs = os.path.abspath(manifest_path)
-    first_by_hash: dict[str, str] = {}
+    items: list[dict] = []
     for file_path in sorted(all_files):
         if file_path == manifest_abs:
             continue
-        row = _empty_row(file_path)
-        rows.append(row)
-        try:
-            if os.path.getsize(file_path) == 0:
-                row["reason"] = "undecodable: empty file"
-                continue
-            image, orientation = _decode(file_path)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is data, not a crash
-            row["reason"] = f"undecodable: {_short_error(exc, file_path)}"
+        urls = read_url_list(file_path)
+        if urls is None:
+            row = _empty_row(file_path)
+            row["file"] = file_path
+            items.append(row)
             continue
-        row["width"], row["height"] = image.width, image.height
-        row["exif_orientation"] = 1 if orientation is None else orientation
-        digest = pixel_sha256(image)
-        row["pixel_sha256"] = digest
-        image.close()
-        if min(row["width"], row["height"]) < min_side_px:
-            row["reason"] = f"too small ({row['width']}x{row['height']} px, short side < {min_side_px})"
-            continue
-        if digest in first_by_hash:
-            row["reason"] = f"duplicate of {first_by_hash[digest]}"
-            continue
-        first_by_hash[digest] = file_path
-        row["status"] = "kept"
+        for url in urls:
+            fetched = fetch_url(url, url_cache, allow_network=allow_network,
+                                max_bytes=int(max_download_mb * 1e6), timeout_s=timeout_s,
+                                retries=retries, backoff_s=backoff_s)
+            row = _empty_row(url)
+            if fetched.path is None:
+                row["reason"] = fetched.problem
+            else:
+                row["file"] = os.path.abspath(fetched.path)
+            items.append(row)
+    rows.extend(items)
+
+    todo = [row for row in items if row["file"]]
+    max_pixels = int(max_megapixels * 1e6)
+
+    def examine(row):
+        return _examine(row, row["file"], min_side_px=min_side_px, max_pixels=max_pixels)
+
+    if workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(examine, todo))
+    else:
+        results = [examine(row) for row in todo]
+    candidates = [(row, *result) for row, result in zip(todo, results) if result is not None]
+    _deduplicate(candidates, near_duplicate_distance)
 
     frame = pd.DataFrame(rows, columns=RAW_MANIFEST_COLUMNS)
     for column in ("width", "height", "exif_orientation"):
         frame[column] = frame[column].astype("Int64")
-    for column in ("source", "status", "reason", "pixel_sha256"):
-        frame[column] = frame[column].astype(object)
+    for column in RAW_MANIFEST_COLUMNS:
+        if column not in ("width", "height", "exif_orientation"):
+            frame[column] = frame[column].astype(object)
     write_tsv_atomic(manifest_path, frame)
     return frame
 

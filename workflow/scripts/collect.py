@@ -3,7 +3,7 @@ from tifactory.jobs import run_job
 
 
 def main(smk, log):
-    manifest = collect_photos(list(smk.params.sources), smk.output[0], min_side_px=smk.params.min_side_px)
+    manifest = collect_photos(list(smk.params.sources), smk.output[0], workers=smk.threads, **smk.params.collect)
     counts = manifest["status"].value_counts().to_dict()
     log(f"collected {len(manifest)} item(s): {counts}")
     for row in manifest[manifest["status"] == "rejected"].itertuples():

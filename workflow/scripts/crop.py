@@ -6,9 +6,10 @@ from tifactory.jobs import run_job
 
 def main(smk, log):
     out_dir = Path(smk.output[0])
-    manifest = crop_faces(smk.input[0], out_dir, out_dir / "manifest.tsv", **smk.params.crop)
+    manifest = crop_faces(smk.input[0], out_dir, out_dir / "manifest.tsv", workers=smk.threads, log=log,
+                          **smk.params.crop)
     counts = manifest["status"].value_counts().to_dict()
-    log(f"cropped: {counts}")
+    log(f"cropped: {counts}; contact sheet: {out_dir / 'contact_sheet.png'}")
     for row in manifest[manifest["status"] == "rejected"].itertuples():
         log(f"rejected {row.source}: {row.reason}")
 

@@ -1,0 +1,125 @@
+"""URL-list sources: bounded, cached downloads (http/https only). Opt-in: no network unless allowed.
+
+A URL-list file is a UTF-8 text file whose non-blank lines that are not `#` comments are all URLs.
+Every URL becomes one collect item. Downloads land in a cache keyed by the SHA-256 of the URL
+(`<cache>/<sha256(url)>.bin`), so reruns do not download again; the URL's own file name never
+becomes a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tifactory.fileio import atomic_path
+
+_URL_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+_MAX_LIST_BYTES = 1 << 20
+
+
+@dataclass
+class FetchResult:
+    url: str
+    path: str | None  # cached file, None when it could not be fetched
+    problem: str  # "" when path is set
+    from_cache: bool = False
+
+
+def read_url_list(path: str | os.PathLike) -> list[str] | None:
+    """The URLs of a URL-list file, or None when the file is not one (binary, or other text)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_LIST_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > _MAX_LIST_BYTES or b"\x00" in data[:4096]:
+        return None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    urls = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _URL_LINE.match(line):
+            return None
+        urls.append(line)
+    return urls or None
+
+
+def cache_path(cache_dir: str | os.PathLike, url: str) -> Path:
+    return Path(cache_dir) / f"{hashlib.sha256(url.encode('utf-8')).hexdigest()}.bin"
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, "redirect to a non-http(s) URL refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener():
+    return urllib.request.build_opener(_HttpOnlyRedirects())
+
+
+class _Permanent(Exception):
+    """A failure that retrying cannot fix (4xx, too large)."""
+
+
+def _download(url: str, target: Path, *, max_bytes: int, timeout_s: float) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "tifactory/collect"})
+    try:
+        response = _opener().open(request, timeout=timeout_s)
+    except urllib.error.HTTPError as error:
+        if 400 <= error.code < 500:
+            raise _Permanent(f"HTTP {error.code}") from None
+        raise
+    with response:
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise _Permanent(f"too large ({int(length)} bytes > {max_bytes})")
+        with atomic_path(target) as tmp_path:
+            total = 0
+            with open(tmp_path, "wb") as handle:
+                while chunk := response.read(1 << 16):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise _Permanent(f"too large (> {max_bytes} bytes)")
+                    handle.write(chunk)
+
+
+def fetch_url(url: str, cache_dir: str | os.PathLike, *, allow_network: bool, max_bytes: int,
+              timeout_s: float, retries: int, backoff_s: float) -> FetchResult:
+    """Return the cached copy of `url`, downloading it first when allowed. Never raises for bad URLs."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        return FetchResult(url, None, f"unsupported URL scheme ({scheme or 'none'}; http/https only)")
+    target = cache_path(cache_dir, url)
+    if target.is_file():
+        return FetchResult(url, str(target), "", from_cache=True)
+    if not allow_network:
+        return FetchResult(url, None, "not downloaded: network disabled (collect.allow_network: false)")
+    problem = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:
+            _download(url, target, max_bytes=max_bytes, timeout_s=timeout_s)
+            return FetchResult(url, str(target), "")
+        except _Permanent as error:
+            return FetchResult(url, None, f"download failed: {error}")
+        except urllib.error.HTTPError as error:
+            problem = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError, ValueError) as error:  # timeouts, resets, DNS
+            reason = getattr(error, "reason", None) or error
+            problem = " ".join(f"{type(error).__name__}: {reason}".split())[:100]
+    return FetchResult(url, None, f"download failed: {problem} (after {retries + 1} attempt(s))")

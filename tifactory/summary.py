@@ -1,0 +1,46 @@
+"""Per-roster summary of the crop stage: kept / rejected counts by reason, one row per subject."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from tifactory.fileio import write_tsv_atomic
+
+_CATEGORY = re.compile(r"^(.*?)(?:\s+of\s.*|\s*[:(].*|\s+x[0-9].*|\s+[0-9].*)?$")
+
+
+def reason_category(reason: str) -> str:
+    """The stable head of a reason: 'duplicate of /a.png' -> 'duplicate', 'face too small (30px < 48)' ->
+    'face too small', 'upscale x3.1 > 2' -> 'upscale'."""
+    reason = " ".join(str(reason).split())
+    if not reason:
+        return "rejected"
+    match = _CATEGORY.match(reason)
+    head = (match.group(1) if match else reason).strip() or reason
+    return head
+
+
+def summarize_crops(manifests: dict[str, str | os.PathLike], out_path: str | os.PathLike):
+    """Write (atomically) and return a TSV: subject, photos, kept, rejected, then one column per rejection
+    reason category (counts). `manifests`: subject -> crop manifest TSV."""
+    import pandas as pd
+
+    rows = []
+    categories: set[str] = set()
+    for subject in sorted(manifests):
+        frame = pd.read_csv(manifests[subject], sep="\t", dtype=str, keep_default_na=False)
+        rejected = frame[frame["status"] != "kept"]
+        counts: dict[str, int] = {}
+        for reason in rejected["reason"]:
+            category = reason_category(reason)
+            counts[category] = counts.get(category, 0) + 1
+        categories.update(counts)
+        rows.append({"subject": subject, "photos": len(frame), "kept": int((frame["status"] == "kept").sum()),
+                     "rejected": len(rejected), **counts})
+    columns = ["subject", "photos", "kept", "rejected", *sorted(categories)]
+    table = pd.DataFrame(rows, columns=columns)
+    for column in columns[1:]:
+        table[column] = table[column].fillna(0).astype(int)
+    write_tsv_atomic(out_path, table)
+    return table
