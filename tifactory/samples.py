@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -158,6 +159,13 @@ def compose_grid(rows: list[tuple[str, list]], column_labels: list[str], title: 
     return grid
 
 
+def save_png(image, path: str | os.PathLike) -> Path:
+    """Write image as PNG atomically (fast zlib level: the grids are big and rewritten often)."""
+    with atomic_path(path) as tmp_path:
+        image.save(tmp_path, format="PNG", compress_level=1)
+    return Path(path)
+
+
 def write_preview(grid, path: str | os.PathLike, max_side: int = PREVIEW_MAX_SIDE) -> Path:
     """A smaller JPEG copy of the grid for the report."""
     from PIL import Image
@@ -252,11 +260,13 @@ class Sampler:
         sampled = time.perf_counter()
 
         rows_table = ["\t".join(IMAGES_COLUMNS)]
+        # PNG encoding releases the GIL: the images (and below, the grid) are written by a thread pool
+        writer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        pending = []
         for job, image in zip(jobs, images):
             column = job["column"]
             name = image_name(job["step"], column)
-            with atomic_path(out_dir / name) as tmp_path:
-                image.save(tmp_path, format="PNG", compress_level=1)
+            pending.append(writer.submit(save_png, image, out_dir / name))
             rows_table.append("\t".join(str(value).replace("\t", " ") for value in (
                 job["step"], column.index, column.prompt.text, column.seed, column.prompt.negative, column.steps,
                 column.guidance_scale, column.width, column.height, name)))
@@ -267,9 +277,11 @@ class Sampler:
             rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
         grid = compose_grid(rows, [column.label(subject) for column in columns], title=title)
         grid_path = out_dir / "grid.png"
-        with atomic_path(grid_path) as tmp_path:
-            grid.save(tmp_path, format="PNG", compress_level=1)
-        write_preview(grid, out_dir / "grid_preview.jpg")
+        pending.append(writer.submit(save_png, grid, grid_path))
+        pending.append(writer.submit(write_preview, grid, out_dir / "grid_preview.jpg"))
+        writer.shutdown(wait=True)
+        for future in pending:
+            future.result()  # re-raise the first write error, if any
         written = time.perf_counter()
         timings = {"encode_s": encoded - started, "sample_s": sampled - encoded, "write_s": written - sampled,
                    "total_s": written - started}

@@ -1,0 +1,104 @@
+"""The samples stage on the tiny model: per-line options, determinism across batch sizes, grid files; the
+loss plot; and the GPU benchmark script's CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tifactory.embedding import save_embedding
+from tifactory.plots import nice_ticks, plot_loss, smooth
+from tifactory.samples import load_sampler, plan_columns, render_sample_grid
+from tifactory.prompts import parse_prompt_line
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_columns_take_line_options_over_config():
+    prompts = [parse_prompt_line("a photo of {token}"), parse_prompt_line("portrait of {token} --d 9 --s 3 --w 96")]
+    columns = plan_columns(prompts, seeds=[1, 2], steps=2, guidance_scale=7.5, width=64, height=64)
+    assert [(c.prompt_index, c.seed, c.steps, c.width, c.height) for c in columns] == [
+        (0, 1, 2, 64, 64), (0, 2, 2, 64, 64), (1, 9, 3, 96, 64)]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("samples")
+    checkpoints = root / "checkpoints"
+    checkpoints.mkdir()
+    for step in (10, 20):
+        save_embedding(checkpoints / f"eva-ti-step{step:08d}.safetensors",
+                       torch.randn(2, 768, generator=torch.Generator().manual_seed(step)), {}, "bf16")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a photo of {token}\n(portrait of {token}:0.8), smiling --n blurry --d 5 --s 3 --w 72\n")
+    kwargs = dict(base_model=str(tiny_model_dir), subject="eva", init_word="woman", checkpoint_dir=checkpoints,
+                  prompts_file=prompts, seeds=[1, 2], steps=2, guidance_scale=7.5, width=64, height=64,
+                  scheduler="euler_a", device="cpu")
+    render_sample_grid(out_dir=root / "a", batch_size=16, **kwargs)
+    render_sample_grid(out_dir=root / "b", batch_size=1, **kwargs)
+    return root
+
+
+def test_grid_images_and_table(rendered):
+    out = rendered / "a"
+    lines = (out / "images.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:4] == ["step", "column", "prompt", "seed"] and len(lines) == 1 + 3 * 3
+    names = sorted(p.name for p in out.glob("step*.png"))
+    assert names == sorted(f"step{s:08d}_{c}.png" for s in (0, 10, 20) for c in ("p00_s1", "p00_s2", "p01_s5"))
+    assert Image.open(out / "step00000000_p01_s5.png").size == (72, 64)
+    grid, preview = Image.open(out / "grid.png"), Image.open(out / "grid_preview.jpg")
+    assert grid.width > 3 * 72 and grid.height > 3 * 64 and preview.format == "JPEG"
+    # rows differ: the checkpoint's vectors change the images
+    first = np.asarray(Image.open(out / "step00000010_p00_s1.png"), dtype=int)
+    assert np.abs(first - np.asarray(Image.open(out / "step00000020_p00_s1.png"), dtype=int)).max() > 0
+
+
+def test_batching_does_not_change_images(rendered):
+    for path in (rendered / "a").glob("step*.png"):
+        a = np.asarray(Image.open(path), dtype=int)
+        b = np.asarray(Image.open(rendered / "b" / path.name), dtype=int)
+        assert np.abs(a - b).max() <= 2, path.name
+
+
+def test_seed_changes_image(rendered):
+    a = np.asarray(Image.open(rendered / "a" / "step00000000_p00_s1.png"), dtype=int)
+    b = np.asarray(Image.open(rendered / "a" / "step00000000_p00_s2.png"), dtype=int)
+    assert np.abs(a - b).max() > 10
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_schedulers_load(tiny_model_dir, scheduler):
+    sampler = load_sampler(base_model=str(tiny_model_dir), scheduler=scheduler, device="cpu")
+    assert type(sampler.pipe.scheduler).__name__ == {"ddim": "DDIMScheduler",
+                                                     "dpmpp_2m": "DPMSolverMultistepScheduler"}[scheduler]
+
+
+def test_loss_plot_and_smoothing(tmp_path):
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    loss = tmp_path / "loss.tsv"
+    loss.write_text("step\tloss\tlr\tseconds\n" + "".join(f"{s}\t{1 / s:.4f}\t0.005\t1\n" for s in range(1, 30)))
+    plot_loss(loss, tmp_path / "loss.png", subject="eva")
+    image = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
+    assert image.shape == (500, 900, 3) and (image != 255).any(axis=2).mean() > 0.01
+    loss.write_text("nope\n")
+    with pytest.raises(FileNotFoundError, match="not a loss table"):
+        plot_loss(loss, tmp_path / "loss2.png")
+
+
+def test_bench_script_tiny_smoke(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_samples.py"), "--tiny", "--device", "cpu",
+                             "--rows", "3", "--repeat", "1", "--json", str(tmp_path / "t.json")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["rows"] == 3 and report["columns"] == 8 and report["images"] == 24
+    assert report["load_s"] > 0 and len(report["grid_s"]) == 1
+    assert "load:" in result.stdout and "grid (3 steps x 8 images" in result.stdout

@@ -1,0 +1,259 @@
+"""Sample prompts: the prompts file (kohya-style per-line options), A1111-style weights, text encoding.
+
+Prompts file: one prompt per line, blank lines and `#` comments skipped, each with a `{token}` placeholder
+(replaced by the subject's trigger, or by the init word for step 0). Options follow the prompt, kohya
+sd-scripts style: ` --n <negative prompt>`, ` --d <seed>`, ` --s <steps>`, ` --l <CFG scale>`, ` --w <width>`,
+` --h <height>`; anything not given comes from config.
+
+Weights (AUTOMATIC1111 syntax): `(text)` multiplies the attention to `text` by 1.1, `[text]` divides it by
+1.1, `(text:0.8)` sets the multiplier; brackets nest (multipliers multiply); `\\(` `\\)` `\\[` `\\]` are
+literal brackets. The weights scale the text encoder's output per token, then the whole tensor is
+rescaled so its mean stays that of the unweighted encoding (A1111's method).
+
+Embeddings: any textual-inversion trigger word in the table (the subject's `{token}`, extra embeddings such
+as a negative embedding) becomes its vectors in place; several can be combined with plain words.
+
+Parse-time cheap: torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ATTENTION_STEP = 1.1
+OPTION_FLAGS = {"n": "negative", "d": "seed", "s": "steps", "l": "guidance_scale", "w": "width", "h": "height"}
+_OPTION_SPLIT = re.compile(r"\s+--(?=[ndslwh](?:\s|$))")
+
+
+class PromptError(ValueError):
+    """The sample prompts file (or one prompt in it) is unusable."""
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One line of the prompts file; None = take the value from config."""
+
+    text: str
+    negative: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    line: int = 0
+
+
+def parse_prompt_line(line: str, *, where: str = "prompt") -> SamplePrompt:
+    """`a photo of {token} --n blurry --d 7 --s 20 --l 6 --w 512 --h 768` -> SamplePrompt."""
+    parts = _OPTION_SPLIT.split(line.strip())
+    text = parts[0].strip()
+    values: dict = {}
+    for part in parts[1:]:
+        flag, _, value = part.partition(" ")
+        value = value.strip()
+        name = OPTION_FLAGS[flag]
+        if name in values:
+            raise PromptError(f"{where}: option --{flag} given twice")
+        if name == "negative":
+            values[name] = value
+            continue
+        try:
+            number = float(value) if name == "guidance_scale" else int(value)
+        except ValueError:
+            raise PromptError(f"{where}: option --{flag} needs a number, got {value!r}") from None
+        if name in ("width", "height") and (number < 64 or number % 8):
+            raise PromptError(f"{where}: --{flag} {number} must be a multiple of 8, at least 64")
+        if name == "steps" and number < 1 or name in ("seed", "guidance_scale") and number < 0:
+            raise PromptError(f"{where}: --{flag} {value} is out of range")
+        values[name] = number
+    if "{token}" not in text:
+        raise PromptError(f"{where}: prompt has no {{token}} placeholder: {text!r}")
+    parse_weights(text.replace("{token}", "x"), where=where)
+    parse_weights(values.get("negative", ""), where=where)
+    return SamplePrompt(text=text, **values)
+
+
+def read_prompts(path: str | os.PathLike) -> list[SamplePrompt]:
+    """Every prompt of a prompts file; a bad line fails with the file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"sample prompts file not found: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        prompts.append(replace(parse_prompt_line(line, where=f"{path}, line {number}"), line=number))
+    if not prompts:
+        raise PromptError(f"{path}: no prompts")
+    return prompts
+
+
+def parse_weights(text: str, *, where: str = "prompt") -> list[tuple[str, float]]:
+    """A1111 attention syntax -> [(text, weight)], neighbouring pieces of equal weight merged."""
+    pieces: list[tuple[str, float]] = []
+    stack: list[tuple[str, int]] = []  # (bracket, index into pieces where it opened)
+    buffer: list[str] = []
+
+    def flush():
+        if buffer:
+            pieces.append(("".join(buffer), 1.0))
+            buffer.clear()
+
+    def apply(start: int, factor: float):
+        for index in range(start, len(pieces)):
+            piece, weight = pieces[index]
+            pieces[index] = (piece, weight * factor)
+
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] in "()[]\\":
+            buffer.append(text[i + 1])
+            i += 2
+            continue
+        if char in "([":
+            flush()
+            stack.append((char, len(pieces)))
+        elif char == ")":
+            if not stack or stack[-1][0] != "(":
+                raise PromptError(f"{where}: unbalanced ')' at character {i + 1} of {text!r}")
+            explicit = re.search(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$", "".join(buffer))
+            factor = ATTENTION_STEP
+            if explicit:
+                factor = float(explicit.group(1))
+                del buffer[len(buffer) - len(explicit.group(0)):]
+            flush()
+            apply(stack.pop()[1], factor)
+        elif char == "]":
+            if not stack or stack[-1][0] != "[":
+                raise PromptError(f"{where}: unbalanced ']' at character {i + 1} of {text!r}")
+            flush()
+            apply(stack.pop()[1], 1 / ATTENTION_STEP)
+        else:
+            buffer.append(char)
+        i += 1
+    if stack:
+        raise PromptError(f"{where}: unclosed {stack[-1][0]!r} in {text!r}")
+    flush()
+    merged: list[tuple[str, float]] = []
+    for piece, weight in pieces:
+        if merged and abs(merged[-1][1] - weight) < 1e-9:
+            merged[-1] = (merged[-1][0] + piece, weight)
+        elif piece:
+            merged.append((piece, weight))
+    return merged
+
+
+@dataclass
+class PromptEncoder:
+    """Turns weighted prompt text into SD1.5 conditioning [1, 77, 768], with textual-inversion vectors.
+
+    `embeddings` maps a trigger word to its vectors ([n, dim]); change them between calls with `set`.
+    """
+
+    tokenizer: object
+    text_encoder: object
+    embeddings: dict = field(default_factory=dict)
+    _slots: dict = field(default_factory=dict, init=False)  # trigger -> first placeholder id
+    _vocab_size: int = field(default=0, init=False)
+
+    def set(self, trigger: str, vectors) -> None:
+        """Install (or replace) the vectors of one trigger word."""
+        import torch
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", trigger):
+            raise PromptError(f"embedding trigger {trigger!r} must be one word")
+        vectors = torch.as_tensor(vectors).detach()
+        table = self.text_encoder.get_input_embeddings()
+        if vectors.ndim != 2 or vectors.shape[1] != table.weight.shape[1]:
+            raise PromptError(f"embedding {trigger!r} has shape {tuple(vectors.shape)}; this model needs "
+                              f"[n, {table.weight.shape[1]}]")
+        if not self._vocab_size:
+            self._vocab_size = table.weight.shape[0]
+        previous = self.embeddings.get(trigger)
+        if previous is None or previous.shape[0] != vectors.shape[0]:
+            self._slots[trigger] = table.weight.shape[0]
+            self.text_encoder.resize_token_embeddings(table.weight.shape[0] + vectors.shape[0])
+            table = self.text_encoder.get_input_embeddings()
+        start = self._slots[trigger]
+        with torch.no_grad():
+            table.weight[start:start + vectors.shape[0]] = vectors.to(table.weight.device, table.weight.dtype)
+        self.embeddings[trigger] = vectors
+
+    def token_ids(self, text: str, *, where: str = "prompt") -> tuple[list[int], list[float]]:
+        """Token ids (without BOS/EOS) and one weight per token."""
+        ids: list[int] = []
+        weights: list[float] = []
+        pattern = (re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(self._slots, key=len, reverse=True)))
+                              + r")(?![\w-])") if self._slots else None)
+        for piece, weight in parse_weights(text, where=where):
+            parts = pattern.split(piece) if pattern else [piece]
+            for index, part in enumerate(parts):
+                if index % 2:  # a trigger word
+                    count = self.embeddings[part].shape[0]
+                    new = list(range(self._slots[part], self._slots[part] + count))
+                else:
+                    new = self.tokenizer(part, add_special_tokens=False).input_ids if part.strip() else []
+                ids += new
+                weights += [weight] * len(new)
+        return ids, weights
+
+    def encode(self, text: str, *, where: str = "prompt", log=None):
+        """Conditioning [1, max_length, dim] for one weighted prompt (truncated to one CLIP window)."""
+        import torch
+
+        ids, weights = self.token_ids(text, where=where)
+        room = self.tokenizer.model_max_length - 2
+        if len(ids) > room:
+            if log:
+                log(f"{where}: {len(ids)} tokens, truncated to {room}")
+            ids, weights = ids[:room], weights[:room]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        full = [self.tokenizer.bos_token_id] + ids + [self.tokenizer.eos_token_id]
+        full_weights = [1.0] + weights + [1.0]
+        full += [pad] * (room + 2 - len(full))
+        full_weights += [1.0] * (room + 2 - len(full_weights))
+        device = self.text_encoder.get_input_embeddings().weight.device
+        with torch.no_grad():
+            hidden = self.text_encoder(torch.tensor([full], device=device))[0]
+        return apply_weights(hidden, torch.tensor(full_weights, device=device, dtype=hidden.dtype))
+
+
+def apply_weights(hidden, weights):
+    """Scale each token's encoding by its weight, keeping the overall mean (A1111's normalisation)."""
+    if bool((weights == 1).all()):
+        return hidden
+    original_mean = hidden.float().mean()
+    weighted = hidden * weights.reshape(1, -1, 1)
+    new_mean = weighted.float().mean()
+    if float(new_mean) == 0.0:
+        return weighted
+    return weighted * (original_mean / new_mean).to(hidden.dtype)
+
+
+def load_embedding_vectors(path: str | os.PathLike):
+    """Vectors [n, dim] from a textual-inversion safetensors file (`emb_params`, or a single tensor)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"embedding file not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise PromptError(f"{path}: only .safetensors embeddings are read (no pickles)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            key = "emb_params" if "emb_params" in keys else (keys[0] if len(keys) == 1 else "clip_l" if "clip_l" in keys else None)
+            if key is None:
+                raise PromptError(f"{path}: cannot tell which tensor is the embedding (keys {keys})")
+            tensor = handle.get_tensor(key)
+    except PromptError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a corrupt file is bad input
+        raise PromptError(f"{path}: not a readable safetensors embedding ({type(error).__name__}: {error})") from None
+    if tensor.ndim == 1:
+        tensor = tensor[None]
+    return tensor.float()

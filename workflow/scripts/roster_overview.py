@@ -1,0 +1,17 @@
+from tifactory.jobs import run_job
+from tifactory.report import roster_overview
+
+
+def main(smk, log):
+    subjects = [
+        {"subject": subject, "class_word": class_word, "raw_manifest": raw, "crops_dir": crops,
+         "likeness_json": likeness, "embedding": embedding}
+        for subject, class_word, raw, crops, likeness, embedding in zip(
+            smk.params.subjects, smk.params.class_words, smk.input.raw, smk.input.crops, smk.input.likeness,
+            smk.input.embeddings)
+    ]
+    roster_overview(out_html=smk.output[0], subjects=subjects)
+    log(f"wrote {smk.output[0]}: {len(subjects)} subjects")
+
+
+run_job(snakemake, main)
