@@ -1,4 +1,8 @@
-"""Run a stage function as a Snakemake job: log file first, clear one-line errors for bad input."""
+"""Run a stage function as a Snakemake job: log file first, clear one-line errors for bad input.
+
+Jobs of rules that declare `resources: gpu=...` get their own GPU first (tifactory.gpu_slots), before any
+stage code can import torch and initialise CUDA.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,29 @@ from typing import Callable
 
 # Errors that mean "the input or the config is wrong": the job fails with the message, no traceback.
 USER_ERROR_NAMES = {"RosterError", "DatasetError", "TrainingError", "ModelLoadError", "CollectError",
-                    "CropError", "PromptError", "FileNotFoundError"}
+                    "CropError", "PromptError", "FileNotFoundError", "GpuSlotError"}
+
+
+def declared_gpus(smk) -> int:
+    """The job's `resources: gpu` (0 when the rule declares none)."""
+    resources = getattr(smk, "resources", None)
+    value = getattr(resources, "gpu", 0) if resources is not None else 0
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def claim_job_gpu(smk, log: Callable[[str], None]):
+    """For a GPU job: hold a free GPU for the rest of this process (CUDA_VISIBLE_DEVICES); else None."""
+    if declared_gpus(smk) < 1:
+        return None
+    from tifactory.gpu_slots import claim_gpu
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        log("WARNING: CUDA was initialised before the GPU slot was claimed; CUDA_VISIBLE_DEVICES may not apply")
+    return claim_gpu(log)
 
 
 def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
@@ -25,6 +51,7 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
     log(f"job {smk.rule} {wildcards}")
     try:
+        gpu_claim = claim_job_gpu(smk, log)  # noqa: F841 - held (flock) until this process ends
         main(smk, log)
     except Exception as error:  # noqa: BLE001 - the job boundary: report and fail
         if type(error).__name__ in USER_ERROR_NAMES:

@@ -1,0 +1,140 @@
+"""One GPU per GPU job on a multi-GPU machine: a lock file per visible device.
+
+Snakemake counts `--resources gpu=N` but never says *which* GPU a job gets, so without this every job
+would land on GPU 0. A job that declares `resources: gpu=1` calls `claim_gpu()` before torch touches CUDA:
+it takes the first free device (an exclusive `fcntl.flock` on `<lock dir>/gpu-<id>.lock`, held for the
+life of the process and released by the kernel when the process ends, even by `kill -9`) and sets
+`CUDA_VISIBLE_DEVICES` to it, so the job sees exactly one GPU as `cuda:0`.
+
+- `CUDA_VISIBLE_DEVICES` already set (SLURM sets it for `--gpus`, or the user pinned a device): kept as is.
+- The device list comes from `TIFACTORY_GPUS` (e.g. `0,1,2,3`; for tests and simulation) or else from
+  `nvidia-smi -L`; no torch import. No device found: nothing to assign (CPU runs).
+- Lock files live in `TIFACTORY_GPU_LOCK_DIR`, default `<tmp>/tifactory-gpus-<uid>`, shared by every
+  workflow of the user on this machine.
+- More GPU jobs than devices (e.g. `--resources gpu=8` on 4 GPUs): the extra jobs wait for a free device
+  instead of sharing one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+DEVICES_ENV = "TIFACTORY_GPUS"
+LOCK_DIR_ENV = "TIFACTORY_GPU_LOCK_DIR"
+_NVIDIA_SMI_LINE = re.compile(r"^GPU (\d+):", re.MULTILINE)
+
+
+class GpuSlotError(RuntimeError):
+    """A GPU slot could not be claimed (bad device list, unusable lock directory, timeout)."""
+
+
+@dataclass
+class Claim:
+    """What claim_gpu() decided: the device (or None) and why, for the job's log."""
+
+    device: str | None
+    message: str
+    fd: int | None = None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+
+def visible_devices(environ: dict | None = None) -> list[str]:
+    """Device ids that can be handed out: TIFACTORY_GPUS if set (may be empty), else `nvidia-smi -L`."""
+    environ = os.environ if environ is None else environ
+    if DEVICES_ENV in environ:
+        devices = [part.strip() for part in environ[DEVICES_ENV].split(",") if part.strip()]
+        bad = [d for d in devices if not re.fullmatch(r"[A-Za-z0-9_.:-]+", d)]
+        if bad or len(set(devices)) != len(devices):
+            raise GpuSlotError(f"{DEVICES_ENV}={environ[DEVICES_ENV]!r}: expected distinct device ids "
+                               "separated by commas, e.g. 0,1,2,3")
+        return devices
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listing.returncode != 0:
+        return []
+    return _NVIDIA_SMI_LINE.findall(listing.stdout)
+
+
+def lock_dir(environ: dict | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if environ.get(LOCK_DIR_ENV):
+        return Path(environ[LOCK_DIR_ENV])
+    return Path(tempfile.gettempdir()) / f"tifactory-gpus-{os.getuid()}"
+
+
+def try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on path, or None if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        raise
+    # For people looking at the lock dir: who holds it. The lock, not the text, is what counts.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def claim_gpu(log: Callable[[str], None] = print, environ: dict | None = None, poll_seconds: float = 1.0,
+              timeout_seconds: float | None = None) -> Claim:
+    """Give this process one free GPU (see the module docstring); sets environ's CUDA_VISIBLE_DEVICES.
+
+    Waits while every device is taken (logging once); raises GpuSlotError after timeout_seconds.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        claim = Claim(environ["CUDA_VISIBLE_DEVICES"],
+                      f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} (set by the scheduler or the user; kept)")
+        log(claim.message)
+        return claim
+    devices = visible_devices(environ)
+    if not devices:
+        claim = Claim(None, f"no GPU listed (nvidia-smi -L / {DEVICES_ENV}): no device assigned")
+        log(claim.message)
+        return claim
+    folder = lock_dir(environ)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GpuSlotError(f"GPU lock directory {folder}: {error.strerror} (set {LOCK_DIR_ENV})") from None
+    started = time.monotonic()
+    waiting_logged = False
+    while True:
+        for device in devices:
+            try:
+                fd = try_lock(folder / f"gpu-{device}.lock")
+            except OSError as error:
+                raise GpuSlotError(f"GPU lock {folder / f'gpu-{device}.lock'}: {error.strerror}") from None
+            if fd is not None:
+                environ["CUDA_VISIBLE_DEVICES"] = device
+                environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the order nvidia-smi numbers them in
+                claim = Claim(device, f"CUDA_VISIBLE_DEVICES={device} (GPU slot {device} of "
+                                      f"{','.join(devices)}, lock {folder / f'gpu-{device}.lock'})", fd)
+                log(claim.message)
+                return claim
+        waited = time.monotonic() - started
+        if timeout_seconds is not None and waited >= timeout_seconds:
+            raise GpuSlotError(f"no free GPU among {','.join(devices)} after {waited:.0f} s "
+                               f"(locks in {folder})")
+        if not waiting_logged:
+            log(f"all GPUs busy ({','.join(devices)}, locks in {folder}); waiting for one to free up")
+            waiting_logged = True
+        time.sleep(poll_seconds)
