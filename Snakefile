@@ -18,13 +18,18 @@ configfile: "config.yaml"
 validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/collect.smk"
 include: "rules/crop.smk"
 include: "rules/dataset.smk"
 include: "rules/train.smk"
+include: "rules/samples_functions.smk"
 include: "rules/samples.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -37,7 +37,7 @@ def all_targets():
             "results/{subject}/samples/grid.png",
         ],
         subject=SUBJECTS,
-    )
+    ) + ["results/summary/crops.tsv"] + samples_targets()
 
 
 def demo_source_subject(source):

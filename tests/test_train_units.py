@@ -1,13 +1,17 @@
 """Unit tests of the training module's pure pieces (no model needed)."""
 
 import collections
+import sys
+import types
 
 import pytest
 
 from tifactory.train import (
     bucket_resolution,
     epoch_order,
+    TrainingError,
     lr_lambda_for,
+    make_optimizer,
     samples_for_step,
     spread_init_ids,
 )
@@ -78,3 +82,39 @@ def test_lr_schedules():
     assert linear(10) == pytest.approx(1.0) and linear(100) == pytest.approx(0.0)
     cosine = lr_lambda_for(dict(base, lr_scheduler="cosine"))
     assert cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0, abs=1e-12)
+
+
+OPTIMIZER_PARAMS = {"optimizer": "AdamW", "learning_rate": 0.005, "adam_beta1": 0.9, "adam_beta2": 0.98,
+                    "adam_epsilon": 1e-6, "weight_decay": 0.02}
+
+
+def test_make_optimizer_adamw_uses_the_config():
+    import torch
+
+    vectors = torch.zeros(5, 8, requires_grad=True)
+    optimizer = make_optimizer(OPTIMIZER_PARAMS, [vectors])
+    group = optimizer.param_groups[0]
+    assert type(optimizer) is torch.optim.AdamW
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.005, (0.9, 0.98), 1e-6, 0.02)
+
+
+def test_make_optimizer_adamw8bit_needs_bitsandbytes(monkeypatch):
+    import torch
+
+    params = dict(OPTIMIZER_PARAMS, optimizer="AdamW8bit")
+    vectors = torch.zeros(5, 8, requires_grad=True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(TrainingError, match="needs bitsandbytes"):
+        make_optimizer(params, [vectors])
+
+    made = {}
+
+    class StandInAdamW8bit(torch.optim.AdamW):
+        def __init__(self, trainable, **settings):
+            made.update(settings)
+            super().__init__(trainable, **settings)
+
+    stand_in = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=StandInAdamW8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", stand_in)
+    assert isinstance(make_optimizer(params, [vectors]), StandInAdamW8bit)
+    assert made == {"lr": 0.005, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.02}

@@ -6,9 +6,9 @@ import re
 import shutil
 import subprocess
 import sys
-
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -66,9 +66,11 @@ def test_full_run_produces_every_contract_path(workdir, repo_config, tiny_overri
     for subject, (class_word, _) in SUBJECTS.items():
         results = workdir / "results" / subject
         assert (results / "raw" / "manifest.tsv").is_file()
-        crops = sorted((results / "crops").glob("*.png"))
+        manifest = pd.read_csv(results / "crops" / "manifest.tsv", sep="\t", keep_default_na=False)
+        crops = [results / "crops" / name for name in manifest.loc[manifest["status"] == "kept", "output"]]
         assert crops and all(Image.open(p).size == (512, 512) for p in crops)
-        header = (results / "crops" / "manifest.tsv").read_text().splitlines()[0].split("\t")
+        assert Image.open(results / "crops" / "contact_sheet.png").format == "PNG"
+        header = list(manifest.columns)
         for column in ["source", "status", "reason", "face_x", "face_y", "face_w", "face_h", "crop_x", "crop_y",
                        "crop_size", "det_score", "output"]:
             assert column in header
@@ -121,9 +123,10 @@ def test_changed_photo_reruns_only_that_subject(workdir):
     image = Image.open(photo)
     image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo)
     jobs = planned_jobs(workdir)
-    assert {subject for _, subject in jobs} == {"eva"}
+    assert {subject for _, subject in jobs} == {"eva", ""}
+    assert "roster_overview" in {rule for rule, subject in jobs if subject == ""}  # roster-wide pages only
     assert {rule for rule, _ in jobs} == {"collect", "crop", "dataset", "train", "samples", "loss_plot", "likeness",
-                                          "subject_summary", "roster_overview"}
+                                          "subject_summary", "crop_summary", "roster_overview"}
     snakemake(workdir)
     assert planned_jobs(workdir) == []
 

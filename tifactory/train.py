@@ -185,6 +185,22 @@ def _cached_epoch_order(seed: int, epoch: int, repeats: tuple[int, ...]) -> list
 
 # ----------------------------------------------------------------------------- optimizer schedule
 
+def make_optimizer(params: dict, trainable: list):
+    """AdamW (torch) or AdamW8bit (bitsandbytes, when installed) with the config's betas, eps, decay."""
+    import torch
+
+    settings = dict(lr=params["learning_rate"], betas=(params["adam_beta1"], params["adam_beta2"]),
+                    eps=params["adam_epsilon"], weight_decay=params["weight_decay"])
+    if params["optimizer"] == "AdamW":
+        return torch.optim.AdamW(trainable, **settings)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise TrainingError("optimizer AdamW8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                            "or set train.optimizer: AdamW") from None
+    return bitsandbytes.optim.AdamW8bit(trainable, **settings)
+
+
 def lr_lambda_for(params: dict) -> Callable[[int], float]:
     warmup, total, kind = params["lr_warmup_steps"], params["max_train_steps"], params["lr_scheduler"]
 
@@ -417,9 +433,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         f"{buckets} in {stats['cache_latents_s']:.1f} s")
 
     # -- optimizer and schedule
-    optimizer = torch.optim.AdamW([trainable_vectors], lr=params["learning_rate"],
-                                  betas=(params["adam_beta1"], params["adam_beta2"]),
-                                  eps=params["adam_epsilon"], weight_decay=params["weight_decay"])
+    optimizer = make_optimizer(params, [trainable_vectors])
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(params))
     grad_scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     samples_per_step = params["train_batch_size"] * params["gradient_accumulation_steps"]
@@ -464,13 +478,24 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
             encoder_hidden_states = text_encoder(input_ids)[0]
             return unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states).sample
 
-    if params["compile"]:
-        predict_noise = torch.compile(predict_noise, dynamic=False)
+    compile_mode = params["compile"]  # auto | false | true | a torch.compile mode name
+    if compile_mode == "auto":
+        # on CUDA compiling pays off from the first subject of a roster on (inductor caches graphs on disk:
+        # later jobs start in seconds); on CPU it costs more than it saves. A compile failure falls back to
+        # eager with a warning instead of failing the job.
+        compile_mode = device.type == "cuda"
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+    uses_cuda_graphs = device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
+    if compile_mode:
+        predict_noise = torch.compile(predict_noise, dynamic=False,
+                                      mode=None if compile_mode is True else compile_mode)
 
     micro_batch = params["micro_batch_size"]
     log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
         f"{len(images)} image(s), repeats {repeats[0]}, {len(prompts)} prompt(s), tokens {token_strings}, "
-        f"init {params['init_word']!r}, compile {params['compile']}")
+        f"init {params['init_word']!r}, compile {compile_mode} (asked: {params['compile']})")
 
     def accumulate_step_gradient(step: int, micro_batch: int):
         """Forward + backward of every sample of one optimizer step; returns the step's mean loss."""
@@ -495,6 +520,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
                 noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
                 if device.type == "cuda":
                     noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
+                if uses_cuda_graphs:  # a new replay: the previous one's outputs are no longer read
+                    torch.compiler.cudagraph_mark_step_begin()
                 noise_pred = predict_noise(noisy_latents, chunk_timesteps, group_ids[chunk])
                 per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
                 if min_snr_gamma:
