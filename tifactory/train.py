@@ -344,6 +344,9 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         torch.use_deterministic_algorithms(True, warn_only=True)
     log(f"device {device}, compute dtype {compute_dtype} (asked: {params['mixed_precision']}), "
         f"save precision {params['save_precision']}")
+    if device.type == "cuda":  # which physical GPU this job got (see tifactory.gpu_slots)
+        log(f"CUDA device {torch.cuda.current_device()} of {torch.cuda.device_count()} visible: "
+            f"{torch.cuda.get_device_name()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
     # -- model
     if components is None:
