@@ -120,33 +120,27 @@ def best_step(summary: list[dict]) -> int | None:
     return max(candidates, key=lambda row: (row["score"], -row["step"]))["step"]
 
 
+def _table_rows(path: Path, what: str) -> list[dict[str, str]]:
+    """Rows of one of the stages' TSV tables as dicts (header -> cell)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
 def read_images_table(images_tsv: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, image path) from the samples stage's images.tsv."""
     images_tsv = Path(images_tsv)
-    if not images_tsv.is_file():
-        raise FileNotFoundError(f"sample image table not found: {images_tsv}")
-    lines = images_tsv.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    out = []
-    for line in lines[1:]:
-        cells = dict(zip(header, line.split("\t")))
-        out.append((int(cells["step"]), images_tsv.parent / cells["file"]))
-    return out
+    return [(int(cells["step"]), images_tsv.parent / cells["file"])
+            for cells in _table_rows(images_tsv, "sample image table")]
 
 
 def kept_crops(crops_dir: str | os.PathLike) -> list[Path]:
     """The kept crops listed in the crop manifest."""
-    manifest = Path(crops_dir) / "manifest.tsv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"crop manifest not found: {manifest}")
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    crops = []
-    for line in lines[1:]:
-        cells = dict(zip(header, line.split("\t")))
-        if cells.get("status") == "kept" and cells.get("output"):
-            crops.append(Path(crops_dir) / cells["output"])
-    return crops
+    rows = _table_rows(Path(crops_dir) / "manifest.tsv", "crop manifest")
+    return [Path(crops_dir) / cells["output"] for cells in rows
+            if cells.get("status") == "kept" and cells.get("output")]
 
 
 # ---------------------------------------------------------------------------------------------
