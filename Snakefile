@@ -22,6 +22,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "rules/common.smk"
+include: "rules/roster.smk"
 include: "rules/demo.smk"
 include: "rules/collect.smk"
 include: "rules/crop.smk"

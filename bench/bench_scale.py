@@ -114,6 +114,7 @@ def main() -> None:
     else:
         root = Path(tempfile.mkdtemp(prefix="tifactory-scale-"))
     try:
+        load_before = os.getloadavg()
         make_roster(root, args.subjects, args.photos)
         dry = snakemake_command(root, "-n")
         cold = [timed(dry)[0] for _ in range(args.repeat)]
@@ -123,9 +124,13 @@ def main() -> None:
         make_placeholder_outputs(root, planned_outputs(plan))
         touch_seconds, _ = timed(snakemake_command(root, "--touch", "--cores", "2"))
         noop = [timed(dry, expect="Nothing to be done")[0] for _ in range(args.repeat)]
+        load_after = os.getloadavg()
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+
+    def fmt_load(load: tuple[float, float, float]) -> str:
+        return " / ".join(f"{value:.2f}" for value in load)
 
     def fmt(values: list[float]) -> str:
         return f"{min(values):.1f} s (runs: {', '.join(f'{v:.1f}' for v in values)})"
@@ -137,6 +142,7 @@ Command: `python bench/bench_scale.py --subjects {args.subjects} --photos {args.
 (each case is `snakemake -s Snakefile -d <tmp> -n` on a roster of {args.subjects} subjects with {args.photos}
 8x8 placeholder PNGs each; target <= 15 s). Machine: {os.cpu_count()} CPUs, Python {platform.python_version()},
 snakemake {subprocess.run(['snakemake', '--version'], capture_output=True, text=True).stdout.strip()}.
+Load average (1/5/15 min; the bench itself adds about 1): {fmt_load(load_before)} before, {fmt_load(load_after)} after.
 
 | case | wall time (best) |
 | --- | --- |

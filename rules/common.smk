@@ -1,6 +1,8 @@
 # Roster, input functions and wildcard constraints shared by every rule. Parse time stays cheap:
 # nothing here imports torch or image libraries.
+import functools
 import os
+import sys
 
 from tifactory.roster import (
     DEMO_MODEL_NAME,
@@ -8,25 +10,49 @@ from tifactory.roster import (
     is_demo,
     list_source_files,
     merged_section,
-    read_roster,
+    read_roster_rows,
     split_sources,
+    subject_regex,
     train_params,
 )
 from tifactory.demo import DEMO_SUBJECTS
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"
+# results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
+RESERVED_SUBJECTS = ("summary", "report")
+
+
+class Roster(dict):
+    """Subject -> roster row. A subject not in the roster (a mistyped target) fails with this message in
+    whichever input function asks first: the `subject` wildcard is a pattern, not the list of names."""
+
+    def __missing__(self, subject):
+        raise WorkflowError(f"subject {subject!r} is not in the roster {config['roster']} ({len(self)} subjects)")
+
 
 try:
-    ROSTER = {row["subject"]: row for row in read_roster(config["roster"])}
+    _good_rows, ROSTER_PROBLEMS = read_roster_rows(config["roster"])
 except RosterError as error:
     raise WorkflowError(str(error)) from None
+if not _good_rows:
+    raise WorkflowError(f"roster {config['roster']}: no usable subjects"
+                        + "".join(f"\n  {problem}" for problem in ROSTER_PROBLEMS))
+if ROSTER_PROBLEMS:  # the good rows go on; the job roster_check fails with these messages
+    print(f"WARNING: roster {config['roster']}: {len(ROSTER_PROBLEMS)} bad row(s) left out (job roster_check "
+          "fails with them; the other subjects still run with --keep-going):"
+          + "".join(f"\n  {problem}" for problem in ROSTER_PROBLEMS), file=sys.stderr)
+ROSTER = Roster((row["subject"], row) for row in _good_rows)
+if set(RESERVED_SUBJECTS) & set(ROSTER):
+    raise WorkflowError(f"roster {config['roster']}: subject names {RESERVED_SUBJECTS} are reserved (results/<name>/)")
 
 SUBJECTS = sorted(ROSTER)
 
 
+# The subject pattern of the roster schema, not an alternation of every name: Snakemake copies the
+# constraint into every output pattern and rescans it for every job (about 1 s at 800 subjects).
 wildcard_constraints:
-    subject="|".join(SUBJECTS),
+    subject=f"(?!(?:{'|'.join(RESERVED_SUBJECTS)})/){subject_regex()}",
     demo_subject="|".join(DEMO_SUBJECTS),
 
 
@@ -37,7 +63,7 @@ def all_targets():
             "results/{subject}/samples/grid.png",
         ],
         subject=SUBJECTS,
-    ) + ["results/summary/crops.tsv"] + samples_targets()
+    ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets()
 
 
 def demo_source_subject(source):
@@ -72,8 +98,13 @@ def model_params():
     }
 
 
+@functools.cache  # several params of several rules ask, for every job: resolve each subject once
+def _train_params(subject):
+    return train_params(config, ROSTER[subject])
+
+
 def subject_train_params(wildcards):
-    return train_params(config, ROSTER[wildcards.subject])
+    return _train_params(wildcards.subject)
 
 
 def subject_repeats(wildcards):
@@ -95,3 +126,13 @@ def workflow_file(path):
     if os.path.isabs(path) or os.path.exists(path):
         return path
     return os.path.join(workflow.basedir, path)
+
+
+def crop_reference_photos(wildcards):
+    """The roster's optional `reference` photos for the identity filter (files, folders, globs)."""
+    return split_sources(ROSTER[wildcards.subject].get("reference", ""))
+
+
+def crop_reference_files(wildcards):
+    """Every file the `reference` entries name (so replacing a reference photo reruns the crop)."""
+    return list_source_files(ROSTER[wildcards.subject].get("reference", ""))

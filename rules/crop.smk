@@ -1,10 +1,12 @@
 rule crop:
     input:
         "results/{subject}/raw/manifest.tsv",
+        reference=crop_reference_files,
     output:
         directory("results/{subject}/crops"),
     params:
         crop=config["crop"],
+        reference=crop_reference_photos,
     threads: 2
     conda:
         "../envs/tifactory.yaml"

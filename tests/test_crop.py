@@ -129,23 +129,27 @@ def test_small_image_tighten_pad_or_reject(tmp_path):
     photos.mkdir()
     hanks = _load("insightface", "data/images/Tom_Hanks_54745.png")  # 112 px, face fills it
     hanks.save(photos / "hanks.png")
+    # the aligned face fills the photo: its box reaches past the border (forehead and chin are cut)
     row = _run(tmp_path, photos).iloc[0]
-    # the face fills the photo: even tightened to max_face_share the square needs too much padding
+    assert row["reason"].startswith("face cut at border ("), row["reason"]
+    # accepting that, even tightened to max_face_share the square needs too much padding
+    lenient = dict(max_face_outside=0.15)
+    row = crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", **lenient).iloc[0]
     assert row["status"] == "rejected"
     assert row["reason"].startswith("too much padding needed ("), row["reason"]
     assert row["face_y"] >= 0  # the detector's box is clipped to the image
     # with a generous padding cap and upscale limit it is kept: tightened, padded, and measured
     loose = crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", max_pad_share=0.6,
-                       max_upscale=10, pad_mode="blur")
+                       max_upscale=10, pad_mode="blur", **lenient)
     row = loose.iloc[0]
     assert row["status"] == "kept", row["reason"]
     assert row["crop_size"] > 112 and 0.45 < row["face_share"] <= 0.7 + 1e-6
     assert 0.0 < row["pad_share"] <= 0.6 and row["upscale"] > 2.5
     # and with the default upscale limit it is rejected for upscaling, not padding
-    strict = crop_faces(tmp_path / "raw.tsv", tmp_path / "c3", tmp_path / "c3.tsv", max_pad_share=0.6)
+    strict = crop_faces(tmp_path / "raw.tsv", tmp_path / "c3", tmp_path / "c3.tsv", max_pad_share=0.6, **lenient)
     assert strict.iloc[0]["reason"].startswith("upscale x")
     flagged = crop_faces(tmp_path / "raw.tsv", tmp_path / "c4", tmp_path / "c4.tsv", max_pad_share=0.6,
-                         upscale_policy="flag")
+                         upscale_policy="flag", **lenient)
     assert flagged.iloc[0]["status"] == "kept" and flagged.iloc[0]["reason"].startswith("flagged: upscaled x")
 
 
@@ -226,7 +230,13 @@ def test_compute_crop_box_geometry():
     assert size == 400 and y == 450 - 200
 
 
-def test_detector_degenerate_inputs_return_no_faces():
+def test_detector_degenerate_inputs_return_no_faces(astronaut):
     detector = YuNetDetector()
     for shape in [(1, 1, 3), (8, 8, 3), (64, 64), (64, 6400, 3), (0, 10, 3)]:
         assert detector.detect(np.zeros(shape, np.uint8)) == []
+    # thin inputs (a 32 px side for the network) used to give phantom faces now and then, left over from
+    # the previous photo (opencv 4.x, multi-threaded): repeated after a real detection to catch it
+    for _ in range(12):
+        assert len(detector.detect(np.asarray(astronaut))) == 1
+        for shape in [(32, 640, 3), (640, 14, 3), (64, 6400, 3)]:
+            assert detector.detect(np.zeros(shape, np.uint8)) == [], shape

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.collect import collect_photos
-from tifactory.crop import crop_faces, eye_angle, render_crop
+from tifactory.crop import crop_faces, eye_angle, face_sharpness, render_crop
 from tifactory.demo import _package_file
 from tifactory.detect import HaarDetector, YuNetDetector, insightface_status, make_detector
 from tifactory.summary import summarize_crops
@@ -184,6 +184,62 @@ def test_identity_filter_with_stand_in_recogniser(tmp_path, astronaut, backgroun
     assert plain["identity_score"].isna().all() and (plain["status"] == "kept").all()
 
 
+def test_sharpness_is_normalised_for_scale(astronaut):
+    """The same face at 1x, 2x and 4x measures alike (the region is resampled to 128 px); blur does not."""
+    values = []
+    for k in (1, 2, 4):
+        image = astronaut if k == 1 else astronaut.resize((512 * k, 512 * k), Image.Resampling.LANCZOS)
+        values.append(face_sharpness(image, tuple(v * k for v in FACE)))
+    assert max(values) / min(values) < 1.5, values
+    big_blurred = astronaut.resize((1536, 1536), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(6))
+    assert face_sharpness(big_blurred, tuple(v * 3 for v in FACE)) < 0.1 * min(values)
+
+
+def test_reference_photos_decide_who_the_subject_is(tmp_path, astronaut, background):
+    """Three photos of one person, one of another: the robust mean keeps the majority; reference photos
+    of the other person (the roster's `reference` column) make her the subject instead."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (scale, x, y) in enumerate([(1.2, 100, 100), (1.5, 700, 200), (1.8, 300, 150)]):
+        _place(background, astronaut, scale, x, y)[0].save(photos / f"astronaut_{i}.jpg", quality=92)
+    person = _load("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650))
+    person.resize((700, 900), Image.Resampling.LANCZOS).save(photos / "person.jpg", quality=92)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    person.resize((525, 675), Image.Resampling.LANCZOS).save(reference / "person_ref.jpg", quality=92)
+    (reference / "notes.txt").write_text("not a photo", encoding="utf-8")
+    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    kwargs = dict(recogniser=HistogramStandIn(), identity_threshold=0.8)
+
+    rows = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", **kwargs))
+    assert [rows[f"astronaut_{i}.jpg"]["status"] for i in range(3)] == ["kept"] * 3
+    assert rows["person.jpg"]["reason"].startswith("identity: cosine ")
+
+    said: list[str] = []
+    rows = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", log=said.append,
+                            reference_photos=[str(reference)], **kwargs))
+    assert "identity: 1 of 2 reference photo(s) usable" in said
+    assert any(line.startswith("reference notes.txt: not used (") for line in said), said
+    assert rows["person.jpg"]["status"] == "kept" and rows["person.jpg"]["identity_score"] > 0.8
+    assert all(rows[f"astronaut_{i}.jpg"]["reason"].startswith("identity: cosine ") for i in range(3))
+
+    # without a recogniser the reference photos cannot be used, and the log says so
+    said.clear()
+    plain = crop_faces(tmp_path / "raw.tsv", tmp_path / "c3", tmp_path / "c3.tsv", log=said.append,
+                       reference_photos=[str(reference)], detector="yunet")
+    assert plain["identity_score"].isna().all() and (plain["status"] == "kept").all()
+    assert any(line.startswith("identity filter: off (no face recogniser") and line.endswith("reference photos not used")
+               for line in said), said
+
+
+def test_haar_only_with_opencv_below_5(monkeypatch):
+    import cv2
+
+    monkeypatch.setattr(cv2, "__version__", "5.0.0")
+    with pytest.raises(FileNotFoundError, match="needs opencv < 5"):
+        make_detector("haar")
+
+
 def test_insightface_absent_is_said_plainly(tmp_path):
     usable, message = insightface_status(tmp_path, "buffalo_l")
     assert not usable and "not found" in message and "never downloaded" in message
@@ -213,6 +269,9 @@ def test_mixed_bag_manifest_contact_sheet_and_summary(tmp_path, astronaut, backg
     _save_with_orientation(_place(background, astronaut, 1.2, 200, 400)[0], photos / "b_rotated.jpg", 6)
     background.save(photos / "c_noface.jpg", quality=92)
     _load("insightface", "data/images/t1.jpg").save(photos / "d_group.jpg", quality=92)
+    two, _, _ = _place(background, astronaut, 1.2, 150, 350)
+    two.paste(_load("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650)), (1150, 300))
+    two.save(photos / "d_two_faces.jpg", quality=92)
     astronaut.resize((150, 150), Image.Resampling.LANCZOS).save(photos / "e_tiny_face.jpg", quality=92)
     (photos / "f_duplicate.jpg").write_bytes((photos / "a_good.jpg").read_bytes())
     (photos / "g_broken.jpg").write_bytes((photos / "a_good.jpg").read_bytes()[:300])
@@ -222,7 +281,8 @@ def test_mixed_bag_manifest_contact_sheet_and_summary(tmp_path, astronaut, backg
     rows = _rows(frame)
     assert rows["a_good.jpg"]["status"] == "kept" and rows["b_rotated.jpg"]["status"] == "kept"
     assert rows["c_noface.jpg"]["reason"] == "no face"
-    assert rows["d_group.jpg"]["reason"].startswith("ambiguous: ")
+    assert rows["d_group.jpg"]["reason"] == "ambiguous: 6 faces of similar size"
+    assert rows["d_two_faces.jpg"]["reason"] == "ambiguous: 2 faces of similar size"
     assert rows["e_tiny_face.jpg"]["reason"].startswith("face too small (")
     assert rows["f_duplicate.jpg"]["reason"] == f"duplicate of {photos / 'a_good.jpg'}"
     assert rows["g_broken.jpg"]["reason"].startswith("undecodable: ")
@@ -235,7 +295,12 @@ def test_mixed_bag_manifest_contact_sheet_and_summary(tmp_path, astronaut, backg
     table = summarize_crops({"eva": crops / "manifest.tsv", "bob": crops / "manifest.tsv"}, tmp_path / "s.tsv")
     assert list(table["subject"]) == ["bob", "eva"]
     row = table.iloc[1].to_dict()
-    assert (row["photos"], row["kept"], row["rejected"]) == (7, 2, 5)
-    for category in ("no face", "ambiguous", "face too small", "duplicate", "undecodable"):
+    assert (row["photos"], row["kept"], row["rejected"]) == (8, 2, 6)
+    assert row["ambiguous"] == 2
+    for category in ("no face", "face too small", "duplicate", "undecodable"):
         assert row[category] == 1, category
+    # every decision is in the manifest with the values behind it
+    manifest = pd.read_csv(crops / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert len(manifest) == 8 and (manifest["reason"] != "").sum() == 6
+    assert (manifest.loc[manifest["status"] == "kept", ["face_px", "crop_size", "sharpness", "upscale"]] != "").all().all()
     assert (tmp_path / "s.tsv").read_text().splitlines()[0].startswith("subject\tphotos\tkept\trejected\t")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,15 @@ def server(astronaut, tmp_path):
             elif self.path == "/big.jpg":
                 self.send_response(200)
                 self.send_header("Content-Length", str(5_000_000))
+                self.end_headers()
+            elif self.path == "/streamed-big.jpg":  # no Content-Length: the cap must hold while reading
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(40):
+                    self.wfile.write(b"\xff" * 65536)
+            elif self.path == "/slow.jpg":
+                time.sleep(1.0)
+                self.send_response(200)
                 self.end_headers()
             elif self.path == "/redirect":
                 self.send_response(302)
@@ -99,6 +109,70 @@ def test_url_list_download_cache_and_rejects(tmp_path, server):
     again = collect_photos([str(photos)], tmp_path / "raw2.tsv", **kwargs)
     assert hits["/photo.jpg?x=../../etc/passwd"] == before["/photo.jpg?x=../../etc/passwd"]  # cached
     assert list(again["status"]) == list(frame["status"])
+
+
+def test_streamed_size_cap_timeout_retries_and_backoff(tmp_path, server):
+    base, hits = server
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    urls = [f"{base}/streamed-big.jpg", f"{base}/slow.jpg"]
+    (photos / "list.txt").write_text("\n".join(urls), encoding="utf-8")
+    cache = tmp_path / "cache"
+    started = time.perf_counter()
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", url_cache=cache, allow_network=True,
+                           max_download_mb=1, timeout_s=0.2, retries=2, backoff_s=0.1)
+    elapsed = time.perf_counter() - started
+    big, slow = (frame.loc[i].to_dict() for i in range(2))
+    assert big["reason"] == "download failed: too large (> 1000000 bytes)" and hits["/streamed-big.jpg"] == 1
+    assert slow["reason"].startswith("download failed: ") and "timed out" in slow["reason"]
+    assert slow["reason"].endswith("(after 3 attempt(s))") and hits["/slow.jpg"] == 3
+    assert elapsed >= 0.1 + 0.2  # exponential backoff between the attempts
+    assert not cache.exists() or not list(cache.iterdir())  # nothing partial left in the cache
+
+
+def _linear_gamma_profile() -> bytes:
+    """An RGB ICC profile with sRGB primaries and a linear (gamma 1.0) tone curve, named 'lin1'."""
+    import struct
+
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    for i in range(count):
+        signature, offset, _size = struct.unpack(">4sII", data[132 + 12 * i:144 + 12 * i])
+        if signature in (b"rTRC", b"gTRC", b"bTRC"):
+            assert data[offset:offset + 4] == b"para"
+            data[offset + 8:offset + 10] = b"\x00\x00"  # function type 0: Y = X ** g
+            data[offset + 12:offset + 16] = struct.pack(">I", 0x10000)  # g = 1.0
+    data[84:100] = bytes(16)  # no profile ID
+    return bytes(data).replace("sRGB".encode("utf-16-be"), "lin1".encode("utf-16-be"))
+
+
+def test_embedded_icc_profiles_are_applied(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    linear = _linear_gamma_profile()
+    Image.new("RGB", (80, 80), (128, 64, 200)).save(photos / "linear.png", icc_profile=linear)
+    rgba = Image.new("RGBA", (80, 80), (128, 64, 200, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 40, 80))
+    rgba.save(photos / "linear_alpha.png", icc_profile=linear)
+    Image.new("RGB", (80, 80), (128, 64, 200)).save(photos / "broken.jpg", icc_profile=b"not a profile" * 20)
+    Image.new("L", (80, 80), 90).save(photos / "grey.png")
+    Image.new("LA", (80, 80), (90, 0)).save(photos / "grey_alpha.png")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
+    rows = {Path(s).name: r for s, r in zip(frame["source"], frame.to_dict("records"))}
+    assert set(frame["status"]) == {"kept"}
+    # linear-light values re-encoded for sRGB: 128 -> 188, 64 -> 137, 200 -> 229 (lcms)
+    assert rows["linear.png"]["colour"] == "icc->sRGB"
+    assert np.abs(np.subtract(load_upright_rgb(photos / "linear.png").getpixel((5, 5)), (188, 137, 229))).max() <= 2
+    assert rows["linear_alpha.png"]["colour"] == "alpha-flattened+icc->sRGB"
+    image = load_upright_rgb(photos / "linear_alpha.png")
+    assert image.getpixel((5, 5)) == (255, 255, 255)  # transparent -> white (white stays white)
+    assert np.abs(np.subtract(image.getpixel((60, 5)), (188, 137, 229))).max() <= 2
+    assert rows["broken.jpg"]["colour"] == "icc-unusable"
+    assert rows["grey.png"]["colour"] == "L->RGB" and load_upright_rgb(photos / "grey.png").getpixel((1, 1)) == (90,) * 3
+    assert rows["grey_alpha.png"]["colour"] == "alpha-flattened"
+    assert load_upright_rgb(photos / "grey_alpha.png").getpixel((1, 1)) == (255, 255, 255)
 
 
 def test_normalisation_modes_bomb_and_animation(tmp_path, astronaut):

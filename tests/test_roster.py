@@ -84,3 +84,11 @@ def test_list_source_files_folders_globs_and_missing(tmp_path):
     (tmp_path / "b.jpg").write_bytes(b"x")
     found = list_source_files(f"{tmp_path}/a;{tmp_path}/*.jpg;{tmp_path}/missing")
     assert found == sorted([f"{tmp_path}/a/1.jpg", f"{tmp_path}/a/sub/2.png", f"{tmp_path}/b.jpg"])
+
+
+def test_optional_reference_column_for_the_identity_filter(tmp_path, repo_config):
+    path = write_roster(tmp_path, "subject\tclass_word\tsources\treference\n"
+                                  "eva\twoman\tphotos/eva\trefs/eva;refs/eva_*.jpg\nbob\tman\tphotos/bob\t\n")
+    eva, bob = read_roster(path)
+    assert eva["reference"] == "refs/eva;refs/eva_*.jpg" and "reference" not in bob
+    assert "reference" not in train_params(repo_config, eva)  # a crop-stage input, not a recipe key

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import test_workflow as workflow_tests
 
@@ -61,13 +62,19 @@ def missing_prerequisites() -> str | None:
 REASON = missing_prerequisites()
 if REASON and os.environ.get("TIFACTORY_REQUIRE_SLURM") == "1":
     raise RuntimeError(f"TIFACTORY_REQUIRE_SLURM=1 but the SLURM test cannot run: {REASON}")
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+requires_slurm = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports (all held open while choosing, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_for(predicate, timeout: float, what: str, logs: list[Path]):
@@ -125,11 +132,12 @@ class LocalCluster:
         wait_for(socket_path.exists, 15, "munged socket", [munge / "munged.log"])
         for folder in ("state", "spool", "log"):
             (root / folder).mkdir()
+        ctld_port, slurmd_port = free_ports(2)
         (root / "slurm.conf").write_text(f"""\
 ClusterName=tifactory-test
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket_path}
@@ -166,7 +174,28 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         wait_for(lambda: self.command("sinfo", "-h", "-o", "%T").stdout.strip() == "idle", 60,
                  "node localhost idle", logs)
 
+    def cancel_jobs(self, timeout: float = 30):
+        """Cancel every job still queued or running (a failed or timed-out run leaves some) and wait until
+        their slurmstepd processes are gone: they are not our children and outlive slurmd."""
+        if len(self.processes) < 3 or any(p.poll() is not None for p in self.processes):
+            return  # the cluster never came up (or a daemon died): no job can be running
+        jobs = self.command("squeue", "-h", "-o", "%A").stdout.split()
+        if jobs:
+            self.command("scancel", "--full", *jobs)
+        spool = self.root / "spool"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.command("squeue", "-h", "-o", "%A").stdout.split() and not list(spool.glob("localhost_*")):
+                return
+            time.sleep(0.5)
+        print(f"local SLURM cluster: jobs or job steps still running after {timeout:.0f} s: "
+              f"{self.command('squeue').stdout}", file=sys.stderr)
+
     def stop(self):
+        try:
+            self.cancel_jobs()
+        except (OSError, subprocess.SubprocessError) as error:
+            print(f"local SLURM cluster: cancelling jobs failed: {error}", file=sys.stderr)
         for process in reversed(self.processes):
             if process.poll() is None:
                 os.kill(process.pid, signal.SIGTERM)
@@ -198,6 +227,21 @@ def slurm_jobs(cluster) -> list[dict[str, str]]:
     return jobs
 
 
+def test_slurm_profile_sizes_every_gpu_rule():
+    """Runs everywhere (no cluster): a GPU rule missing from set-resources would be submitted with the
+    CPU defaults (20 min, 2 GB), and a --gres in slurm_extra is refused by the plugin."""
+    profile = yaml.safe_load((REPO_ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    per_rule = profile["set-resources"]
+    assert set(per_rule) <= GPU_RULES | CPU_RULES, f"unknown rules: {set(per_rule) - GPU_RULES - CPU_RULES}"
+    for rule in GPU_RULES:
+        assert {"runtime", "mem_mb", "cpus_per_task"} <= set(per_rule.get(rule, {})), f"size GPU rule {rule}"
+    for resources in [profile["default-resources"], *per_rule.values()]:
+        assert "--gres" not in str(resources.get("slurm_extra", ""))
+        assert "gpu" not in resources, "GPU requests come from the rules' own `resources: gpu=1`"
+
+
+@requires_slurm
 def test_demo_roster_through_slurm_profile(cluster, tmp_path, repo_config, tiny_overrides):
     workdir = workflow_tests.make_workdir(tmp_path / "wf", repo_config, tiny_overrides)
     # The README's command, with the two settings a cluster without slurmdbd needs.

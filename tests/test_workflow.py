@@ -154,14 +154,19 @@ def test_single_target_builds_one_subject(tmp_path, repo_config, tiny_overrides)
     assert ("train", "eva") in jobs and not any(rule == "samples" for rule, _ in jobs)
 
 
-def test_bad_roster_row_fails_with_row_and_column(tmp_path, repo_config, tiny_overrides):
+def test_bad_roster_row_fails_alone_with_row_and_column(tmp_path, repo_config, tiny_overrides):
     fresh = make_workdir(tmp_path / "bad", repo_config, tiny_overrides)
     (fresh / "roster.tsv").write_text("subject\tclass_word\tsources\neva\twoman\tphotos/eva\nbob\tdog\tphotos/eva\n")
-    result = snakemake(fresh, "-n", check=False)
-    assert result.returncode != 0
+    message = "row 3 (subject 'bob'), column 'class_word'"
+    planned = snakemake(fresh, "-n")  # the good subject still plans; the warning names the bad row at once
+    assert message in planned.stderr and "Traceback" not in planned.stdout + planned.stderr
+    jobs = planned_jobs(fresh)
+    assert ("train", "eva") in jobs and ("roster_check", "") in jobs and not any(s == "bob" for _, s in jobs)
+    result = snakemake(fresh, "--keep-going", "results/summary/roster_check.txt", check=False)  # the job that fails with it
     output = result.stdout + result.stderr
-    assert "row 3 (subject 'bob'), column 'class_word'" in output
-    assert "Traceback" not in output
+    assert result.returncode != 0
+    assert f"ERROR in roster_check {{}}: roster roster.tsv: 1 bad row(s) left out of the run:\n  {message}" in output
+    assert "Traceback" not in output and not (fresh / "results" / "summary" / "roster_check.txt").exists()
 
 
 def test_bad_config_fails_with_schema_message(tmp_path, repo_config, tiny_overrides):

@@ -5,12 +5,12 @@ Every item found becomes one manifest row, kept or rejected with a reason: bad i
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 from pathlib import Path
 
 from tifactory.fileio import sha256_file, write_tsv_atomic
+from tifactory.roster import expand_glob
 
 RAW_MANIFEST_COLUMNS = [
     "source",
@@ -59,32 +59,75 @@ def _short_error(exc: BaseException, path: str) -> str:
     return message
 
 
-def _expand_source(source: str) -> tuple[list[str], str | None]:
-    """Return (absolute file paths, problem) for one source: a folder, a file, or a glob pattern."""
+def _entry_problem(path: str) -> str | None:
+    """Why a directory entry that is not a regular file cannot be a photo (None: it is a regular file).
+
+    Such entries become rejected rows instead of vanishing: broken symlinks, symlinks that point at
+    themselves or at a folder above them (loops), other symlinked folders (not followed: a loop could
+    never end and a link could lead anywhere; name the target in `sources`), FIFOs, sockets, devices
+    (opening a FIFO would block the job forever).
+    """
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.islink(path):
+            return "symlink loop" if error.errno == errno.ELOOP else "broken symlink"
+        return f"unreadable: {type(error).__name__}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        target = os.path.realpath(path)
+        parent = os.path.realpath(os.path.dirname(path))
+        if os.path.commonpath([target, parent]) == target:  # the link leads to its own folder or above it
+            return "symlink loop (folder not followed)"
+        return "symlinked folder not followed (name its target in sources)"
+    return "not a regular file"
+
+
+def _expand_source(source: str) -> tuple[list[str], str | None, dict[str, str]]:
+    """Return (absolute file paths, problem, {absolute path: problem} of entries that are not photos)
+    for one source: a folder, a file, or a glob pattern."""
     path = Path(source).expanduser()
+    entry_problems: dict[str, str] = {}
     if path.is_dir():
         files = []
-        for dirpath, dirnames, filenames in os.walk(path):
+        for dirpath, dirnames, filenames in os.walk(path):  # symlinked folders are listed, not entered
+            for name in dirnames:
+                full = os.path.join(dirpath, name)
+                if not name.startswith(".") and os.path.islink(full):
+                    entry_problems[os.path.abspath(full)] = _entry_problem(full)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if name.startswith("."):
                     continue
-                full = Path(dirpath) / name
-                if full.is_file():
+                full = os.path.join(dirpath, name)
+                problem = _entry_problem(full)
+                if problem is None:
                     files.append(os.path.abspath(full))
-        return sorted(files), None
+                else:
+                    entry_problems[os.path.abspath(full)] = problem
+        return sorted(files), None, entry_problems
     if path.is_file():
-        return [os.path.abspath(path)], None
+        return [os.path.abspath(path)], None, entry_problems
     if _GLOB_CHARS & set(source):
         matched = []
-        for hit in glob.glob(str(path), recursive=True):
-            hit_path = Path(hit)
-            if hit_path.is_file() and not hit_path.name.startswith("."):
-                matched.append(os.path.abspath(hit_path))
-        if not matched:
-            return [], "no files matched"
-        return sorted(matched), None
-    return [], "source not found"
+        for hit in expand_glob(str(path)):
+            if Path(hit).name.startswith("."):
+                continue
+            problem = _entry_problem(hit)
+            if problem is None:
+                matched.append(os.path.abspath(hit))
+            elif not os.path.isdir(hit) or os.path.islink(hit):  # plain folders matched by a glob are fine
+                entry_problems[os.path.abspath(hit)] = problem
+        if not matched and not entry_problems:
+            return [], "no files matched", entry_problems
+        return sorted(matched), None, entry_problems
+    if os.path.islink(path):
+        return [], _entry_problem(str(path)), entry_problems
+    return [], "source not found", entry_problems
 
 
 def _empty_row(source: str) -> dict:
@@ -203,19 +246,26 @@ def collect_photos(
 
     rows: list[dict] = []
     all_files: set[str] = set()
+    entry_problems: dict[str, str] = {}
     for source in sources:
         source = os.fspath(source)
-        files, problem = _expand_source(source)
+        files, problem, problems = _expand_source(source)
         if problem is not None:
             row = _empty_row(os.path.abspath(os.path.expanduser(source)))
             row["reason"] = problem
             rows.append(row)
         all_files.update(files)
+        entry_problems.update(problems)
 
     manifest_abs = os.path.abspath(manifest_path)
     items: list[dict] = []
-    for file_path in sorted(all_files):
+    for file_path in sorted(all_files | set(entry_problems)):
         if file_path == manifest_abs:
+            continue
+        if file_path in entry_problems and file_path not in all_files:
+            row = _empty_row(file_path)
+            row["reason"] = entry_problems[file_path]
+            items.append(row)
             continue
         urls = read_url_list(file_path)
         if urls is None:

@@ -26,6 +26,8 @@ def _thumbnail(path: str, tile: int):
     """An upright thumbnail of a photo, or None when it cannot be decoded."""
     from tifactory.imageio import open_upright
 
+    if not os.path.isfile(path):  # a folder, a broken link, a FIFO (opening one would block forever)
+        return None
     try:
         image, _ = open_upright(path, min_long_side=tile * 2, max_pixels=200_000_000)
     except Exception:  # noqa: BLE001 - the reason is already in the manifest
@@ -41,13 +43,25 @@ def _label(text: str, width_chars: int) -> list[str]:
     return lines
 
 
+def crop_thumbnail(crop, tile: int = _TILE):
+    """The contact sheet's tile of a crop (a PIL image), so the crop stage can hand it over in memory."""
+    thumb = crop.convert("RGB") if crop.mode != "RGB" else crop.copy()
+    thumb.thumbnail((tile, tile))
+    return thumb
+
+
 def make_contact_sheet(manifest, crops_dir: str | os.PathLike, out_path: str | os.PathLike, *,
-                       files: dict[str, str] | None = None, tile: int = _TILE) -> Path:
+                       files: dict[str, str] | None = None, tile: int = _TILE,
+                       thumbnails: dict[str, object] | None = None) -> Path:
     """Draw the crop manifest (a DataFrame) as one PNG: a "kept" grid of crops, then a "rejected" grid of
-    source thumbnails with the reason under each (at most 600 tiles; the rest are counted)."""
+    source thumbnails with the reason under each (at most 600 tiles; the rest are counted).
+
+    `thumbnails`: output name -> tile image of kept crops already in memory (others are read from
+    crops_dir)."""
     from PIL import Image, ImageDraw
 
     files = files or {}
+    thumbnails = thumbnails or {}
     records = manifest.to_dict("records")
     kept = [r for r in records if r["status"] == "kept"]
     rejected = [r for r in records if r["status"] != "kept"]
@@ -73,13 +87,13 @@ def make_contact_sheet(manifest, crops_dir: str | os.PathLike, out_path: str | o
             cx = _GAP + (i % columns) * cell_w
             cy = y + (i // columns) * cell_h
             if is_kept:
-                thumb = None
-                try:
-                    with Image.open(Path(crops_dir) / str(record["output"])) as crop:
-                        thumb = crop.convert("RGB")
-                        thumb.thumbnail((tile, tile))
-                except Exception:  # noqa: BLE001
-                    thumb = None
+                thumb = thumbnails.get(str(record["output"]))
+                if thumb is None or max(thumb.size) != tile:
+                    try:
+                        with Image.open(Path(crops_dir) / str(record["output"])) as crop:
+                            thumb = crop_thumbnail(crop, tile)
+                    except Exception:  # noqa: BLE001
+                        thumb = None
                 text = str(record["output"])
                 if record.get("reason"):
                     text += " " + str(record["reason"])
@@ -103,5 +117,5 @@ def make_contact_sheet(manifest, crops_dir: str | os.PathLike, out_path: str | o
         draw.text((_GAP, y + 4), f"... and {hidden} more (see manifest.tsv)", fill=(255, 255, 255), font=font)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp_path:
-        sheet.save(tmp_path, format="PNG", compress_level=3)
+        sheet.save(tmp_path, format="PNG", compress_level=1)
     return out_path

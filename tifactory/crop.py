@@ -270,6 +270,42 @@ def robust_reference(embeddings, threshold: float, rounds: int = 3):
     return mean
 
 
+def reference_face_embeddings(sources, detector, recogniser, say=None) -> list:
+    """Embeddings of the largest face in each reference photo (`sources`: files, folders or globs).
+
+    Photos that cannot be read or show no face are skipped, and `say` (a log function) names them."""
+    import numpy as np
+
+    from tifactory.collect import _expand_source
+    from tifactory.imageio import open_upright
+
+    say = say or (lambda message: None)
+    files: list[str] = []
+    for source in sources:
+        found, problem, *_ = _expand_source(os.fspath(source))
+        if problem:
+            say(f"reference {source}: {problem}")
+        files.extend(f for f in found if f not in files)
+    embeddings = []
+    for path in files:
+        name = Path(path).name
+        try:
+            image, _ = open_upright(path, min_long_side=getattr(detector, "max_side", 640), max_pixels=200_000_000)
+            pixels = np.asarray(image)
+            faces = detector.detect(pixels)
+            if not faces:
+                say(f"reference {name}: no face, not used")
+                continue
+            embeddings.append(np.asarray(recogniser.embed(pixels, faces[0]), dtype=np.float64))
+        except Exception as exc:  # noqa: BLE001 - a bad reference photo is reported, not fatal
+            say(f"reference {name}: not used ({_short_error(exc)})")
+            continue
+        if len(faces) > 1:
+            say(f"reference {name}: {len(faces)} faces, the largest is used")
+    say(f"identity: {len(embeddings)} of {len(files)} reference photo(s) usable")
+    return embeddings
+
+
 def crop_faces(
     raw_manifest_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -291,7 +327,7 @@ def crop_faces(
     max_shift: float = 0.2,
     max_pad_share: float = 0.15,
     max_face_share: float = 0.7,
-    max_face_outside: float = 0.15,
+    max_face_outside: float = 0.05,
     max_upscale: float = 2.5,
     upscale_policy: str = "reject",
     min_sharpness: float = 0.0,
@@ -299,6 +335,7 @@ def crop_faces(
     workers: int = 1,
     recogniser=None,
     reference_embeddings=None,
+    reference_photos=None,
     log=None,
 ):
     """Crop the subject's face from every kept raw photo; write PNGs + the crop manifest TSV atomically.
@@ -315,6 +352,9 @@ def crop_faces(
     `contact_sheet.png` in out_dir shows every decision. PNGs in out_dir that look like crops
     (`NNN_name.png`) but are not in the new manifest are removed.
     `detector`: auto | yunet | insightface | haar (see tifactory.detect.make_detector).
+    `reference_photos`: photos of the subject (files, folders or globs; the roster's `reference`
+    column): with a recogniser, the reference is the mean embedding of their largest faces (plus any
+    `reference_embeddings`); without one they are not used and the log says so.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -383,6 +423,15 @@ def crop_faces(
         say(notes[0])
     if recogniser is None and jobs:
         recogniser = getattr(get_detector(), "recogniser", None)
+    if isinstance(reference_photos, (str, os.PathLike)):
+        reference_photos = [reference_photos]
+    reference_photos = [os.fspath(p) for p in reference_photos or []]
+    if jobs and recogniser is None:
+        say("identity filter: off (no face recogniser: it needs an insightface pack with a recognition "
+            "model, see the detector line above)" + ("; reference photos not used" if reference_photos else ""))
+    elif jobs and reference_photos:
+        found = reference_face_embeddings(reference_photos, get_detector(), recogniser, say)
+        reference_embeddings = [*(reference_embeddings if reference_embeddings is not None else []), *found]
 
     def detect_one(job):
         """Pass 1: decode small, detect, choose the subject's face; return the plan or None (rejected)."""
@@ -433,10 +482,18 @@ def crop_faces(
             except Exception as exc:  # noqa: BLE001
                 row["reason"] = f"recognition failed: {_short_error(exc)}"
                 return None
-        return {"index": index, "row": row, "file": file_path, "face": subject, "size": (info.width, info.height),
+        plan = {"index": index, "row": row, "file": file_path, "face": subject, "size": (info.width, info.height),
                 "embedding": embedding}
+        if fused:
+            plan["decoded"] = (image, info)  # framed right away: the decode may serve the crop too
+        return plan
 
-    plans = [plan for plan in run(detect_one, jobs) if plan is not None]
+    fused = recogniser is None  # no identity step between detection and framing: one pass per photo
+    thumbnails: dict = {}
+    if fused:
+        plans = []
+    else:
+        plans = [plan for plan in run(detect_one, jobs) if plan is not None]
 
     if recogniser is not None and plans:
         if reference_embeddings is not None and len(reference_embeddings):
@@ -455,6 +512,11 @@ def crop_faces(
             else:
                 passed.append(plan)
         plans = passed
+
+    def detect_and_frame(job):
+        plan = detect_one(job)
+        if plan is not None:
+            frame_one(plan)
 
     def frame_one(plan):
         """Pass 2: frame, gate, decode just large enough, render and save."""
@@ -491,7 +553,12 @@ def crop_faces(
         long_side = max(width, height)
         need = None if upscale >= 1.0 else int(np.ceil(long_side * upscale))
         try:
-            image, info = open_upright(plan["file"], min_long_side=need)
+            decoded = plan.pop("decoded", None)
+            if decoded is not None and (max(decoded[0].size) >= need if need is not None
+                                        else decoded[1].scale_x == decoded[1].scale_y == 1.0):
+                image, info = decoded  # the detection decode is already large enough
+            else:
+                image, info = open_upright(plan["file"], min_long_side=need)
         except Exception as exc:  # noqa: BLE001
             row["reason"] = f"unreadable: {_short_error(exc)}"
             return
@@ -532,10 +599,18 @@ def crop_faces(
         target = out_dir / name
         assert target.parent == out_dir and _CROP_NAME.match(name), name
         with atomic_path(target) as tmp_path:
-            crop.save(tmp_path, format="PNG", compress_level=1)
+            # zlib Huffman-only: for photographic crops as small as level 1 and faster (no match search)
+            crop.save(tmp_path, format="PNG", compress_level=1, compress_type=2)
         row.update(status="kept", output=name, reason=flag)
+        if contact_sheet:
+            from tifactory.contact_sheet import crop_thumbnail
 
-    run(frame_one, plans)
+            thumbnails[name] = crop_thumbnail(crop)
+
+    if fused:
+        run(detect_and_frame, jobs)
+    else:
+        run(frame_one, plans)
 
     frame = pd.DataFrame(rows, columns=CROP_MANIFEST_COLUMNS)
     for column in _INT_COLUMNS:
@@ -554,5 +629,6 @@ def crop_faces(
         from tifactory.contact_sheet import make_contact_sheet
 
         make_contact_sheet(frame, out_dir, out_dir / "contact_sheet.png",
-                           files={str(r["source"]): str(r.get("file") or r["source"]) for r in raw.to_dict("records")})
+                           files={str(r["source"]): str(r.get("file") or r["source"]) for r in raw.to_dict("records")},
+                           thumbnails=thumbnails)
     return frame

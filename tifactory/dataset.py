@@ -54,11 +54,17 @@ def dataset_toml_text(*, image_dir: str, repeats: int, class_tokens: str, resolu
 
 
 def summarize_rejections(manifest: pd.DataFrame) -> str:
+    """`reason xN; ...` by reason category (as results/summary/crops.tsv counts them), most frequent first."""
+    from tifactory.summary import reason_category
+
     rejected = manifest[manifest["status"] == "rejected"]
     if rejected.empty:
         return "no photos at all"
-    counts = rejected["reason"].fillna("").str.split(":").str[0].value_counts()
-    return "; ".join(f"{reason} x{count}" for reason, count in counts.items())
+    counts: dict[str, int] = {}
+    for reason in rejected["reason"].fillna(""):
+        category = reason_category(reason)
+        counts[category] = counts.get(category, 0) + 1
+    return "; ".join(f"{reason} x{count}" for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def build_dataset(*, crops_manifest: str | os.PathLike, crops_dir: str | os.PathLike,

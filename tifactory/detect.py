@@ -109,16 +109,26 @@ class YuNetDetector:
             return []
 
         scale = min(1.0, self.max_side / float(max(height, width)))
-        bgr = np.ascontiguousarray(image[:, :, ::-1])
         if scale < 1.0:
             small_w = max(1, int(round(width * scale)))
             small_h = max(1, int(round(height * scale)))
-            bgr = cv2.resize(bgr, (small_w, small_h), interpolation=cv2.INTER_AREA)
+            # downscale first, then swap channels (on the small copy: cheaper)
+            small = cv2.resize(np.ascontiguousarray(image), (small_w, small_h), interpolation=cv2.INTER_AREA)
+            bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
             # map back with the exact per-axis factors actually used
             sx, sy = width / small_w, height / small_h
         else:
+            bgr = np.ascontiguousarray(image[:, :, ::-1])
             sx = sy = 1.0
 
+        real_h, real_w = bgr.shape[:2]
+        pad_h, pad_w = max(64, real_h + -real_h % 32), max(64, real_w + -real_w % 32)
+        if (pad_h, pad_w) != (real_h, real_w):
+            # YuNet pads its input with black to a multiple of 32 itself (so this changes nothing for
+            # normal sizes), but a 32 px thin input can give phantom faces from stale memory (opencv 4.x,
+            # multi-threaded): pad to >= 64 px here. Boxes keep the same pixel coordinates.
+            bgr = cv2.copyMakeBorder(bgr, 0, pad_h - real_h, 0, pad_w - real_w, cv2.BORDER_CONSTANT,
+                                     value=(0, 0, 0))
         self._net.setInputSize((bgr.shape[1], bgr.shape[0]))
         _, raw = self._net.detect(bgr)
         faces: list[Face] = []
@@ -129,7 +139,7 @@ class YuNetDetector:
                 # are not finite, empty, or entirely outside the image
                 if not all(math.isfinite(v) for v in vals[:15]) or vals[2] <= 0 or vals[3] <= 0:
                     continue
-                if vals[0] >= bgr.shape[1] or vals[1] >= bgr.shape[0]:
+                if vals[0] >= real_w or vals[1] >= real_h:
                     continue
                 if vals[0] + vals[2] <= 0 or vals[1] + vals[3] <= 0:
                     continue
@@ -227,6 +237,11 @@ class InsightFaceDetector(Detector):
         self.recogniser = None
         if recognition:
             model = model_zoo.get_model(str(recognition[0]), **options)
+        else:  # other names (antelopev2's glintr100.onnx): insightface's router tells a recogniser by shape
+            routed = (model_zoo.get_model(str(path), **options) for path in sorted(folder.glob("*.onnx"))
+                      if path != detection[0])
+            model = next((m for m in routed if getattr(m, "taskname", None) == "recognition"), None)
+        if model is not None:
             model.prepare(ctx_id=-1)
             self.recogniser = ArcFaceRecogniser(model)
 

@@ -60,10 +60,16 @@ def cache_path(cache_dir: str | os.PathLike, url: str) -> Path:
     return Path(cache_dir) / f"{hashlib.sha256(url.encode('utf-8')).hexdigest()}.bin"
 
 
+class _Permanent(Exception):
+    """A failure that retrying cannot fix (4xx, too large, a refused redirect)."""
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise urllib.error.HTTPError(newurl, code, "redirect to a non-http(s) URL refused", headers, fp)
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            fp.close()
+            raise _Permanent(f"HTTP {code} redirect to a {scheme or 'relative'}: URL refused (http/https only)")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -71,15 +77,20 @@ def _opener():
     return urllib.request.build_opener(_HttpOnlyRedirects())
 
 
-class _Permanent(Exception):
-    """A failure that retrying cannot fix (4xx, too large)."""
-
-
 def _download(url: str, target: Path, *, max_bytes: int, timeout_s: float) -> None:
+    """One attempt. `timeout_s` bounds every socket wait and the whole attempt: a server that drips a
+    byte now and then never trips a socket timeout, so the attempt's own clock stops it."""
+    deadline = time.monotonic() + timeout_s
     request = urllib.request.Request(url, headers={"User-Agent": "tifactory/collect"})
     try:
         response = _opener().open(request, timeout=timeout_s)
     except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:  # a redirect urllib refused itself (data:, a loop): retrying cannot help
+            scheme = urllib.parse.urlsplit(error.url or "").scheme.lower()
+            if scheme in ("http", "https"):
+                raise _Permanent(f"HTTP {error.code}: {' '.join(str(error.msg).split())[:80]}") from None
+            raise _Permanent(f"HTTP {error.code} redirect to a {scheme or 'relative'}: URL refused "
+                             "(http/https only)") from None
         if 400 <= error.code < 500:
             raise _Permanent(f"HTTP {error.code}") from None
         raise
@@ -90,10 +101,12 @@ def _download(url: str, target: Path, *, max_bytes: int, timeout_s: float) -> No
         with atomic_path(target) as tmp_path:
             total = 0
             with open(tmp_path, "wb") as handle:
-                while chunk := response.read(1 << 16):
+                while chunk := response.read1(1 << 16):  # what has arrived, not a full 64 KiB
                     total += len(chunk)
                     if total > max_bytes:
                         raise _Permanent(f"too large (> {max_bytes} bytes)")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"download took longer than {timeout_s:g} s")
                     handle.write(chunk)
 
 

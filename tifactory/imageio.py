@@ -53,12 +53,22 @@ def _is_srgb_profile(icc: bytes) -> bool:
 
 
 def _apply_icc(image, icc: bytes, notes: list[str]):
+    """Convert `image` from its embedded profile to sRGB RGB. Modes the profile cannot take directly
+    (RGBA, palette, 16-bit, grey+alpha) are first brought to RGB (or L for a grey profile), alpha
+    flattened on white."""
     from PIL import ImageCms
 
-    if image.mode not in ("RGB", "CMYK", "L") or _is_srgb_profile(icc):
+    if _is_srgb_profile(icc):
         return image
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = source.profile.xcolor_space.strip()
+        if space == "RGB" and image.mode != "RGB":
+            image = _to_rgb(image, notes)
+        elif space == "GRAY" and image.mode != "L":
+            image = _to_rgb(image, notes).convert("L")
+        elif space == "CMYK" and image.mode != "CMYK":
+            raise ValueError(f"CMYK profile on a {image.mode} image")
         converted = ImageCms.profileToProfile(image, source, _srgb_profile(), outputMode="RGB")
     except Exception:  # noqa: BLE001 - a broken profile: convert without it, and say so
         notes.append("icc-unusable")

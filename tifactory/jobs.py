@@ -11,6 +11,8 @@ import time
 import traceback
 from typing import Callable
 
+from tifactory.provenance import sidecar_path, write_job_provenance
+
 # Errors that mean "the input or the config is wrong": the job fails with the message, no traceback.
 USER_ERROR_NAMES = {"RosterError", "DatasetError", "TrainingError", "ModelLoadError", "CollectError",
                     "CropError", "PromptError", "FileNotFoundError", "GpuSlotError"}
@@ -50,6 +52,7 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
 
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
     log(f"job {smk.rule} {wildcards}")
+    sidecar_path(log_path).unlink(missing_ok=True)  # a failed rerun must not leave the old record behind
     try:
         gpu_claim = claim_job_gpu(smk, log)  # noqa: F841 - held (flock) until this process ends
         main(smk, log)
@@ -62,4 +65,8 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
         log(message)
         print(message, file=sys.__stderr__, flush=True)
         sys.exit(1)
+    try:  # the outputs are complete: a provenance problem is reported, it does not fail them
+        log(f"provenance: {write_job_provenance(smk)}")
+    except Exception as error:  # noqa: BLE001
+        log(f"WARNING: no provenance record written: {type(error).__name__}: {error}")
     log("done")

@@ -172,8 +172,11 @@ class InsightfaceRecogniser:
         from insightface.app import FaceAnalysis
 
         self.name = f"insightface:{folder.name}"
-        self.app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"],
-                                providers=["CPUExecutionProvider"])
+        try:
+            self.app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"],
+                                    providers=["CPUExecutionProvider"])
+        except (AssertionError, KeyError) as error:  # insightface asserts (bare) that a detector was found
+            raise FileNotFoundError(f"insightface model pack {folder} has no detection model") from error
         if "recognition" not in self.app.models:
             raise FileNotFoundError(f"insightface model pack {folder} has no recognition model")
         self.app.prepare(ctx_id=-1, det_size=(det_size, det_size))

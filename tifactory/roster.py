@@ -50,6 +50,18 @@ def read_roster(path: str | os.PathLike) -> list[dict[str, Any]]:
     Raises RosterError listing every bad row as `row N (subject 'x'), column 'c': problem`.
     Row numbers count the header as row 1, as a spreadsheet shows them.
     """
+    subjects, problems = read_roster_rows(path)
+    if problems:
+        raise RosterError(f"roster {path}:\n  " + "\n  ".join(problems))
+    if not subjects:
+        raise RosterError(f"roster {path}: no subjects")
+    return subjects
+
+
+def read_roster_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """(good rows, one message per bad row): a bad row does not stop the good ones (the workflow fails
+    its `roster_check` job with the messages, so `--keep-going` still finishes every good subject).
+    A missing or empty file raises RosterError. Of duplicate subjects the first row is kept."""
     import jsonschema
 
     path = Path(path)
@@ -70,6 +82,7 @@ def read_roster(path: str | os.PathLike) -> list[dict[str, Any]]:
         if len(cells) > len(header):
             problems.append(f"row {row_number}: {len(cells)} cells but the header has {len(header)} columns")
             continue
+        problems_before = len(problems)
         record = {}
         for column, cell in zip(header, cells):
             cell = cell.strip()
@@ -92,12 +105,15 @@ def read_roster(path: str | os.PathLike) -> list[dict[str, Any]]:
                 problems.append(f"{label}, column 'subject': duplicate of row {seen[subject]}")
             else:
                 seen[subject] = row_number
-        subjects.append(record)
-    if problems:
-        raise RosterError(f"roster {path}:\n  " + "\n  ".join(problems))
-    if not subjects:
-        raise RosterError(f"roster {path}: no subjects")
-    return subjects
+        if len(problems) == problems_before:
+            subjects.append(record)
+    return subjects, problems
+
+
+def subject_regex() -> str:
+    """The roster schema's subject pattern, unanchored: the Snakefile's `subject` wildcard constraint."""
+    pattern = _load_schema("roster.schema.yaml")["properties"]["subject"]["pattern"]
+    return pattern.removeprefix("^").removesuffix("$")
 
 
 def split_sources(sources: str) -> list[str]:
@@ -108,22 +124,43 @@ def is_glob(pattern: str) -> bool:
     return any(char in pattern for char in "*?[")
 
 
+def expand_glob(pattern: str) -> list[str]:
+    """Paths matching a glob pattern (`**` = any depth), hidden entries skipped, sorted.
+
+    Unlike glob.glob(recursive=True), `**` never descends into symlinked folders: with a symlink loop
+    (`photos/loop -> .`) glob.glob walks loop/loop/loop/... and, with two loops, effectively forever.
+    """
+    parts = Path(pattern).parts
+    first_magic = next((i for i, part in enumerate(parts) if is_glob(part)), len(parts))
+    if "**" not in parts[first_magic:]:
+        return sorted(glob.glob(pattern))  # no recursion: nothing to loop over
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    relative = list(parts[first_magic:]) + (["*"] if parts[-1] == "**" else [])  # `a/**`: everything below a
+    try:  # pathlib's `**` does not follow symlinks (Python 3.11-3.13 default)
+        hits = list(root.glob("/".join(relative)))
+    except ValueError:  # e.g. "a**b": glob.glob reads it as a plain wildcard, without recursion
+        return sorted(glob.glob(pattern))
+    return sorted(str(hit) for hit in hits
+                  if not any(part.startswith(".") for part in hit.relative_to(root).parts))
+
+
 def list_source_files(sources: str) -> list[str]:
     """Every existing file the sources name (folders recursively, globs expanded), sorted.
 
     Missing folders and empty globs contribute nothing here; the collect stage reports them as rows.
-    Hidden files and folders are skipped; symlink loops are not followed.
+    Hidden files and folders are skipped; symlinked folders are not entered (so symlink loops end).
     """
     files: set[str] = set()
     for source in split_sources(sources):
         if os.path.isdir(source):  # an existing folder wins, even with glob characters in its name
             for root, dirnames, filenames in os.walk(source):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files.update(os.path.join(root, f) for f in filenames if not f.startswith("."))
+                files.update(path for path in (os.path.join(root, f) for f in filenames if not f.startswith("."))
+                             if os.path.isfile(path))  # not broken symlinks, FIFOs...: collect reports them
         elif os.path.isfile(source):
             files.add(source)
         elif is_glob(source):
-            files.update(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+            files.update(p for p in expand_glob(source) if os.path.isfile(p))
     return sorted(files)
 
 

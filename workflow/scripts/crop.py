@@ -7,7 +7,7 @@ from tifactory.jobs import run_job
 def main(smk, log):
     out_dir = Path(smk.output[0])
     manifest = crop_faces(smk.input[0], out_dir, out_dir / "manifest.tsv", workers=smk.threads, log=log,
-                          **smk.params.crop)
+                          reference_photos=list(smk.params.reference), **smk.params.crop)
     counts = manifest["status"].value_counts().to_dict()
     log(f"cropped: {counts}; contact sheet: {out_dir / 'contact_sheet.png'}")
     for row in manifest[manifest["status"] == "rejected"].itertuples():
