@@ -38,3 +38,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tifactory.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def astronaut():
+    """scikit-image's astronaut.png as RGB (tests must not modify it)."""
+    from photos import package_photo
+
+    return package_photo("skimage", "data/astronaut.png")

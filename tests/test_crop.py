@@ -12,18 +12,8 @@ from PIL import Image
 
 from tifactory.collect import collect_photos
 from tifactory.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_faces, crop_file_name
-from tifactory.demo import _package_file
 from tifactory.detect import Face, YuNetDetector
-
-
-def _load(package: str, relative: str) -> Image.Image:
-    with Image.open(_package_file(package, relative)) as image:
-        return image.convert("RGB")
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    return _load("skimage", "data/astronaut.png")
+from photos import package_photo
 
 
 def _run(tmp_path: Path, photos: Path, **crop_kwargs) -> pd.DataFrame:
@@ -59,7 +49,7 @@ def test_detector_on_astronaut_and_group(astronaut):
     assert big_face.x == pytest.approx(face.x * 4, abs=12)
     assert big_face.w == pytest.approx(face.w * 4, abs=16)
 
-    group = detector.detect(np.asarray(_load("insightface", "data/images/t1.jpg")))
+    group = detector.detect(np.asarray(package_photo("insightface", "data/images/t1.jpg")))
     assert len(group) == 6
     assert [f.area for f in group] == sorted((f.area for f in group), reverse=True)
 
@@ -127,7 +117,7 @@ def test_off_centre_face_is_shifted_not_cut(tmp_path, astronaut):
 def test_small_image_tighten_pad_or_reject(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    hanks = _load("insightface", "data/images/Tom_Hanks_54745.png")  # 112 px, face fills it
+    hanks = package_photo("insightface", "data/images/Tom_Hanks_54745.png")  # 112 px, face fills it
     hanks.save(photos / "hanks.png")
     # the aligned face fills the photo: its box reaches past the border (forehead and chin are cut)
     row = _run(tmp_path, photos).iloc[0]
@@ -157,8 +147,8 @@ def test_rejects_no_face_ambiguous_too_small_and_carries_collect_rejects(tmp_pat
     photos = tmp_path / "photos"
     photos.mkdir()
     astronaut.crop((0, 330, 512, 512)).save(photos / "a_suit.png")
-    _load("skimage", "data/coffee.png").save(photos / "b_coffee.png")
-    _load("insightface", "data/images/t1.jpg").save(photos / "c_group.jpg", quality=95)
+    package_photo("skimage", "data/coffee.png").save(photos / "b_coffee.png")
+    package_photo("insightface", "data/images/t1.jpg").save(photos / "c_group.jpg", quality=95)
     astronaut.resize((150, 150), Image.Resampling.LANCZOS).save(photos / "d_far.png")
     (photos / "e_broken.jpg").write_text("not an image", encoding="utf-8")
 

@@ -14,8 +14,8 @@ from PIL import Image, ImageFilter
 
 from tifactory.collect import collect_photos
 from tifactory.crop import crop_faces
-from tifactory.demo import _package_file
 from tifactory.detect import YuNetDetector
+from photos import package_photo
 
 # Tom_Hanks_54745.png is a 112x112 ArcFace-aligned face: its five landmarks sit at insightface's
 # template (eyes, nose, mouth corners), independent of any detector
@@ -28,21 +28,16 @@ PERSON_BOX = (390, 200, 740, 650)  # one person of t1.jpg (the demo's t1person)
 PERSON_FACE = (74.5, 67.0, 106.0, 145.5)
 
 
-def _load(package: str, relative: str) -> Image.Image:
-    with Image.open(_package_file(package, relative)) as image:
-        return image.convert("RGB")
-
-
 @pytest.fixture(scope="module")
 def tiles() -> dict:
-    t1 = _load("insightface", "data/images/t1.jpg")
-    return {"hanks": (_load("insightface", "data/images/Tom_Hanks_54745.png"), HANKS_FACE),
+    t1 = package_photo("insightface", "data/images/t1.jpg")
+    return {"hanks": (package_photo("insightface", "data/images/Tom_Hanks_54745.png"), HANKS_FACE),
             "person": (t1.crop(PERSON_BOX), PERSON_FACE), "t1": t1}
 
 
 @pytest.fixture(scope="module")
 def background() -> Image.Image:
-    coffee = _load("skimage", "data/coffee.png")  # a real photo without a face
+    coffee = package_photo("skimage", "data/coffee.png")  # a real photo without a face
     return coffee.resize((1600, 1200), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
 
 

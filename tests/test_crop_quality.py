@@ -14,26 +14,16 @@ from PIL import Image, ImageFilter
 
 from tifactory.collect import collect_photos
 from tifactory.crop import crop_faces, eye_angle, face_sharpness, render_crop
-from tifactory.demo import _package_file
 from tifactory.detect import HaarDetector, YuNetDetector, insightface_status, make_detector
 from tifactory.summary import summarize_crops
+from photos import package_photo
 
 FACE = (178, 63, 90, 113)  # YuNet's box of the astronaut's face in astronaut.png (checked below)
 
 
-def _load(package: str, relative: str) -> Image.Image:
-    with Image.open(_package_file(package, relative)) as image:
-        return image.convert("RGB")
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    return _load("skimage", "data/astronaut.png")
-
-
 @pytest.fixture(scope="module")
 def background() -> Image.Image:
-    coffee = _load("skimage", "data/coffee.png")  # a real photo without a face
+    coffee = package_photo("skimage", "data/coffee.png")  # a real photo without a face
     return coffee.resize((1800, 1300), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
 
 
@@ -161,13 +151,19 @@ class HistogramStandIn:
         return histogram / np.linalg.norm(histogram)
 
 
-def test_identity_filter_with_stand_in_recogniser(tmp_path, astronaut, background):
-    photos = tmp_path / "photos"
+def _three_astronauts_and_a_person(photos, astronaut, background, person_name: str) -> Image.Image:
+    """photos/astronaut_{0,1,2}.jpg (placed, scaled) and photos/<person_name> (one person of t1.jpg)."""
     photos.mkdir()
     for i, (scale, x, y) in enumerate([(1.2, 100, 100), (1.5, 700, 200), (1.8, 300, 150)]):
         _place(background, astronaut, scale, x, y)[0].save(photos / f"astronaut_{i}.jpg", quality=92)
-    t1 = _load("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650))
-    t1.resize((700, 900), Image.Resampling.LANCZOS).save(photos / "someone_else.jpg", quality=92)
+    person = package_photo("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650))
+    person.resize((700, 900), Image.Resampling.LANCZOS).save(photos / person_name, quality=92)
+    return person
+
+
+def test_identity_filter_with_stand_in_recogniser(tmp_path, astronaut, background):
+    photos = tmp_path / "photos"
+    _three_astronauts_and_a_person(photos, astronaut, background, "someone_else.jpg")
     collect_photos([str(photos)], tmp_path / "raw.tsv")
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv",
                        recogniser=HistogramStandIn(), identity_threshold=0.8)
@@ -199,11 +195,7 @@ def test_reference_photos_decide_who_the_subject_is(tmp_path, astronaut, backgro
     """Three photos of one person, one of another: the robust mean keeps the majority; reference photos
     of the other person (the roster's `reference` column) make her the subject instead."""
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, (scale, x, y) in enumerate([(1.2, 100, 100), (1.5, 700, 200), (1.8, 300, 150)]):
-        _place(background, astronaut, scale, x, y)[0].save(photos / f"astronaut_{i}.jpg", quality=92)
-    person = _load("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650))
-    person.resize((700, 900), Image.Resampling.LANCZOS).save(photos / "person.jpg", quality=92)
+    person = _three_astronauts_and_a_person(photos, astronaut, background, "person.jpg")
     reference = tmp_path / "reference"
     reference.mkdir()
     person.resize((525, 675), Image.Resampling.LANCZOS).save(reference / "person_ref.jpg", quality=92)
@@ -268,9 +260,9 @@ def test_mixed_bag_manifest_contact_sheet_and_summary(tmp_path, astronaut, backg
     good.save(photos / "a_good.jpg", quality=92)
     _save_with_orientation(_place(background, astronaut, 1.2, 200, 400)[0], photos / "b_rotated.jpg", 6)
     background.save(photos / "c_noface.jpg", quality=92)
-    _load("insightface", "data/images/t1.jpg").save(photos / "d_group.jpg", quality=92)
+    package_photo("insightface", "data/images/t1.jpg").save(photos / "d_group.jpg", quality=92)
     two, _, _ = _place(background, astronaut, 1.2, 150, 350)
-    two.paste(_load("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650)), (1150, 300))
+    two.paste(package_photo("insightface", "data/images/t1.jpg").crop((390, 200, 740, 650)), (1150, 300))
     two.save(photos / "d_two_faces.jpg", quality=92)
     astronaut.resize((150, 150), Image.Resampling.LANCZOS).save(photos / "e_tiny_face.jpg", quality=92)
     (photos / "f_duplicate.jpg").write_bytes((photos / "a_good.jpg").read_bytes())
