@@ -117,6 +117,42 @@ def run_variant(variant: str, args) -> dict:
     return stats
 
 
+KERNEL_FAMILIES = [  # (family, substrings of CUDA kernel names), first match wins
+    ("attention (flash / efficient)", ("flash", "fmha", "attention", "attn")),
+    ("matmul / linear (GEMM)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
+    ("convolution", ("conv", "implicit", "wgrad", "dgrad", "fprop")),
+    ("group / layer norm", ("norm", "welford")),
+    ("element-wise, reductions, copies", ("elementwise", "vectorized", "reduce", "copy", "triton", "fill",
+                                          "index", "cat", "softmax", "gelu", "silu")),
+]
+
+
+def profile_variant(variant: str, args) -> None:
+    """Run one variant under torch.profiler; write CUDA kernel time by family and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        stats = run_variant(variant, args)
+    kernels = [event for event in prof.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(event.self_device_time_total for event in kernels) or 1.0
+    families: dict[str, float] = {}
+    for event in kernels:
+        name = event.key.lower()
+        family = next((label for label, needles in KERNEL_FAMILIES if any(n in name for n in needles)), "other")
+        families[family] = families.get(family, 0.0) + event.self_device_time_total
+    lines = [f"variant {variant}, {args.steps} steps; CUDA kernel time {total / 1e6:.2f} s in all "
+             f"(includes latent caching); run stats {json.dumps(stats)}", "", "share  seconds  family"]
+    for family, micros in sorted(families.items(), key=lambda item: -item[1]):
+        lines.append(f"{100 * micros / total:5.1f}%  {micros / 1e6:7.2f}  {family}")
+    lines += ["", "share  seconds   calls  kernel"]
+    for event in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]:
+        lines.append(f"{100 * event.self_device_time_total / total:5.1f}%  {event.self_device_time_total / 1e6:7.2f}"
+                     f"  {event.count:6d}  {event.key[:140]}")
+    Path(args.profile_out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines[:40]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -127,8 +163,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny test model (CPU smoke test)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant in this process
     parser.add_argument("--json-out", help="append each variant's JSON line to this file")
+    parser.add_argument("--profile-out", help="profile the first variant's run with torch.profiler and write "
+                                              "its CUDA time by kernel family and top kernels here (no timing)")
     args = parser.parse_args()
 
+    if args.profile_out:
+        profile_variant(args.variants.split(",")[0], args)
+        return
     if args.one:
         print("RESULT " + json.dumps(run_variant(args.one, args)), flush=True)
         return
