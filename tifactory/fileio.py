@@ -63,11 +63,43 @@ def write_tsv_atomic(final_path: str | os.PathLike, frame) -> None:
         frame.to_csv(tmp_path, sep="\t", index=False, na_rep="")
 
 
+# Files this large (model weights) have their hash cached: every train/samples job of a roster hashes the
+# same multi-GB base model (fingerprint + provenance), ~1 s per GB each time without the cache.
+HASH_CACHE_MIN_BYTES = 64 << 20
+HASH_CACHE_ENV = "TIFACTORY_HASH_CACHE"
+
+
+def hash_cache_dir() -> Path:
+    """Where big files' hashes are cached: $TIFACTORY_HASH_CACHE, else ~/.cache/tifactory/sha256."""
+    return Path(os.environ.get(HASH_CACHE_ENV) or Path.home() / ".cache" / "tifactory" / "sha256")
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex of a file's bytes. For big files the result is cached, keyed by the file's absolute
+    path, size, mtime (ns) and inode: a changed or replaced file is hashed again."""
+    import json
+
+    stat = os.stat(path)
+    key = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cache_file = None
+    if stat.st_size >= HASH_CACHE_MIN_BYTES:
+        cache_file = hash_cache_dir() / f"{hashlib.sha256(key[0].encode()).hexdigest()}.json"
+        try:
+            cached = json.loads(cache_file.read_text(encoding="utf-8"))
+            if cached.get("key") == key:
+                return cached["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass  # no usable cache entry: hash the file
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache_file, json.dumps({"key": key, "sha256": digest.hexdigest()}))
+        except OSError:
+            pass  # a read-only home only costs the next job another hash
     return digest.hexdigest()
 
 

@@ -1,0 +1,45 @@
+"""tifactory.fileio: the big-file hash cache (atomic writes are covered by tests/test_faults.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from tifactory import fileio
+
+
+def test_big_file_hashes_are_cached_and_invalidated(tmp_path, monkeypatch):
+    monkeypatch.setenv(fileio.HASH_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(fileio, "HASH_CACHE_MIN_BYTES", 1000)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w" * 4000)
+    true_hash = hashlib.sha256(b"w" * 4000).hexdigest()
+    assert fileio.sha256_file(weights) == true_hash
+    [entry] = list((tmp_path / "cache").iterdir())
+    # a cache hit is served without reading the file: plant a marker value under the same key
+    record = json.loads(entry.read_text())
+    entry.write_text(json.dumps(dict(record, sha256="from-cache")))
+    assert fileio.sha256_file(weights) == "from-cache"
+    # the file changes (size and mtime): hashed again, the cache entry replaced
+    weights.write_bytes(b"v" * 5000)
+    assert fileio.sha256_file(weights) == hashlib.sha256(b"v" * 5000).hexdigest()
+    assert json.loads(entry.read_text())["sha256"] == hashlib.sha256(b"v" * 5000).hexdigest()
+    # same size, new mtime: hashed again too
+    entry.write_text(json.dumps(dict(json.loads(entry.read_text()), sha256="stale")))
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert fileio.sha256_file(weights) == hashlib.sha256(b"v" * 5000).hexdigest()
+
+
+def test_small_files_and_unwritable_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(fileio.HASH_CACHE_ENV, str(tmp_path / "cache"))
+    small = tmp_path / "crop.png"
+    small.write_bytes(b"x" * 10)
+    assert fileio.sha256_file(small) == hashlib.sha256(b"x" * 10).hexdigest()
+    assert not (tmp_path / "cache").exists()  # small files are never cached
+    monkeypatch.setattr(fileio, "HASH_CACHE_MIN_BYTES", 1)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv(fileio.HASH_CACHE_ENV, str(blocker / "cache"))  # cannot be created
+    assert fileio.sha256_file(small) == hashlib.sha256(b"x" * 10).hexdigest()
