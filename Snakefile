@@ -33,6 +33,17 @@ include: "rules/samples.smk"
 include: "rules/report.smk"
 
 
+# small roster-wide and per-subject bookkeeping jobs run on the submitting host under a cluster executor
+# (each would otherwise be a queued job that re-parses the Snakefile)
+localrules:
+    all,
+    roster_check,
+    crop_summary,
+    roster_overview,
+    best_embedding,
+    loss_plot,
+
+
 rule all:
     input:
         all_targets(),

@@ -5,7 +5,8 @@ rule collect:
         "results/{subject}/raw/manifest.tsv",
     params:
         sources=lambda wildcards: split_sources(ROSTER[wildcards.subject]["sources"]),
-        collect=config["collect"],
+        collect=collect_params(),
+        network_keys=COLLECT_NETWORK_KEYS,
     threads: 2
     conda:
         "../envs/tifactory.yaml"

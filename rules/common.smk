@@ -1,5 +1,6 @@
 # Roster, input functions and wildcard constraints shared by every rule. Parse time stays cheap:
 # nothing here imports torch or image libraries.
+import copy
 import functools
 import os
 import sys
@@ -104,7 +105,7 @@ def _train_params(subject):
 
 
 def subject_train_params(wildcards):
-    return _train_params(wildcards.subject)
+    return copy.deepcopy(_train_params(wildcards.subject))  # each rule gets its own copy
 
 
 def subject_repeats(wildcards):
@@ -136,3 +137,13 @@ def crop_reference_photos(wildcards):
 def crop_reference_files(wildcards):
     """Every file the `reference` entries name (so replacing a reference photo reruns the crop)."""
     return list_source_files(ROSTER[wildcards.subject].get("reference", ""))
+
+
+# collect settings that change what a run keeps (params: changing them reruns collect); the network ones
+# (cache folder, timeout, retries, backoff, size cap) only decide how files are fetched, so the script
+# reads them from the config and changing them reruns nothing
+COLLECT_NETWORK_KEYS = ("url_cache", "max_download_mb", "timeout_s", "retries", "backoff_s")
+
+
+def collect_params():
+    return {key: value for key, value in config["collect"].items() if key not in COLLECT_NETWORK_KEYS}

@@ -137,6 +137,22 @@ def test_device_list_sources(monkeypatch):
     assert visible_devices({}) == []
 
 
+def test_user_listed_devices_are_the_pool_and_slurm_settings_are_kept(tmp_path):
+    """CUDA_VISIBLE_DEVICES=2,5 set by the user: the jobs share out 2 and 5, one each (not both on the
+    first); inside a SLURM job the scheduler's list is kept as it is."""
+    first_env = {"CUDA_VISIBLE_DEVICES": "2,5", "TIFACTORY_GPU_LOCK_DIR": str(tmp_path)}
+    second_env = dict(first_env)
+    first, second = claim_gpu(lambda m: None, first_env), claim_gpu(lambda m: None, second_env)
+    try:
+        assert (first.device, second.device) == ("2", "5")
+        assert (first_env["CUDA_VISIBLE_DEVICES"], second_env["CUDA_VISIBLE_DEVICES"]) == ("2", "5")
+    finally:
+        first.release()
+        second.release()
+    slurm_env = {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": "7", "TIFACTORY_GPU_LOCK_DIR": str(tmp_path)}
+    assert claim_gpu(lambda m: None, slurm_env).device == "0,1" and slurm_env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
 def test_declared_gpus_reads_rule_resources():
     assert declared_gpus(SimpleNamespace(resources=SimpleNamespace(gpu=1, _cores=1))) == 1
     assert declared_gpus(SimpleNamespace(resources=SimpleNamespace(_cores=1))) == 0

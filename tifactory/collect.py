@@ -168,10 +168,15 @@ def _examine(row: dict, file_path: str, *, min_side_px: int, max_pixels: int) ->
 
 
 def _full_pixel_hash(row: dict) -> str:
-    if not row["pixel_sha256"]:
-        with load_upright_rgb(row["file"]) as image:
-            row["pixel_sha256"] = pixel_sha256(image)
-    return row["pixel_sha256"]
+    """The decoded pixels' hash ("" when the full decode fails: the row is then rejected as undecodable
+    and compares equal to nothing)."""
+    if not row["pixel_sha256"] and not row.get("full_decode_error"):
+        try:
+            with load_upright_rgb(row["file"]) as image:
+                row["pixel_sha256"] = pixel_sha256(image)
+        except Exception as error:  # noqa: BLE001 - changed or truncated since the first decode
+            row["full_decode_error"] = f"undecodable: {type(error).__name__}: {error}"
+    return row["pixel_sha256"] or f"<undecodable {row['file']}>"
 
 
 def _deduplicate(candidates: list[tuple[dict, int, int]], near_duplicate_distance: int) -> None:
@@ -204,6 +209,10 @@ def _deduplicate(candidates: list[tuple[dict, int, int]], near_duplicate_distanc
         else:
             row["status"] = "kept"
             kept.append((row, phash))
+    for row, _phash, _pixels in candidates:
+        error = row.pop("full_decode_error", "")
+        if error:
+            row["status"], row["reason"] = "rejected", error
 
 
 def collect_photos(

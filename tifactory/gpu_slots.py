@@ -6,7 +6,8 @@ it takes the first free device (an exclusive `fcntl.flock` on `<lock dir>/gpu-<i
 life of the process and released by the kernel when the process ends, even by `kill -9`) and sets
 `CUDA_VISIBLE_DEVICES` to it, so the job sees exactly one GPU as `cuda:0`.
 
-- `CUDA_VISIBLE_DEVICES` already set (SLURM sets it for `--gpus`, or the user pinned a device): kept as is.
+- `CUDA_VISIBLE_DEVICES` already set to one device, or inside a SLURM job (which sets it for `--gpus`): kept
+  as is. Set by the user to several devices (`0,1`): those are the pool the jobs share out, one each.
 - The device list comes from `TIFACTORY_GPUS` (e.g. `0,1,2,3`; for tests and simulation) or else from
   `nvidia-smi -L`; no torch import. No device found: nothing to assign (CPU runs).
 - Lock files live in `TIFACTORY_GPU_LOCK_DIR`, default `<tmp>/tifactory-gpus-<uid>`, shared by every
@@ -100,12 +101,14 @@ def claim_gpu(log: Callable[[str], None] = print, environ: dict | None = None, p
     Waits while every device is taken (logging once); raises GpuSlotError after timeout_seconds.
     """
     environ = os.environ if environ is None else environ
-    if environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        claim = Claim(environ["CUDA_VISIBLE_DEVICES"],
-                      f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']} (set by the scheduler or the user; kept)")
+    preset = environ.get("CUDA_VISIBLE_DEVICES")
+    preset_devices = [part.strip() for part in (preset or "").split(",") if part.strip()]
+    if preset is not None and (len(preset_devices) <= 1 or environ.get("SLURM_JOB_ID")):
+        claim = Claim(preset, f"CUDA_VISIBLE_DEVICES={preset} (set by the scheduler or the user; kept)")
         log(claim.message)
         return claim
-    devices = visible_devices(environ)
+    # several devices listed by the user (e.g. 0,1 of 4): they are the pool the jobs share out
+    devices = preset_devices if preset is not None else visible_devices(environ)
     if not devices:
         claim = Claim(None, f"no GPU listed (nvidia-smi -L / {DEVICES_ENV}): no device assigned")
         log(claim.message)

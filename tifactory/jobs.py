@@ -53,8 +53,9 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
     log(f"job {smk.rule} {wildcards}")
     sidecar_path(log_path).unlink(missing_ok=True)  # a failed rerun must not leave the old record behind
+    gpu_claim = None
     try:
-        gpu_claim = claim_job_gpu(smk, log)  # noqa: F841 - held (flock) until this process ends
+        gpu_claim = claim_job_gpu(smk, log)  # held (flock) until released below or this process ends
         main(smk, log)
     except Exception as error:  # noqa: BLE001 - the job boundary: report and fail
         if type(error).__name__ in USER_ERROR_NAMES:
@@ -65,6 +66,8 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
         log(message)
         print(message, file=sys.__stderr__, flush=True)
         sys.exit(1)
+    if gpu_claim is not None:
+        gpu_claim.release()  # the GPU's work is done: the next GPU job need not wait for the hashing below
     try:  # the outputs are complete: a provenance problem is reported, it does not fail them
         log(f"provenance: {write_job_provenance(smk)}")
     except Exception as error:  # noqa: BLE001
