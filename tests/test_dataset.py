@@ -48,3 +48,21 @@ def test_all_rejected_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match=r"subject 'eva': no usable photos \(2 rejected: no face x2\)"):
         build_dataset(crops_manifest=crops / "manifest.tsv", crops_dir=crops, dataset_dir=tmp_path / "d",
                       subject="eva", class_word="woman", repeats=100, resolution=512, bucket=BUCKET)
+
+
+def test_rejection_reasons_are_counted_one_way_everywhere(tmp_path):
+    """The dataset's failure message, the crop summary table and the report count reason categories alike."""
+    import pandas as pd
+
+    from tifactory.dataset import summarize_rejections
+    from tifactory.report import manifest_counts
+    from tifactory.summary import count_reasons
+
+    reasons = ["duplicate of /p/a.png", "duplicate of /p/b.png", "no face", "face too small (30px < 48)"]
+    manifest = pd.DataFrame({"status": ["rejected"] * 4 + ["kept"], "reason": reasons + [""]})
+    assert count_reasons(reasons) == {"duplicate": 2, "face too small": 1, "no face": 1}
+    assert summarize_rejections(manifest) == "duplicate x2; face too small x1; no face x1"
+    path = tmp_path / "manifest.tsv"
+    manifest.to_csv(path, sep="\t", index=False)
+    assert manifest_counts(path) == {"total": 5, "kept": 1, "rejected": 4,
+                                     "reasons": {"duplicate": 2, "face too small": 1, "no face": 1}}

@@ -55,16 +55,12 @@ def dataset_toml_text(*, image_dir: str, repeats: int, class_tokens: str, resolu
 
 def summarize_rejections(manifest: pd.DataFrame) -> str:
     """`reason xN; ...` by reason category (as results/summary/crops.tsv counts them), most frequent first."""
-    from tifactory.summary import reason_category
+    from tifactory.summary import count_reasons
 
     rejected = manifest[manifest["status"] == "rejected"]
     if rejected.empty:
         return "no photos at all"
-    counts: dict[str, int] = {}
-    for reason in rejected["reason"].fillna(""):
-        category = reason_category(reason)
-        counts[category] = counts.get(category, 0) + 1
-    return "; ".join(f"{reason} x{count}" for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return "; ".join(f"{reason} x{count}" for reason, count in count_reasons(rejected["reason"].fillna("")).items())
 
 
 def build_dataset(*, crops_manifest: str | os.PathLike, crops_dir: str | os.PathLike,

@@ -11,7 +11,6 @@ import base64
 import html
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 from tifactory.fileio import write_text_atomic
@@ -35,9 +34,11 @@ def read_tsv(path: str | os.PathLike) -> list[dict]:
 def manifest_counts(path: str | os.PathLike) -> dict:
     """kept / rejected counts and rejection reasons of a raw or crop manifest."""
     rows = read_tsv(path)
-    reasons = Counter(row.get("reason", "") or "unknown" for row in rows if row.get("status") != "kept")
+    from tifactory.summary import count_reasons
+
+    reasons = count_reasons(row.get("reason", "") for row in rows if row.get("status") != "kept")
     return {"total": len(rows), "kept": sum(row.get("status") == "kept" for row in rows),
-            "rejected": sum(row.get("status") != "kept" for row in rows), "reasons": dict(sorted(reasons.items()))}
+            "rejected": sum(row.get("status") != "kept" for row in rows), "reasons": reasons}
 
 
 def image_tag(path: str | os.PathLike, alt: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 
 from tifactory.fileio import write_tsv_atomic
 
@@ -21,6 +22,13 @@ def reason_category(reason: str) -> str:
     return head
 
 
+def count_reasons(reasons) -> dict[str, int]:
+    """{reason category: count} of rejection reasons (e.g. every `duplicate of <path>` counts as one
+    `duplicate`), most frequent first, ties by name: the one way every table and report counts them."""
+    counts = Counter(reason_category(reason or "") for reason in reasons)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def summarize_crops(manifests: dict[str, str | os.PathLike], out_path: str | os.PathLike):
     """Write (atomically) and return a TSV: subject, photos, kept, rejected, then one column per rejection
     reason category (counts). `manifests`: subject -> crop manifest TSV."""
@@ -31,10 +39,7 @@ def summarize_crops(manifests: dict[str, str | os.PathLike], out_path: str | os.
     for subject in sorted(manifests):
         frame = pd.read_csv(manifests[subject], sep="\t", dtype=str, keep_default_na=False)
         rejected = frame[frame["status"] != "kept"]
-        counts: dict[str, int] = {}
-        for reason in rejected["reason"]:
-            category = reason_category(reason)
-            counts[category] = counts.get(category, 0) + 1
+        counts = count_reasons(rejected["reason"])
         categories.update(counts)
         rows.append({"subject": subject, "photos": len(frame), "kept": int((frame["status"] == "kept").sum()),
                      "rejected": len(rejected), **counts})
