@@ -43,3 +43,18 @@ def test_small_files_and_unwritable_cache(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv(fileio.HASH_CACHE_ENV, str(blocker / "cache"))  # cannot be created
     assert fileio.sha256_file(small) == hashlib.sha256(b"x" * 10).hexdigest()
+
+
+def test_read_tsv_rows_understands_pandas_quoting(tmp_path):
+    import pandas as pd
+    import pytest
+
+    path = tmp_path / "manifest.tsv"
+    awkward = 'photo "one"\twith a tab.png'
+    pd.DataFrame({"source": [awkward, "b.png"], "status": ["kept", "rejected"]}).to_csv(path, sep="\t", index=False)
+    assert fileio.read_tsv_rows(path) == [{"source": awkward, "status": "kept"},
+                                          {"source": "b.png", "status": "rejected"}]
+    with pytest.raises(FileNotFoundError, match="crop manifest not found or empty"):
+        fileio.read_tsv_rows(tmp_path / "missing.tsv", "crop manifest")
+    (tmp_path / "empty.tsv").write_text("")
+    assert fileio.read_tsv_rows(tmp_path / "empty.tsv", missing_ok=True) == []

@@ -105,3 +105,17 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_tsv_rows(path: str | os.PathLike, what: str = "table", missing_ok: bool = False) -> list[dict[str, str]]:
+    """Rows of a TSV the stages wrote (pandas quoting understood) as {column: text}. A missing or empty
+    file raises FileNotFoundError naming `what`, or gives [] with missing_ok."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"{what} not found or empty: {path}")
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [dict(row) for row in csv.DictReader(handle, delimiter="\t")]

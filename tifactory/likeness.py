@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from tifactory.fileio import atomic_path, write_text_atomic
+from tifactory.fileio import atomic_path, read_tsv_rows, write_text_atomic
 
 SCORE_COLUMNS = ("step", "images", "faces", "face_share", "likeness", "score", "best", "status")
 
@@ -120,25 +120,16 @@ def best_step(summary: list[dict]) -> int | None:
     return max(candidates, key=lambda row: (row["score"], -row["step"]))["step"]
 
 
-def _table_rows(path: Path, what: str) -> list[dict[str, str]]:
-    """Rows of one of the stages' TSV tables as dicts (header -> cell)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
-
-
 def read_images_table(images_tsv: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, image path) from the samples stage's images.tsv."""
     images_tsv = Path(images_tsv)
     return [(int(cells["step"]), images_tsv.parent / cells["file"])
-            for cells in _table_rows(images_tsv, "sample image table")]
+            for cells in read_tsv_rows(images_tsv, "sample image table")]
 
 
 def kept_crops(crops_dir: str | os.PathLike) -> list[Path]:
     """The kept crops listed in the crop manifest."""
-    rows = _table_rows(Path(crops_dir) / "manifest.tsv", "crop manifest")
+    rows = read_tsv_rows(Path(crops_dir) / "manifest.tsv", "crop manifest")
     return [Path(crops_dir) / cells["output"] for cells in rows
             if cells.get("status") == "kept" and cells.get("output")]
 

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from tifactory.fileio import write_text_atomic
+from tifactory.fileio import read_tsv_rows, write_text_atomic
 
 STYLE = """body{font-family:sans-serif;margin:1em;color:#222} table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top} th{background:#f3f3f3}
@@ -21,14 +21,8 @@ img{max-width:100%;border:1px solid #ddd} .bad{color:#b00} .good{color:#060} cod
 
 
 def read_tsv(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line]
+    """A stage's table, [] when it is not there (a report shows what exists)."""
+    return read_tsv_rows(path, missing_ok=True)
 
 
 def manifest_counts(path: str | os.PathLike) -> dict:
