@@ -21,6 +21,7 @@ from pathlib import Path
 from tifactory.fileio import atomic_path
 
 _URL_LINE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$")
+_URL_START = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_LIST_BYTES = 1 << 20
 
 
@@ -32,14 +33,27 @@ class FetchResult:
     from_cache: bool = False
 
 
+def _starts_like_url_list(head: bytes) -> bool:
+    """Whether a file's first bytes could open a URL list: the first non-blank, non-comment line starts
+    like a URL (`scheme://`; image formats never do)."""
+    for line in head.splitlines():
+        line = line.strip().lstrip(b"\xef\xbb\xbf")
+        if line and not line.startswith(b"#"):
+            return _URL_START.match(line) is not None
+    return True  # only blank/comment lines so far: read on
+
+
 def read_url_list(path: str | os.PathLike) -> list[str] | None:
     """The URLs of a URL-list file, or None when the file is not one (binary, or other text)."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(_MAX_LIST_BYTES + 1)
+            data = handle.read(4096)  # every photo of a source passes here: decide on its head first
+            if b"\x00" in data or not _starts_like_url_list(data):
+                return None
+            data += handle.read(_MAX_LIST_BYTES + 1 - len(data))
     except OSError:
         return None
-    if len(data) > _MAX_LIST_BYTES or b"\x00" in data[:4096]:
+    if len(data) > _MAX_LIST_BYTES:
         return None
     try:
         text = data.decode("utf-8-sig")
