@@ -92,3 +92,10 @@ def test_optional_reference_column_for_the_identity_filter(tmp_path, repo_config
     eva, bob = read_roster(path)
     assert eva["reference"] == "refs/eva;refs/eva_*.jpg" and "reference" not in bob
     assert "reference" not in train_params(repo_config, eva)  # a crop-stage input, not a recipe key
+
+
+def test_list_source_files_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    assert list_source_files("~/photos") == [str(tmp_path / "photos" / "a.jpg")]

@@ -152,6 +152,7 @@ def list_source_files(sources: str) -> list[str]:
     """
     files: set[str] = set()
     for source in split_sources(sources):
+        source = os.path.expanduser(source)  # as the collect stage reads it: `~/photos` is a home folder
         if os.path.isdir(source):  # an existing folder wins, even with glob characters in its name
             for root, dirnames, filenames in os.walk(source):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
