@@ -48,6 +48,8 @@ if set(RESERVED_SUBJECTS) & set(ROSTER):
     raise WorkflowError(f"roster {config['roster']}: subject names {RESERVED_SUBJECTS} are reserved (results/<name>/)")
 
 SUBJECTS = sorted(ROSTER)
+# subjects whose sources are prepared kohya datasets (tifactory.sources): rule prepared_crops replaces the crop
+PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
 
 
 # The subject pattern of the roster schema, not an alternation of every name: Snakemake copies the
@@ -145,5 +147,9 @@ def crop_reference_files(wildcards):
 COLLECT_NETWORK_KEYS = ("url_cache", "max_download_mb", "timeout_s", "retries", "backoff_s")
 
 
-def collect_params():
-    return {key: value for key, value in config["collect"].items() if key not in COLLECT_NETWORK_KEYS}
+def collect_params(wildcards):
+    """The collect settings; `prepared: True` only for a prepared subject (raw subjects' params unchanged)."""
+    params = {key: value for key, value in config["collect"].items() if key not in COLLECT_NETWORK_KEYS}
+    if ROSTER[wildcards.subject]["prepared"] == "yes":
+        params["prepared"] = True
+    return params
