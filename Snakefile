@@ -32,6 +32,7 @@ include: "rules/train.smk"
 include: "rules/samples_functions.smk"
 include: "rules/samples.smk"
 include: "rules/report.smk"
+include: "rules/publish.smk"
 
 
 # small roster-wide and per-subject bookkeeping jobs run on the submitting host under a cluster executor

@@ -66,7 +66,7 @@ def all_targets():
             "results/{subject}/samples/grid.png",
         ],
         subject=SUBJECTS,
-    ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets()
+    ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets() + publish_targets()
 
 
 def demo_source_subject(source):
