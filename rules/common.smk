@@ -7,6 +7,7 @@ import sys
 
 from tifactory.roster import (
     DEMO_MODEL_NAME,
+    RESERVED_SUBJECTS,
     RosterError,
     is_demo,
     list_source_files,
@@ -20,8 +21,6 @@ from tifactory.demo import DEMO_SUBJECTS
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"
-# results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
-RESERVED_SUBJECTS = ("summary", "report")
 
 
 class Roster(dict):

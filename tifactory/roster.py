@@ -26,6 +26,8 @@ from tifactory.sources import (  # noqa: F401
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
 DEMO_MODEL_NAME = "demo-tiny"
+# results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
+RESERVED_SUBJECTS = ("summary", "report")
 INTEGER_COLUMNS = {"num_vectors", "max_train_steps", "gradient_accumulation_steps", "save_every_n_steps",
                    "seed", "repeats"}
 NUMBER_COLUMNS = {"learning_rate"}
@@ -38,6 +40,11 @@ class RosterError(ValueError):
 def _load_schema(name: str) -> dict:
     with open(SCHEMA_DIR / name, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
+
+
+def roster_schema() -> dict:
+    """The roster's JSON schema (workflow/schemas/roster.schema.yaml): columns, subject pattern, class words."""
+    return _load_schema("roster.schema.yaml")
 
 
 def _convert_cell(column: str, text: str) -> Any:
