@@ -152,3 +152,15 @@ def collect_params(wildcards):
     if ROSTER[wildcards.subject]["prepared"] == "yes":
         params["prepared"] = True
     return params
+
+
+# optional `publish_dir`: rule publish (rules/publish.smk) copies the final embeddings there
+PUBLISH_DIR = os.path.expanduser(config.get("publish_dir") or "")
+
+
+def publish_targets():
+    """The copies rule publish makes in `publish_dir` (none when it is empty)."""
+    if not PUBLISH_DIR:
+        return []
+    suffixes = ["-ti"] + (["-ti-best"] if LIKENESS_AVAILABLE else [])  # -ti-best exists only when scored
+    return [os.path.join(PUBLISH_DIR, f"{subject}{suffix}.safetensors") for subject in SUBJECTS for suffix in suffixes]

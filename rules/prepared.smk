@@ -7,15 +7,15 @@ rule prepared_crops:
         "results/{subject}/raw/manifest.tsv",
     output:
         directory("results/{subject}/crops"),
-    params:
-        resolution=lambda wildcards: subject_train_params(wildcards)["resolution"],
+    log:
+        "logs/prepared_crops/{subject}.log",
     wildcard_constraints:
         # only prepared subjects (never matches when there are none); rule crop serves the others
         subject="|".join(PREPARED_SUBJECTS) or "(?!)",
     conda:
         "../envs/tifactory.yaml"
-    log:
-        "logs/prepared_crops/{subject}.log",
+    params:
+        resolution=lambda wildcards: subject_train_params(wildcards)["resolution"],
     script:
         "../workflow/scripts/prepared_crops.py"
 

@@ -158,6 +158,7 @@ def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config
     assert by_source["broken.png"].reason.startswith("undecodable")
     assert by_source["anim.gif"].reason.startswith("not an image type kohya reads")
     assert not any(name.endswith((".txt", ".caption")) for name in by_source)  # captions are no photo rows
+    assert (tmp_path / "results/eva/crops/contact_sheet.png").is_file()
     toml = (tmp_path / "results/eva/dataset/dataset.toml").read_text()
     assert f'image_dir = "{folder}"' in toml and "num_repeats = 30" in toml
     assert os.path.isabs(str(folder))
