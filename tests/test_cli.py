@@ -93,7 +93,7 @@ def test_written_roster_is_valid_and_reports_on_stderr(data_dir, tmp_path, capsy
     assert "clash:   'eva green' -> eva-green-3 (its name is taken by 'EVA  GREEN!')" in err
     assert "clash:   'report' -> report-2 (its name is taken by the roster-wide results/report/)" in err
     assert "skipped: 'empty' (no files)" in err
-    assert "11 subjects (3 prepared datasets, 8 photo folders)" in err
+    assert "11 subject(s) (3 prepared dataset(s), 8 photo folder(s))" in err
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):

@@ -28,8 +28,8 @@ def _roster(args) -> int:
     else:
         write_text_atomic(args.output, result.tsv())
     prepared = sum(row["prepared"] == "yes" for row in result.rows)
-    print(f"{'stdout' if args.output == '-' else args.output}: {len(result.rows)} subjects ({prepared} prepared "
-          f"datasets, {len(result.rows) - prepared} photo folders); {len(result.renamed)} renamed, "
+    print(f"{'stdout' if args.output == '-' else args.output}: {len(result.rows)} subject(s) ({prepared} prepared "
+          f"dataset(s), {len(result.rows) - prepared} photo folder(s)); {len(result.renamed)} renamed, "
           f"{len(result.clashes)} clashes, {len(result.skipped)} skipped; {time.perf_counter() - started:.2f} s",
           file=sys.stderr)
     return 0
