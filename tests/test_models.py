@@ -104,6 +104,23 @@ def test_fp16_single_file_loads_as_float32(tiny_model_dir, tmp_path, folder_comp
         assert torch.equal(tensor, reference[key].half().float()), key
 
 
+def test_full_checkpoint_with_ema_weights_loads_the_trained_ones(tiny_model_dir, tmp_path, folder_components):
+    """A 'full' (non-pruned) checkpoint also carries model_ema.* copies (A1111 spells them without dots) and
+    training metadata; like A1111 and kohya, the model.diffusion_model.* weights are the ones loaded."""
+    plain = save_single_file(tiny_model_dir, tmp_path / "plain.ckpt")
+    state = torch.load(plain, weights_only=True)["state_dict"]
+    ema = {"model_ema." + key.removeprefix("model.").replace(".", ""): tensor + 1.0
+           for key, tensor in state.items() if key.startswith("model.diffusion_model.")}
+    full = tmp_path / "v1-5-pruned.ckpt"
+    torch.save({"state_dict": {**state, **ema, "model_ema.decay": torch.tensor(0.9999),
+                               "model_ema.num_updates": torch.tensor(840000)}, "global_step": 840000}, full)
+    from tifactory.model_check import check_base_model
+
+    assert check_base_model(str(full)) == []
+    c = load_components(full, config_dir=tiny_model_dir)
+    assert_same_weights(c.unet, folder_components.unet)
+
+
 def test_single_file_without_config_is_described_by_the_shipped_sd15_configs(single_files, tmp_path, monkeypatch):
     """No config_dir: the shipped SD1.5 configs describe the file (the tiny model is not SD1.5-sized, so its
     weights are named as not matching them), and no Hugging Face cache is consulted."""

@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_snakemake(workdir: Path, *args, env=None, check=True):
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir),
-               "--cores", "2", "--resources", "gpu=1", *args]
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir), *args,
+               "--cores", "2", "--resources", "gpu=1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=3000, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
