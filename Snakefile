@@ -15,6 +15,10 @@ sys.path.insert(0, workflow.basedir)
 configfile: "config.yaml"
 
 
+# `--config 'train={max_train_steps: 5}'` hands nested values over as strings: read them as the schema's types
+from tifactory.configuration import coerce_to_schema
+
+coerce_to_schema(config)
 validate(config, schema="workflow/schemas/config.schema.yaml")
 
 

@@ -18,6 +18,7 @@ from tifactory.roster import (
     train_params,
 )
 from tifactory.demo import DEMO_SUBJECTS
+from tifactory.model_check import check_models, check_subject_tokens, tokenizer_folder
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"
@@ -49,6 +50,11 @@ if set(RESERVED_SUBJECTS) & set(ROSTER):
 SUBJECTS = sorted(ROSTER)
 # subjects whose sources are prepared kohya datasets (tifactory.sources): rule prepared_crops replaces the crop
 PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
+
+# Wrong models are named before any job runs (file headers and key names only; no torch).
+_model_problems = check_models(config, demo_model_name=DEMO_MODEL_NAME)
+if _model_problems:
+    raise WorkflowError("model settings in the config are not usable:\n  " + "\n  ".join(_model_problems))
 
 
 # The subject pattern of the roster schema, not an alternation of every name: Snakemake copies the
@@ -103,6 +109,19 @@ def model_params():
 @functools.cache  # several params of several rules ask, for every job: resolve each subject once
 def _train_params(subject):
     return train_params(config, ROSTER[subject])
+
+
+# Subjects named like a word of the tokenizer train under a derived token (the trigger stays the file name).
+_token_notes, _token_problems = check_subject_tokens(
+    {subject: _train_params(subject)["num_vectors"] for subject in SUBJECTS},
+    tokenizer_folder(config, demo_model_dir=DEMO_MODEL_DIR),
+)
+if _token_problems:
+    raise WorkflowError("training tokens:\n  " + "\n  ".join(_token_problems))
+if _token_notes:
+    print(f"note: {len(_token_notes)} subject name(s) are words of the tokenizer; they train under new tokens "
+          f"(triggers stay <subject>-ti): {', '.join(_token_notes[:10])}{' ...' if len(_token_notes) > 10 else ''}",
+          file=sys.stderr)
 
 
 def subject_train_params(wildcards):

@@ -31,12 +31,6 @@ def single_files(tiny_model_dir, tmp_path_factory) -> dict:
     }
 
 
-@pytest.fixture
-def no_cached_config(monkeypatch):
-    """Make sure no SD1.5 repo in this machine's HF cache can stand in for config_dir."""
-    monkeypatch.setattr(models, "_find_cached_config_dir", lambda: None)
-
-
 def assert_same_weights(module, reference):
     ours, theirs = module.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
@@ -110,10 +104,37 @@ def test_fp16_single_file_loads_as_float32(tiny_model_dir, tmp_path, folder_comp
         assert torch.equal(tensor, reference[key].half().float()), key
 
 
-def test_single_file_without_config_is_a_clear_error(single_files, no_cached_config):
-    with pytest.raises(ModelLoadError, match="config_dir") as info:
+def test_full_checkpoint_with_ema_weights_loads_the_trained_ones(tiny_model_dir, tmp_path, folder_components):
+    """A 'full' (non-pruned) checkpoint also carries model_ema.* copies (A1111 spells them without dots) and
+    training metadata; like A1111 and kohya, the model.diffusion_model.* weights are the ones loaded."""
+    plain = save_single_file(tiny_model_dir, tmp_path / "plain.ckpt")
+    state = torch.load(plain, weights_only=True)["state_dict"]
+    ema = {"model_ema." + key.removeprefix("model.").replace(".", ""): tensor + 1.0
+           for key, tensor in state.items() if key.startswith("model.diffusion_model.")}
+    full = tmp_path / "v1-5-pruned.ckpt"
+    torch.save({"state_dict": {**state, **ema, "model_ema.decay": torch.tensor(0.9999),
+                               "model_ema.num_updates": torch.tensor(840000)}, "global_step": 840000}, full)
+    from tifactory.model_check import check_base_model
+
+    assert check_base_model(str(full)) == []
+    c = load_components(full, config_dir=tiny_model_dir)
+    assert_same_weights(c.unet, folder_components.unet)
+
+
+def test_single_file_without_config_is_described_by_the_shipped_sd15_configs(single_files, tmp_path, monkeypatch):
+    """No config_dir: the shipped SD1.5 configs describe the file (the tiny model is not SD1.5-sized, so its
+    weights are named as not matching them), and no Hugging Face cache is consulted."""
+    from tifactory import sd15
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="do not match the architecture described by the configs in") as info:
         load_components(single_files[".safetensors"])
-    assert "single-file" in str(info.value) and "offline" in str(info.value)
+    assert str(sd15.SD15_DIR) in str(info.value)
+    assert models._resolve_config_dir(None, single_files[".ckpt"]) == sd15.SD15_DIR
+    monkeypatch.setattr(sd15, "SD15_DIR", tmp_path / "nowhere")  # an install without resources/
+    with pytest.raises(ModelLoadError, match="shipped SD1.5 configs are incomplete"):
+        load_components(single_files[".safetensors"])
 
 
 def test_incomplete_or_mismatched_config_dir(single_files, tiny_model_dir, tmp_path):
@@ -143,7 +164,7 @@ def test_not_an_sd1_checkpoint(tmp_path, tiny_model_dir):
 
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down.alpha": torch.ones(1)}, str(path))
-    with pytest.raises(ModelLoadError, match="no model.diffusion_model"):
+    with pytest.raises(ModelLoadError, match="is a LoRA/LyCORIS network, not a full model"):
         load_components(path, config_dir=tiny_model_dir)
     sd2 = tmp_path / "sd2.safetensors"
     save_file({"model.diffusion_model.x": torch.ones(1), "cond_stage_model.model.token_embedding.weight": torch.ones(1)},

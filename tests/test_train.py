@@ -136,3 +136,22 @@ def test_embedding_loads_in_diffusers_pipeline(tmp_path, dataset_toml, tiny_mode
     image = pipe("a photo of eva", num_inference_steps=2, width=64, height=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_subject_named_like_a_word_trains_under_a_derived_token(tmp_path, dataset_toml, tiny_model_dir, params):
+    """'photo' is a token of the tiny tokenizer: it used to fail when training started; now it trains under
+    'photo-ti', 'photo-ti1', ... (logged and in the metadata), and the file is still photo-ti.safetensors."""
+    import json
+
+    messages = []
+    out = tmp_path / "photo"
+    final = out / "photo-ti.safetensors"
+    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="photo",
+                    params=dict(params, max_train_steps=2), final_path=final, checkpoint_dir=out / "checkpoints",
+                    loss_tsv=out / "loss.tsv", state_dir=out / "state", log=messages.append)
+    vectors, metadata = load_embedding(final)
+    assert tuple(vectors.shape) == (5, 768)
+    assert json.loads(metadata["tifactory.training_tokens"]) == ["photo-ti"] + [f"photo-ti{i}" for i in range(1, 5)]
+    assert metadata["modelspec.title"] == "photo-ti"
+    assert any("'photo' is already a word of the tokenizer" in m and "'photo-ti'" in m for m in messages)
+    assert any("tokens ['photo-ti', 'photo-ti1'" in m for m in messages)

@@ -15,7 +15,7 @@ from tifactory.train import (
     samples_for_step,
     spread_init_ids,
 )
-from tifactory.templates import OBJECT_TEMPLATES, placeholder_tokens
+from tifactory.templates import OBJECT_TEMPLATES, known_to, placeholder_tokens, training_tokens
 
 BUCKETS = {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
            "bucket_reso_steps": 64, "bucket_no_upscale": True}
@@ -24,6 +24,37 @@ BUCKETS = {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 256, "ma
 def test_placeholder_tokens_follow_kohya():
     assert placeholder_tokens("eva", 5) == ["eva", "eva1", "eva2", "eva3", "eva4"]
     assert placeholder_tokens("eva", 1) == ["eva"]
+
+
+def test_training_tokens_are_new_to_the_real_clip_tokenizer():
+    """Names that are CLIP words (astro, madonna, tom) get derived tokens; every token string is then new, and
+    the tokenizer encodes a prompt of them as the added ids, one per token."""
+    from transformers import CLIPTokenizer
+
+    from tifactory import sd15
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd15.SD15_DIR / "tokenizer", local_files_only=True)
+    vocab = tokenizer.get_vocab()
+    assert known_to("astro", vocab) and known_to("madonna", vocab) and known_to("tom", vocab)
+    for subject, expected in [("astro", "astro-ti"), ("madonna", "madonna-ti"), ("tom", "tom-ti"),
+                              ("qzxvw", "qzxvw")]:
+        tokens, note = training_tokens(subject, 5, vocab)
+        assert tokens == placeholder_tokens(expected, 5)
+        assert bool(note) == (expected != subject)
+        assert not any(known_to(token, vocab) for token in tokens)
+        fresh = CLIPTokenizer.from_pretrained(sd15.SD15_DIR / "tokenizer", local_files_only=True)
+        assert fresh.add_tokens(tokens) == 5
+        ids = fresh(f"a photo of {' '.join(tokens)}", add_special_tokens=False).input_ids
+        assert ids == [320, 1125, 539] + list(range(49408, 49413))
+    assert "madonna-ti" in training_tokens("madonna", 5, vocab)[1]
+
+
+def test_training_tokens_skip_taken_derivations():
+    vocab = {"madonna</w>", "madonna-ti", "x1"}
+    assert training_tokens("madonna", 2, vocab)[0] == ["madonna-ti-2", "madonna-ti-21"]
+    assert training_tokens("x", 2, vocab)[0] == ["x-ti", "x-ti1"]  # x1 is taken
+    with pytest.raises(ValueError, match="no new token string could be derived"):
+        training_tokens("y", 1, {"y", "y-ti"} | {f"y-ti-{n}" for n in range(2, 100)})
 
 
 def test_spread_init_ids_repeats_or_truncates_with_warning():

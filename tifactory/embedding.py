@@ -53,9 +53,11 @@ def reproducible_date() -> str:
 
 
 def build_metadata(*, subject: str, step: int, resolution: int, date: str, recipe: dict,
-                   base_model: str, base_model_hash: str, dataset_hash: str) -> dict[str, str]:
-    """modelspec-style keys + provenance; safetensors metadata values must be strings."""
-    return {
+                   base_model: str, base_model_hash: str, dataset_hash: str,
+                   tokens: list[str] | None = None) -> dict[str, str]:
+    """modelspec-style keys + provenance; safetensors metadata values must be strings.
+    `tokens`: the token strings the vectors trained under (the subject's name, or one derived from it)."""
+    metadata = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
         "modelspec.implementation": "diffusers",
@@ -73,6 +75,9 @@ def build_metadata(*, subject: str, step: int, resolution: int, date: str, recip
         "tifactory.package_versions": json.dumps(package_versions(), sort_keys=True),
         "tifactory.git_commit": git_commit(),
     }
+    if tokens is not None:
+        metadata["tifactory.training_tokens"] = json.dumps(list(tokens))
+    return metadata
 
 
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

@@ -8,9 +8,10 @@
 * one `.ckpt`/`.pt`/`.pth` file in that layout, read with `torch.load(weights_only=True)` so a
   pickle that would run code is refused.
 
-A single file carries weights only: the configs and the tokenizer come from `config_dir`, a local
-diffusers-format folder of the same architecture (for SD1.5: a copy of the SD1.5 diffusers repo;
-only its *.json/*.txt files are read). Nothing is ever fetched from the network.
+A single file carries weights only: the configs and the tokenizer come from `config_dir` when given
+(config key `base_model_config`: a local diffusers-format folder of the same architecture; only its
+*.json/*.txt files are read), else from SD1.5's configs and CLIP tokenizer shipped in resources/sd15/
+(tifactory.sd15). Nothing is ever fetched from the network.
 
 Import cost: this module imports no torch/diffusers/transformers at import time (the Snakefile
 imports the package while it parses the DAG).
@@ -47,9 +48,6 @@ SD15_NOISE_SCHEDULE: dict = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
-
-# Diffusers repos whose locally cached copy (HF cache, no network) can serve as `config_dir`.
-SD15_CONFIG_REPOS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
 
 # Globals that old PyTorch-Lightning SD1.x checkpoints reference as plain metadata (the class is a
 # dict key in ckpt["callbacks"]); they are mapped to an inert stand-in, never imported.
@@ -91,9 +89,8 @@ def load_components(
 
     `vae` optionally replaces the base model's VAE: a diffusers AutoencoderKL folder (or a
     pipeline folder with vae/), or a single original-layout VAE file (e.g.
-    vae-ft-mse-840000-ema-pruned.ckpt / .safetensors). `config_dir` is needed when `base_model`
-    is a single file (see the module docstring); a cached SD1.5 diffusers repo in the local
-    Hugging Face cache is used when it is not given.
+    vae-ft-mse-840000-ema-pruned.ckpt / .safetensors). `config_dir` describes a single-file
+    `base_model` (see the module docstring); without it the shipped SD1.5 configs do.
     """
     _stay_offline()
     base = Path(base_model)
@@ -364,67 +361,42 @@ def _unpickling_reason(error: Exception) -> str:
 
 
 def _check_sd1_layout(checkpoint: dict, path: Path, *, need_vae: bool) -> None:
-    keys = checkpoint.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelLoadError(f"{path} is an SDXL checkpoint; only Stable Diffusion 1.x is supported")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ModelLoadError(f"{path} is a Stable Diffusion 2.x (OpenCLIP) checkpoint; only SD 1.x is supported")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ModelLoadError(
-            f"{path} is not an original-layout Stable Diffusion 1.x checkpoint: it has no "
-            "model.diffusion_model.* keys (a diffusers folder must be passed as a folder)"
-        )
-    if not any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        raise ModelLoadError(f"{path} has no text encoder weights (cond_stage_model.transformer.*)")
-    if need_vae and not any(k.startswith("first_stage_model.") for k in keys):
+    """The DAG-time verdict (tifactory.model_check) again on the loaded tensors: what else the file is."""
+    from tifactory.model_check import classify_keys
+
+    verdict = classify_keys({key: tuple(tensor.shape) for key, tensor in checkpoint.items()})
+    if verdict is not None:
+        only = "; only Stable Diffusion 1.x (SD1.5) is supported" if verdict.architecture else ""
+        raise ModelLoadError(f"{path} is {verdict.found}{only}")
+    if need_vae and not any(k.startswith("first_stage_model.") for k in checkpoint):
         raise ModelLoadError(f"{path} has no VAE weights (first_stage_model.*); pass a separate vae")
 
 
 def _resolve_config_dir(config_dir: str | Path | None, checkpoint_path: Path) -> Path:
-    if config_dir is not None:
-        folder = Path(config_dir)
-        missing = _missing_config_parts(folder)
-        if missing:
-            raise ModelLoadError(
-                f"config_dir {folder} is not a usable diffusers Stable Diffusion 1.5 folder: "
-                f"missing {missing}"
-            )
+    """`config_dir` (config key base_model_config) when given, else the shipped SD1.5 configs."""
+    from tifactory import sd15
+
+    if config_dir is None:
+        try:
+            folder = sd15.config_dir()
+        except sd15.SD15ResourceError as error:
+            raise ModelLoadError(str(error)) from None
+        logger.info("describing %s with the shipped SD1.5 configs in %s", checkpoint_path, folder)
         return folder
-    cached = _find_cached_config_dir()
-    if cached is not None:
-        logger.info("using cached %s as config_dir for %s", cached, checkpoint_path)
-        return cached
-    raise ModelLoadError(
-        f"{checkpoint_path} is a single-file checkpoint: it holds weights only, and the model configs "
-        "and tokenizer cannot be fetched offline. Pass config_dir (config key base_model_config) = a "
-        "local diffusers-format folder of the same architecture, e.g. a copy of "
-        "stable-diffusion-v1-5/stable-diffusion-v1-5 with unet/config.json, vae/config.json, "
-        "text_encoder/config.json, tokenizer/ and scheduler/ (the *.json and *.txt files suffice)."
-    )
+    folder = Path(config_dir)
+    missing = _missing_config_parts(folder)
+    if missing:
+        raise ModelLoadError(
+            f"config_dir {folder} is not a usable diffusers Stable Diffusion 1.5 folder: "
+            f"missing {missing}"
+        )
+    return folder
 
 
 def _missing_config_parts(folder: Path) -> list[str]:
     if not folder.is_dir():
         return [f"the folder itself ({folder} does not exist)"]
     return [part for part in _CONFIG_DIR_REQUIRED if not (folder / part).exists()]
-
-
-def _find_cached_config_dir() -> Path | None:
-    """An SD1.5 diffusers repo already in the local Hugging Face cache (never downloads)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return None
-    for repo_id in SD15_CONFIG_REPOS:
-        try:
-            folder = Path(
-                snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.txt"])
-            )
-        except Exception:
-            continue
-        if not _missing_config_parts(folder):
-            return folder
-    return None
 
 
 def _convert(convert, what: str, path: Path) -> dict:

@@ -54,6 +54,36 @@ STYLE_TEMPLATES = [
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
+WORD_END = "</w>"  # CLIP's BPE marks a word-final token with it: "madonna</w>" is the word madonna
+DERIVED_SUFFIX = "-ti"  # as the embedding's file name (the trigger people type): madonna-ti
+
+
 def placeholder_tokens(subject: str, num_vectors: int) -> list[str]:
     """kohya's token names: S, S1, ..., S{n-1}."""
     return [subject] + [f"{subject}{index}" for index in range(1, num_vectors)]
+
+
+def known_to(token: str, vocab) -> bool:
+    """Whether a tokenizer vocabulary (token strings) already has `token`, as a piece or as a whole word."""
+    return token in vocab or token + WORD_END in vocab
+
+
+def training_tokens(subject: str, num_vectors: int, vocab) -> tuple[list[str], str]:
+    """The token strings a subject trains under, and a note ('' when the subject's own name is used).
+
+    People trigger the embedding by its file name (`photo of madonna-ti`), so inside training the tokens only
+    have to be new to the tokenizer. They are kohya's `S, S1 ... S{n-1}` when none of those is known to
+    `vocab` (any container of token strings, e.g. vocab.json's keys); otherwise they are derived from the
+    trigger, `madonna-ti, madonna-ti1, ...` (then `madonna-ti-2, ...`): still recognisable in metadata."""
+    candidates = [subject, subject + DERIVED_SUFFIX] + [f"{subject}{DERIVED_SUFFIX}-{n}" for n in range(2, 100)]
+    for base in candidates:
+        tokens = placeholder_tokens(base, num_vectors)
+        taken = [token for token in tokens if known_to(token, vocab)]
+        if not taken:
+            if base == subject:
+                return tokens, ""
+            return tokens, (f"subject {subject!r}: {subject!r} is already a word of the tokenizer, so it trains "
+                            f"under the new token(s) {tokens[0]!r}…; the trigger stays the file name "
+                            f"{subject}{DERIVED_SUFFIX}")
+    raise ValueError(f"subject {subject!r}: no new token string could be derived (tried {candidates[0]!r} to "
+                     f"{candidates[-1]!r}); rename the subject")

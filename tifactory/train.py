@@ -20,7 +20,7 @@ from typing import Callable
 from tifactory.dataset import read_dataset_toml
 from tifactory.embedding import build_metadata, reproducible_date, save_embedding
 from tifactory.fileio import atomic_path, sha256_file, write_text_atomic
-from tifactory.templates import TEMPLATES, placeholder_tokens
+from tifactory.templates import TEMPLATES, training_tokens
 
 STATE_FORMAT_VERSION = 1
 
@@ -364,11 +364,12 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     log(f"loaded {base_model} in {stats['load_s']:.1f} s")
 
     # -- placeholder tokens, initialised from the init word
-    token_strings = placeholder_tokens(subject, params["num_vectors"])
-    clashes = [token for token in token_strings if token in tokenizer.get_vocab()]
-    if clashes:
-        raise TrainingError(f"token(s) {clashes} already exist in the tokenizer's vocabulary; "
-                            "rename the subject so its trigger token is new")
+    try:
+        token_strings, token_note = training_tokens(subject, params["num_vectors"], tokenizer.get_vocab())
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if token_note:
+        log(token_note)
     if tokenizer.add_tokens(token_strings) != len(token_strings):
         raise TrainingError(f"could not add tokens {token_strings} to the tokenizer")
     placeholder_ids = tokenizer.convert_tokens_to_ids(token_strings)
@@ -466,7 +467,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     def metadata_for(step: int) -> dict[str, str]:
         return build_metadata(subject=subject, step=step, resolution=params["resolution"], date=date,
                               recipe=params, base_model=base_model, base_model_hash=base_model_hash,
-                              dataset_hash=dataset_hash)
+                              dataset_hash=dataset_hash, tokens=token_strings)
 
     for step, vectors in sorted(saved_vectors.items()):  # Snakemake cleared the checkpoint folder
         save_embedding(checkpoint_dir / checkpoint_name(subject, step), vectors, metadata_for(step),
