@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 from tifactory.collect import collect_photos
 from tifactory.crop import crop_faces, eye_angle, face_sharpness, render_crop
-from tifactory.detect import HaarDetector, YuNetDetector, insightface_status, make_detector
+from tifactory.faces.detection import HaarDetector, YuNetDetector, insightface_status, make_detector
 from tifactory.summary import summarize_crops
 from photos import package_photo
 
@@ -49,7 +49,7 @@ def _rows(frame: pd.DataFrame) -> dict[str, dict]:
 
 
 def test_reference_face_box(astronaut):
-    face = YuNetDetector().detect(np.asarray(astronaut))[0]
+    face = YuNetDetector(score_threshold=0.6, max_side=640).detect(np.asarray(astronaut))[0]
     assert np.allclose((face.x, face.y, face.w, face.h), FACE, atol=4)
 
 
@@ -66,7 +66,7 @@ def test_placed_scaled_rotated_and_border_photos_are_framed_accurately(tmp_path,
         truth[f"{name}.jpg"] = (centre, side, canvas.size)
     collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv")
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     for name, row in _rows(frame).items():
         (cx, cy), side, size = truth[name]
         assert row["status"] == "kept", (name, row["reason"])
@@ -103,7 +103,7 @@ def test_eye_line_rotation_levels_the_eyes(tmp_path, astronaut, background):
     # YuNet's 5-point landmarks are biased towards level, so levelling is partial: the right direction,
     # a good part of the true 14 degrees
     assert levelled["status"] == "kept" and -16 < levelled["rotation"] < -5
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     with Image.open(tmp_path / "c2" / levelled["output"]) as crop:
         after = eye_angle(detector.detect(np.asarray(crop.convert("RGB")))[0])
     with Image.open(tmp_path / "c1" / plain["output"]) as crop:
@@ -247,7 +247,7 @@ def test_insightface_absent_is_said_plainly(tmp_path):
 
 
 def test_haar_detector_finds_the_astronaut(astronaut):
-    faces = HaarDetector().detect(np.asarray(astronaut))
+    faces = HaarDetector(max_side=640).detect(np.asarray(astronaut))
     assert faces and faces[0].landmarks == ()
     cx, cy = faces[0].center
     assert abs(cx - (FACE[0] + FACE[2] / 2)) < 25 and abs(cy - (FACE[1] + FACE[3] / 2)) < 30
