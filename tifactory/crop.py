@@ -633,7 +633,8 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
     if photos:
         models.detector()  # fails here, once, when a model cannot load
         say(models.detector_note)
-        say(models.recogniser_note)
+        say(models.recogniser_note + ("; reference photos not used" if reference_photos and not models.identity
+                                      else ""))
     thumbnails: dict = {}
 
     def frame(photo: Photo):
