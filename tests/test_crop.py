@@ -1,4 +1,4 @@
-"""Tests for tifactory.crop and tifactory.detect on packaged real photos."""
+"""Tests for tifactory.crop and tifactory.faces on packaged real photos."""
 
 from __future__ import annotations
 

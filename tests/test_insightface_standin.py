@@ -2,7 +2,7 @@
 
 No insightface model pack can be downloaded here, so each test builds `<root>/models/<pack>/` from two tiny
 ONNX graphs (written to tmp_path; nothing binary is committed) that insightface's own model router takes
-for the real thing, then drives the project's adapters (tifactory.detect, tifactory.crop, tifactory.likeness)
+for the real thing, then drives the project's adapters (tifactory.faces, tifactory.crop, tifactory.likeness)
 through insightface unchanged:
 
 * SCRFD stand-in (`det_10g.onnx`): input `1x3xHxW` with symbolic H, W like the real det_10g, 9 outputs
