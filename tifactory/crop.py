@@ -601,6 +601,35 @@ def _photos(raw) -> tuple[list[dict], list[Photo]]:
     return rows, photos
 
 
+def identity_step(found: list[Photo], models: FaceModels, settings: CropSettings, reference_photos, say):
+    """Step 2: the subject's reference, then the same-person check. Returns (photos that passed, the
+    identity summary written to identity.json)."""
+    recogniser = models.recogniser()
+    reference = subject_reference(found, models, settings, reference_photos, say)
+    passed = check_identity(found, reference, recogniser.metric)
+    identity = {"filter": "on" if reference.usable else "not applied", "model": recogniser.name,
+                "metric": recogniser.metric.kind, "threshold": recogniser.metric.threshold,
+                "reference": reference.kind, "faces": reference.faces, "group": reference.group,
+                "rejected": len(found) - len(passed), "note": reference.note}
+    say(f"identity ({recogniser.label}): {reference.note}; {identity['rejected']} face(s) of someone else rejected")
+    return passed, identity
+
+
+def write_manifest(rows: list[dict], manifest_path: str | os.PathLike):
+    """The crop manifest as a typed DataFrame, written atomically."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=CROP_MANIFEST_COLUMNS)
+    for column in _INT_COLUMNS:
+        table[column] = table[column].astype("Int64")
+    for column in _FLOAT_COLUMNS:
+        table[column] = table[column].astype("Float64")
+    for column in _TEXT_COLUMNS:
+        table[column] = table[column].astype(object)
+    write_tsv_atomic(manifest_path, table)
+    return table
+
+
 def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike, manifest_path: str | os.PathLike,
                settings: CropSettings, *, reference_photos=(), workers: int = 1, detector=None, recogniser=None,
                log=None):
@@ -614,8 +643,6 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir that look like crops but are not in the new manifest are removed.
     `detector` / `recogniser`: ready objects instead of the configured models (tests' stand-ins).
     """
-    import pandas as pd
-
     from tifactory.collect import read_raw_manifest
 
     say = log or (lambda message: None)
@@ -629,7 +656,9 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
 
         cv2.setNumThreads(1)  # parallelism comes from the photo workers
     models = FaceModels(settings, detector=detector, recogniser=recogniser)
-    identity = {"filter": "off", "note": models.recogniser_note}
+    identity = ({"filter": "off", "note": models.recogniser_note} if not models.identity else
+                {"filter": "not applied", "model": "", "metric": "", "reference": "no faces", "faces": 0, "group": 0,
+                 "rejected": 0, "note": "no photo to check"})
     if photos:
         models.detector()  # fails here, once, when a model cannot load
         say(models.detector_note)
@@ -648,29 +677,12 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
         _run(lambda photo: detect_subject(photo, models, settings, keep_decode=True) and frame(photo), photos,
              workers)
     else:
-        found = [photo for ok, photo in zip(_run(lambda photo: detect_subject(photo, models, settings,
-                                                                              keep_decode=False), photos, workers),
-                                            photos) if ok]
-        metric = models.recogniser().metric
-        reference = subject_reference(found, models, settings, [os.fspath(p) for p in reference_photos], say)
-        passed = check_identity(found, reference, metric)
-        identity = {"filter": "on" if reference.usable else "not applied", "model": models.recogniser().name,
-                    "metric": metric.kind, "threshold": metric.threshold, "reference": reference.kind,
-                    "faces": reference.faces, "group": reference.group, "rejected": len(found) - len(passed),
-                    "note": reference.note}
-        say(f"identity ({models.recogniser().label}): {reference.note}; "
-            f"{identity['rejected']} face(s) of someone else rejected")
+        detected = _run(lambda photo: detect_subject(photo, models, settings, keep_decode=False), photos, workers)
+        found = [photo for ok, photo in zip(detected, photos) if ok]
+        passed, identity = identity_step(found, models, settings, [os.fspath(p) for p in reference_photos], say)
         _run(frame, passed, workers)
     write_text_atomic(out_dir / IDENTITY_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
-
-    table = pd.DataFrame(rows, columns=CROP_MANIFEST_COLUMNS)
-    for column in _INT_COLUMNS:
-        table[column] = table[column].astype("Int64")
-    for column in _FLOAT_COLUMNS:
-        table[column] = table[column].astype("Float64")
-    for column in _TEXT_COLUMNS:
-        table[column] = table[column].astype(object)
-    write_tsv_atomic(manifest_path, table)
+    table = write_manifest(rows, manifest_path)
     wanted = {name for name in table["output"] if name}
     for stale in sorted(out_dir.iterdir()):
         if stale.is_file() and _CROP_NAME.match(stale.name) and stale.name not in wanted:
