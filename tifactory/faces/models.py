@@ -105,7 +105,7 @@ def resolve(settings: FaceSettings) -> Resolved:
         recogniser_note = (f"recogniser: dlib ResNet {descriptor.name} + {landmarks.name} (euclidean distance, "
                            f"same person < {settings.dlib_max_distance:.2f})")
         if settings.recogniser == "auto":
-            recogniser_note += f"; {status.message}"
+            recogniser_note += f"; auto: no ArcFace model in {status.folder}"
     return Resolved(detector, recogniser, detector_note, recogniser_note)
 
 
