@@ -4,7 +4,6 @@ real; tests/test_faces.py drives the real dlib recogniser)."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
