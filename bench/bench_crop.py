@@ -1,12 +1,15 @@
 """Benchmark: photos/s of collect + crop on 12 MP JPEGs, side by side with autocrop's own Cropper.
 
     python bench/bench_crop.py [--photos 24] [--workers 2] [--autocrop-photos 12] [--rounds 2] [--cores 2]
+                               [--no-autocrop]
 
 Builds N 4000x3000 JPEGs (quality 92) from scikit-image's astronaut placed at varied positions and
 scales on a textured background (real photo pixels, a 12 MP camera's size; shifted and mirrored per
 photo so that no two are near-duplicates and every photo goes the whole way), then times, in one run:
   tifactory: collect_photos + crop_faces (draft-mode JPEG decoding, `--workers` threads), end to end,
-             manifest, PNG crops and contact sheet included;
+             manifest, PNG crops and contact sheet included, with config.yaml's settings: the identity
+             filter on (dlib's descriptor, no insightface pack), and once more with it off (the ratio is
+             the identity filter's cost);
   autocrop:  autocrop.Cropper(512, 512, face_percent=45).crop(path) per photo (its own API, one call at
              a time as it is documented), on the first `--autocrop-photos` of the same photos.
 Imports and model loading (pandas, OpenCV, PIL, autocrop's Cropper) happen before either clock starts.
@@ -55,20 +58,33 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def run_ours(photos_dir: Path, out: Path, workers: int, count: int) -> dict:
-    from tifactory.collect import collect_photos
-    from tifactory.crop import crop_faces
+def settings(identity: bool):
+    import yaml
 
+    from tifactory.crop import CropSettings
+
+    with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    return CropSettings.from_config(config, identity_filter=identity)
+
+
+def run_ours(photos_dir: Path, out: Path, workers: int, count: int, identity: bool) -> dict:
+    from tifactory.collect import collect_photos
+    from tifactory.crop import crop_faces, read_identity
+
+    chosen = settings(identity)
     cpu_started = time.process_time()
     started = time.perf_counter()
     raw = collect_photos([str(photos_dir)], out / "raw.tsv", workers=workers)
     collected = time.perf_counter()
-    crops = crop_faces(out / "raw.tsv", out / "crops", out / "crops.tsv", workers=workers)
+    crops = crop_faces(out / "raw.tsv", out / "crops", out / "crops.tsv", chosen, workers=workers)
     finished = time.perf_counter()
     cpu = time.process_time() - cpu_started
     kept = int((crops["status"] == "kept").sum())
     result = {"photos_s": count / (finished - started), "cpu_ms": cpu / count * 1000}
-    print(f"  tifactory collect {collected - started:.2f} s + crop {finished - collected:.2f} s "
+    outcome = read_identity(out / "crops")
+    print(f"  tifactory identity {outcome.get('filter')} ({outcome.get('model', '-')}): collect "
+          f"{collected - started:.2f} s + crop {finished - collected:.2f} s "
           f"({kept}/{count} kept, raw kept {int((raw['status'] == 'kept').sum())}): "
           f"{result['photos_s']:.2f} photos/s (workers={workers}), CPU {result['cpu_ms']:.0f} ms/photo")
     return result
@@ -98,6 +114,7 @@ def main() -> None:
                         help="alternate tifactory and autocrop this many times; report each side's best "
                              "(other processes on the box slow both sides alike)")
     parser.add_argument("--cores", type=int, default=2, help="pin the process to this many CPUs (Linux)")
+    parser.add_argument("--no-autocrop", action="store_true", help="time tifactory only")
     args = parser.parse_args()
 
     if hasattr(os, "sched_setaffinity") and args.cores:
@@ -119,19 +136,25 @@ def main() -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"{len(paths)} photos of {megapixels:.0f} MP, {sum(p.stat().st_size for p in paths) / len(paths) / 1e6:.1f} "
               f"MB each; {cores} cores; load average at the start {os.getloadavg()[0]:.1f}")
-        cropper = Cropper(512, 512, face_percent=45)
-        ours, theirs = [], []
+        cropper = None if args.no_autocrop else Cropper(512, 512, face_percent=45)
+        ours, plain, theirs = [], [], []
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} (load average {os.getloadavg()[0]:.1f})")
-            ours.append(run_ours(photos_dir, root / f"out{round_}", args.workers, len(paths)))
-            theirs.append(run_autocrop(cropper, paths[: args.autocrop_photos]))
-        best_ours = max(r["photos_s"] for r in ours)
-        best_theirs = max(r["photos_s"] for r in theirs)
-        cpu_ours = min(r["cpu_ms"] for r in ours)
-        cpu_theirs = min(r["cpu_ms"] for r in theirs)
-        print(f"best: tifactory {best_ours:.2f} photos/s, autocrop {best_theirs:.2f} photos/s: x{best_ours / best_theirs:.1f}")
-        print(f"CPU per photo: tifactory {cpu_ours:.0f} ms, autocrop {cpu_theirs:.0f} ms: x{cpu_theirs / cpu_ours:.1f} less; "
-              f"on {cores} idle cores that is at most {cores * 1000 / cpu_ours:.1f} vs {cores * 1000 / cpu_theirs:.2f} photos/s")
+            ours.append(run_ours(photos_dir, root / f"out{round_}", args.workers, len(paths), identity=True))
+            plain.append(run_ours(photos_dir, root / f"plain{round_}", args.workers, len(paths), identity=False))
+            if cropper is not None:
+                theirs.append(run_autocrop(cropper, paths[: args.autocrop_photos]))
+        best_ours, best_plain = max(r["photos_s"] for r in ours), max(r["photos_s"] for r in plain)
+        cpu_ours, cpu_plain = min(r["cpu_ms"] for r in ours), min(r["cpu_ms"] for r in plain)
+        print(f"best: tifactory identity on {best_ours:.2f} photos/s ({cpu_ours:.0f} CPU ms/photo), off "
+              f"{best_plain:.2f} photos/s ({cpu_plain:.0f} CPU ms/photo): the identity filter costs "
+              f"x{cpu_ours / cpu_plain:.2f} CPU; on {cores} idle cores at most {cores * 1000 / cpu_ours:.1f} photos/s "
+              f"with it")
+        if theirs:
+            best_theirs = max(r["photos_s"] for r in theirs)
+            cpu_theirs = min(r["cpu_ms"] for r in theirs)
+            print(f"autocrop {best_theirs:.2f} photos/s: tifactory (identity on) x{best_ours / best_theirs:.1f}; "
+                  f"CPU per photo autocrop {cpu_theirs:.0f} ms: x{cpu_theirs / cpu_ours:.1f} more than tifactory")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, "
               f"{platform.platform()}")

@@ -19,6 +19,7 @@ from tifactory.roster import (
 )
 from tifactory.demo import DEMO_SUBJECTS
 from tifactory.model_check import check_models, check_subject_tokens, tokenizer_folder
+from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"
@@ -147,6 +148,15 @@ def workflow_file(path):
     if os.path.isabs(path) or os.path.exists(path):
         return path
     return os.path.join(workflow.basedir, path)
+
+
+# The face models (config `faces:`), resolved from file checks alone: a setting that cannot work here is
+# named before any job runs; the resolved names are params of the crop and likeness rules, so unpacking an
+# insightface pack reruns what it changes.
+try:
+    FACE_MODELS = resolve_face_models(FaceSettings.from_config(config["faces"]))
+except FaceModelError as error:
+    raise WorkflowError(str(error)) from None
 
 
 def crop_reference_photos(wildcards):

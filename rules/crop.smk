@@ -6,6 +6,9 @@ rule crop:
         directory("results/{subject}/crops"),
     params:
         crop=config["crop"],
+        faces=config["faces"],
+        face_models=FACE_MODELS.params(),
+        max_megapixels=config["collect"]["max_megapixels"],
         reference=crop_reference_photos,
     threads: 2
     conda:

@@ -111,8 +111,8 @@ rule likeness:
         ),
         summary="results/{subject}/samples/likeness.json",
     params:
-        pack=config["samples"]["likeness_pack"],
-        root=config["samples"]["likeness_root"],
+        faces=config["faces"],
+        face_models=FACE_MODELS.params(),
     conda:
         "../envs/tifactory.yaml"
     log:

@@ -1,12 +1,6 @@
 # Settings and input functions of rules/samples.smk and rules/report.smk (no rules here, see `snakemake --lint`).
-# Parse time stays cheap: only path checks here; torch/insightface load inside the jobs.
-from tifactory.likeness import insightface_pack_available
-
-LIKENESS_KEYS = ("likeness_pack", "likeness_root")
+# Parse time stays cheap: only path checks here; torch and the face models load inside the jobs.
 EVAL_MODELS = {entry["name"]: entry for entry in config.get("eval_models", [])}
-LIKENESS_AVAILABLE = insightface_pack_available(
-    config["samples"]["likeness_pack"], config["samples"]["likeness_root"]
-)
 
 
 wildcard_constraints:
@@ -14,11 +8,8 @@ wildcard_constraints:
 
 
 def sampling_params(wildcards):
-    """The samples section (demo overrides applied) without the likeness keys, plus the init word."""
-    params = sample_params(wildcards)
-    for key in LIKENESS_KEYS:
-        params.pop(key, None)
-    return params
+    """The samples section (demo overrides applied), plus the init word."""
+    return sample_params(wildcards)
 
 
 def extra_embedding_inputs(wildcards):
@@ -40,10 +31,9 @@ def samples_targets():
         "results/{subject}/train/loss.png",
         "results/{subject}/samples/scores.tsv",
         "results/{subject}/report/summary.html",
+        "results/{subject}/{subject}-ti-best.safetensors",
     ]
     targets += [f"results/{{subject}}/samples/eval/{name}/grid.png" for name in EVAL_MODELS]
-    if LIKENESS_AVAILABLE:
-        targets.append("results/{subject}/{subject}-ti-best.safetensors")
     return expand(targets, subject=SUBJECTS) + ["results/report/roster.html"]
 
 

@@ -173,7 +173,8 @@ def write_workdir(root: str | os.PathLike, repo_config: dict, tiny_overrides: di
     (root / "roster.tsv").write_text("subject\tclass_word\tsources\n" + "".join(r + "\n" for r in rows),
                                      encoding="utf-8")
     config = dict(repo_config, roster="roster.tsv", demo_overrides=tiny_overrides)
-    config["crop"] = dict(repo_config["crop"], detector="yunet")  # the same detector on every machine
+    # the same models on every machine (no insightface pack is used even where one is unpacked)
+    config["faces"] = dict(repo_config["faces"], detector="yunet", recogniser="dlib")
     for key, value in config_changes.items():
         config[key] = value
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

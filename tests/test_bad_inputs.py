@@ -213,3 +213,19 @@ def test_bad_config_fails_at_start_with_the_schema_message(small_workdir, change
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     output = _assert_failed_before_any_job(small_workdir, run_snakemake(small_workdir, check=False))
     assert "Error validating config file" in output and expected in output
+
+
+@pytest.mark.parametrize("faces, expected", [
+    ({"recogniser": "arcface"}, "faces.recogniser: arcface needs a pack with a recognition model"),
+    ({"detector": "insightface"}, "faces.detector: insightface needs a pack with a detection model"),
+], ids=["arcface-without-pack", "scrfd-without-pack"])
+def test_face_model_that_cannot_work_here_is_named_at_start(small_workdir, faces, expected):
+    """An explicit insightface model without its local pack fails before any job runs, naming the setting."""
+    import yaml
+
+    path = small_workdir / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["faces"].update(faces, insightface_pack=str(small_workdir / "no-pack"))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    output = _assert_failed_before_any_job(small_workdir, run_snakemake(small_workdir, check=False))
+    assert expected in output and "never downloaded" in output

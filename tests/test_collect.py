@@ -204,3 +204,34 @@ def test_manifest_round_trip_and_determinism(tmp_path, astronaut):
     assert back["width"].tolist() == frame["width"].tolist()
     assert back["status"].tolist() == ["kept", "rejected"]
     assert pd.isna(back.loc[1, "width"]) and back.loc[1, "pixel_sha256"] == ""
+
+
+@pytest.mark.parametrize("fmt,suffix", [("HEIF", "heic"), ("AVIF", "avif")])
+def test_phone_photos_heic_and_avif_decode_upright(tmp_path, astronaut, fmt, suffix):
+    """iPhones save HEIC, many phones AVIF: both are collected, upright by their EXIF orientation (6: the
+    stored pixels are turned a quarter), and the face is found in them."""
+    from tifactory.faces.detection import YuNetDetector
+
+    upright = astronaut.crop((60, 0, 460, 512))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = photos / f"phone.{suffix}"
+    if fmt == "HEIF":  # written by pillow-heif directly: this test must not register PIL's HEIF opener itself
+        import pillow_heif
+
+        pillow_heif.from_pillow(stored).save(path, quality=90, exif=exif.tobytes())
+    else:
+        stored.save(path, format=fmt, quality=90, exif=exif.tobytes())
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    row = _row(frame, path)
+    assert row["status"] == "kept" and row["format"] == fmt, row.to_dict()
+    assert (row["width"], row["height"]) == (400, 512)
+    loaded = load_upright_rgb(path)
+    assert loaded.size == upright.size
+    diff = np.abs(np.asarray(loaded, dtype=np.int16) - np.asarray(upright, dtype=np.int16))
+    assert diff.mean() < 8
+    faces = YuNetDetector(score_threshold=0.6, max_side=640).detect(np.asarray(loaded))
+    assert len(faces) == 1 and faces[0].landmarks[0][1] < faces[0].landmarks[3][1]  # eyes above the mouth

@@ -1,4 +1,4 @@
-"""Tests for tifactory.crop and tifactory.detect on packaged real photos."""
+"""Tests for tifactory.crop and tifactory.faces on packaged real photos."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import pytest
 from PIL import Image
 
 from tifactory.collect import collect_photos
-from tifactory.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_faces, crop_file_name
-from tifactory.detect import Face, YuNetDetector
+from photos import run_crop
+from tifactory.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_file_name
+from tifactory.faces.detection import Face, YuNetDetector
 from photos import package_photo
 
 
 def _run(tmp_path: Path, photos: Path, **crop_kwargs) -> pd.DataFrame:
     collect_photos([str(photos)], tmp_path / "raw.tsv")
-    return crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv", **crop_kwargs)
+    return run_crop(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv", **crop_kwargs)
 
 
 def _row(frame: pd.DataFrame, path: Path) -> pd.Series:
@@ -36,7 +37,7 @@ def _check_kept_geometry(row: pd.Series, image_size: tuple[int, int]) -> None:
 
 
 def test_detector_on_astronaut_and_group(astronaut):
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     faces = detector.detect(np.asarray(astronaut))
     assert len(faces) == 1
     face = faces[0]
@@ -56,7 +57,7 @@ def test_detector_on_astronaut_and_group(astronaut):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="YuNet face model not found"):
-        YuNetDetector(model_path=tmp_path / "missing.onnx")
+        YuNetDetector(score_threshold=0.6, max_side=640, model_path=tmp_path / "missing.onnx")
 
 
 def test_astronaut_crop_geometry(tmp_path, astronaut):
@@ -88,7 +89,7 @@ def test_astronaut_crop_geometry(tmp_path, astronaut):
     # (the crop is cut at sub-pixel precision; the manifest's box is rounded to whole pixels)
     assert np.abs(crop_pixels - np.asarray(expected, dtype=np.int16)).mean() < 4
 
-    small = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops256", tmp_path / "c256.tsv", resolution=256)
+    small = run_crop(tmp_path / "raw.tsv", tmp_path / "crops256", tmp_path / "c256.tsv", resolution=256)
     with Image.open(tmp_path / "crops256" / small.loc[0, "output"]) as crop:
         assert crop.size == (256, 256)
 
@@ -124,21 +125,21 @@ def test_small_image_tighten_pad_or_reject(tmp_path):
     assert row["reason"].startswith("face cut at border ("), row["reason"]
     # accepting that, even tightened to max_face_share the square needs too much padding
     lenient = dict(max_face_outside=0.15)
-    row = crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", **lenient).iloc[0]
+    row = run_crop(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", **lenient).iloc[0]
     assert row["status"] == "rejected"
     assert row["reason"].startswith("too much padding needed ("), row["reason"]
     assert row["face_y"] >= 0  # the detector's box is clipped to the image
     # with a generous padding cap and upscale limit it is kept: tightened, padded, and measured
-    loose = crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", max_pad_share=0.6,
+    loose = run_crop(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", max_pad_share=0.6,
                        max_upscale=10, pad_mode="blur", **lenient)
     row = loose.iloc[0]
     assert row["status"] == "kept", row["reason"]
     assert row["crop_size"] > 112 and 0.45 < row["face_share"] <= 0.7 + 1e-6
     assert 0.0 < row["pad_share"] <= 0.6 and row["upscale"] > 2.5
     # and with the default upscale limit it is rejected for upscaling, not padding
-    strict = crop_faces(tmp_path / "raw.tsv", tmp_path / "c3", tmp_path / "c3.tsv", max_pad_share=0.6, **lenient)
+    strict = run_crop(tmp_path / "raw.tsv", tmp_path / "c3", tmp_path / "c3.tsv", max_pad_share=0.6, **lenient)
     assert strict.iloc[0]["reason"].startswith("upscale x")
-    flagged = crop_faces(tmp_path / "raw.tsv", tmp_path / "c4", tmp_path / "c4.tsv", max_pad_share=0.6,
+    flagged = run_crop(tmp_path / "raw.tsv", tmp_path / "c4", tmp_path / "c4.tsv", max_pad_share=0.6,
                          upscale_policy="flag", **lenient)
     assert flagged.iloc[0]["status"] == "kept" and flagged.iloc[0]["reason"].startswith("flagged: upscaled x")
 
@@ -169,11 +170,11 @@ def test_rejects_no_face_ambiguous_too_small_and_carries_collect_rejects(tmp_pat
     assert [p.name for p in (tmp_path / "crops").glob("*.png")] == ["contact_sheet.png"]
 
     # a dominant face next to small background faces is kept; a lower ratio makes it ambiguous
-    loose = crop_faces(
+    loose = run_crop(
         tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", min_face_px=10, dominance_ratio=1.0,
-        max_upscale=100,
+        max_upscale=100, min_sharpness=0,
     )
-    assert _row(loose, photos / "d_far.png")["status"] == "kept"
+    assert _row(loose, photos / "d_far.png")["status"] == "kept", _row(loose, photos / "d_far.png")["reason"]
 
 
 def test_stale_crops_removed_names_safe_and_changed_source(tmp_path, astronaut):
@@ -193,11 +194,11 @@ def test_stale_crops_removed_names_safe_and_changed_source(tmp_path, astronaut):
     assert names == {"001_we_ird_rm_-rf_1.png", "000_other.png"}
     assert crop_file_name(3, "/x/../../etc/passwd") == "003_passwd.png"
     assert crop_file_name(4, "/x/....png") == "004_photo.png"
-    assert sorted(p.name for p in crops.iterdir()) == sorted(names | {"README.txt", "contact_sheet.png"})
+    assert sorted(p.name for p in crops.iterdir()) == sorted(names | {"README.txt", "contact_sheet.png", "identity.json"})
 
     # the source changes after collect: rejected, and its old crop is removed as stale
     astronaut.resize((400, 400)).save(other)
-    again = crop_faces(tmp_path / "raw.tsv", crops, tmp_path / "crops.tsv")
+    again = run_crop(tmp_path / "raw.tsv", crops, tmp_path / "crops.tsv")
     assert _row(again, other)["reason"] == "source changed since collect (re-run collect)"
     assert not (crops / "000_other.png").exists()
     assert (crops / "001_we_ird_rm_-rf_1.png").exists()
@@ -205,15 +206,15 @@ def test_stale_crops_removed_names_safe_and_changed_source(tmp_path, astronaut):
 
 def test_compute_crop_box_geometry():
     # centred face, plenty of room
-    x, y, size = compute_crop_box((450, 400, 90, 100), (1000, 1000))
+    x, y, size = compute_crop_box((450, 400, 90, 100), (1000, 1000), face_share=0.45, face_center_y=0.45)
     assert size == round(100 / 0.45)
     assert x + size / 2 == pytest.approx(495, abs=1)
     assert (450 - y) / size == pytest.approx(0.45, abs=0.01)
     # near the right/bottom corner: shifted inside, same size
-    x, y, size = compute_crop_box((900, 880, 90, 100), (1000, 1000))
+    x, y, size = compute_crop_box((900, 880, 90, 100), (1000, 1000), face_share=0.45, face_center_y=0.45)
     assert size == round(100 / 0.45) and x == 1000 - size and y == 1000 - size
     # bigger than the short side: shrunk to it
-    x, y, size = compute_crop_box((100, 50, 200, 250), (640, 400))
+    x, y, size = compute_crop_box((100, 50, 200, 250), (640, 400), face_share=0.45, face_center_y=0.45)
     assert size == 400 and y == 0 and 0 <= x <= 240
     # face_share / face_center_y are honoured
     x, y, size = compute_crop_box((450, 400, 100, 100), (2000, 2000), face_share=0.25, face_center_y=0.5)
@@ -221,7 +222,7 @@ def test_compute_crop_box_geometry():
 
 
 def test_detector_degenerate_inputs_return_no_faces(astronaut):
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     for shape in [(1, 1, 3), (8, 8, 3), (64, 64), (64, 6400, 3), (0, 10, 3)]:
         assert detector.detect(np.zeros(shape, np.uint8)) == []
     # thin inputs (a 32 px side for the network) used to give phantom faces now and then, left over from

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.collect import collect_photos
-from tifactory.crop import crop_faces
-from tifactory.detect import YuNetDetector
+from photos import run_crop
+from tifactory.faces.detection import YuNetDetector
 from photos import package_photo
 
 # Tom_Hanks_54745.png is a 112x112 ArcFace-aligned face: its five landmarks sit at insightface's
@@ -66,7 +66,7 @@ def _rows(frame: pd.DataFrame) -> dict[str, dict]:
 
 def test_reference_boxes(tiles, background):
     """The tiles' face boxes, and the detector's landmarks on Hanks against the ArcFace template."""
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     hanks, _ = tiles["hanks"]
     canvas, placed = _place(background, hanks, HANKS_FACE, 4.0, 300, 200)
     face = detector.detect(np.asarray(canvas))[0]
@@ -94,7 +94,7 @@ CASES = [  # name, tile, scale, x, y, EXIF orientation, at a border
 def test_hanks_and_t1_placed_scaled_rotated_and_at_borders(tmp_path, tiles, background):
     photos = tmp_path / "photos"
     photos.mkdir()
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     truth = {}
     for name, tile_name, scale, x, y, orientation, border in CASES:
         tile, face = tiles[tile_name]
@@ -114,7 +114,7 @@ def test_hanks_and_t1_placed_scaled_rotated_and_at_borders(tmp_path, tiles, back
     _save(tiles["t1"], photos / "t1_group.jpg", 8)
 
     collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
-    frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv")
+    frame = run_crop(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv")
     rows = _rows(frame)
     assert rows["t1_group.jpg"]["reason"] == "ambiguous: 6 faces of similar size"
     assert rows["h_cut.jpg"]["status"] == "rejected"
@@ -165,12 +165,12 @@ def test_dominant_face_kept_similar_faces_ambiguous(tmp_path, tiles, background)
     canvas.paste(hanks.resize((290, 290), Image.Resampling.LANCZOS), (1000, 400))
     _save(canvas, photos / "b_two_faces.jpg")
     collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
-    rows = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv"))
+    rows = _rows(run_crop(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv"))
     dominant = rows["a_dominant.jpg"]
     assert dominant["status"] == "kept" and dominant["n_faces"] == 2, dominant["reason"]
     assert dominant["face_x"] < 1000  # the big face, not the small one
     assert rows["b_two_faces.jpg"]["reason"] == "ambiguous: 2 faces of similar size"
     assert rows["b_two_faces.jpg"]["n_faces"] == 2
     # the dominance ratio is the knob: demand more and the small face makes the photo ambiguous
-    strict = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", dominance_ratio=20))
+    strict = _rows(run_crop(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", dominance_ratio=20))
     assert strict["a_dominant.jpg"]["reason"] == "ambiguous: 2 faces of similar size"

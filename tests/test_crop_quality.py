@@ -13,8 +13,12 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.collect import collect_photos
-from tifactory.crop import crop_faces, eye_angle, face_sharpness, render_crop
-from tifactory.detect import HaarDetector, YuNetDetector, insightface_status, make_detector
+from photos import run_crop as crop_faces
+from tifactory.crop import eye_angle, face_sharpness, render_crop
+from tifactory.faces.detection import HaarDetector, YuNetDetector
+from tifactory.faces.models import FaceModelError, FaceSettings, resolve
+from tifactory.faces.packs import pack_status
+from tifactory.faces.recognition import Metric, Recogniser
 from tifactory.summary import summarize_crops
 from photos import package_photo
 
@@ -49,7 +53,7 @@ def _rows(frame: pd.DataFrame) -> dict[str, dict]:
 
 
 def test_reference_face_box(astronaut):
-    face = YuNetDetector().detect(np.asarray(astronaut))[0]
+    face = YuNetDetector(score_threshold=0.6, max_side=640).detect(np.asarray(astronaut))[0]
     assert np.allclose((face.x, face.y, face.w, face.h), FACE, atol=4)
 
 
@@ -66,7 +70,7 @@ def test_placed_scaled_rotated_and_border_photos_are_framed_accurately(tmp_path,
         truth[f"{name}.jpg"] = (centre, side, canvas.size)
     collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv")
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     for name, row in _rows(frame).items():
         (cx, cy), side, size = truth[name]
         assert row["status"] == "kept", (name, row["reason"])
@@ -103,7 +107,7 @@ def test_eye_line_rotation_levels_the_eyes(tmp_path, astronaut, background):
     # YuNet's 5-point landmarks are biased towards level, so levelling is partial: the right direction,
     # a good part of the true 14 degrees
     assert levelled["status"] == "kept" and -16 < levelled["rotation"] < -5
-    detector = YuNetDetector()
+    detector = YuNetDetector(score_threshold=0.6, max_side=640)
     with Image.open(tmp_path / "c2" / levelled["output"]) as crop:
         after = eye_angle(detector.detect(np.asarray(crop.convert("RGB")))[0])
     with Image.open(tmp_path / "c1" / plain["output"]) as crop:
@@ -136,11 +140,13 @@ def test_blur_gate_and_measured_values(tmp_path, astronaut, background):
     assert rows["b_soft.png"]["sharpness"] < 20
 
 
-class HistogramStandIn:
+class HistogramStandIn(Recogniser):
     """A stand-in recogniser (NOT a face recogniser): the colour histogram of the face box, as a unit
     vector. It exercises the identity filter's plumbing with two visibly different people."""
 
     calls = 0
+    name = "histogram stand-in"
+    metric = Metric("cosine", 0.8)
 
     def embed(self, rgb, face):
         HistogramStandIn.calls += 1
@@ -166,7 +172,7 @@ def test_identity_filter_with_stand_in_recogniser(tmp_path, astronaut, backgroun
     _three_astronauts_and_a_person(photos, astronaut, background, "someone_else.jpg")
     collect_photos([str(photos)], tmp_path / "raw.tsv")
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv",
-                       recogniser=HistogramStandIn(), identity_threshold=0.8)
+                       recogniser=HistogramStandIn())
     rows = _rows(frame)
     assert HistogramStandIn.calls == 4
     for i in range(3):
@@ -174,9 +180,9 @@ def test_identity_filter_with_stand_in_recogniser(tmp_path, astronaut, backgroun
         assert rows[f"astronaut_{i}.jpg"]["identity_score"] > 0.8
     other = rows["someone_else.jpg"]
     assert other["status"] == "rejected" and other["identity_score"] < 0.8
-    assert other["reason"].startswith("identity: cosine ")
-    # without a recogniser there is no identity score
-    plain = crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv")
+    assert other["reason"].startswith("different person (cosine 0.")
+    # with the identity filter off there is no identity score
+    plain = crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", identity_filter=False)
     assert plain["identity_score"].isna().all() and (plain["status"] == "kept").all()
 
 
@@ -201,11 +207,11 @@ def test_reference_photos_decide_who_the_subject_is(tmp_path, astronaut, backgro
     person.resize((525, 675), Image.Resampling.LANCZOS).save(reference / "person_ref.jpg", quality=92)
     (reference / "notes.txt").write_text("not a photo", encoding="utf-8")
     collect_photos([str(photos)], tmp_path / "raw.tsv")
-    kwargs = dict(recogniser=HistogramStandIn(), identity_threshold=0.8)
+    kwargs = dict(recogniser=HistogramStandIn())
 
     rows = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", **kwargs))
     assert [rows[f"astronaut_{i}.jpg"]["status"] for i in range(3)] == ["kept"] * 3
-    assert rows["person.jpg"]["reason"].startswith("identity: cosine ")
+    assert rows["person.jpg"]["reason"].startswith("different person (cosine 0.")
 
     said: list[str] = []
     rows = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", log=said.append,
@@ -213,41 +219,49 @@ def test_reference_photos_decide_who_the_subject_is(tmp_path, astronaut, backgro
     assert "identity: 1 of 2 reference photo(s) usable" in said
     assert any(line.startswith("reference notes.txt: not used (") for line in said), said
     assert rows["person.jpg"]["status"] == "kept" and rows["person.jpg"]["identity_score"] > 0.8
-    assert all(rows[f"astronaut_{i}.jpg"]["reason"].startswith("identity: cosine ") for i in range(3))
+    assert all(rows[f"astronaut_{i}.jpg"]["reason"].startswith("different person (cosine 0.") for i in range(3))
 
-    # without a recogniser the reference photos cannot be used, and the log says so
+    # with the identity filter off the reference photos are not used, and the log says so
     said.clear()
     plain = crop_faces(tmp_path / "raw.tsv", tmp_path / "c3", tmp_path / "c3.tsv", log=said.append,
-                       reference_photos=[str(reference)], detector="yunet")
+                       reference_photos=[str(reference)], detector="yunet", identity_filter=False)
     assert plain["identity_score"].isna().all() and (plain["status"] == "kept").all()
-    assert any(line.startswith("identity filter: off (no face recogniser") and line.endswith("reference photos not used")
-               for line in said), said
+    assert any(line.startswith("identity filter: off (crop.identity_filter: false)") and
+               line.endswith("reference photos not used") for line in said), said
 
 
-def test_haar_only_with_opencv_below_5(monkeypatch):
+def _faces(repo_config, **overrides) -> FaceSettings:
+    return FaceSettings.from_config(repo_config["faces"], **overrides)
+
+
+def test_haar_only_with_opencv_below_5(monkeypatch, repo_config):
     import cv2
 
     monkeypatch.setattr(cv2, "__version__", "5.0.0")
-    with pytest.raises(FileNotFoundError, match="needs opencv < 5"):
-        make_detector("haar")
+    with pytest.raises(FaceModelError, match="needs opencv < 5"):
+        resolve(_faces(repo_config, detector="haar"))
 
 
-def test_insightface_absent_is_said_plainly(tmp_path):
-    usable, message = insightface_status(tmp_path, "buffalo_l")
-    assert not usable and "not found" in message and "never downloaded" in message
-    with pytest.raises(FileNotFoundError, match="buffalo_l"):
-        make_detector("insightface", insightface_root=str(tmp_path))
-    detector, note = make_detector("auto", insightface_root=str(tmp_path))
-    assert detector.name == "yunet" and "using YuNet" in note and "not found" in note
-    (tmp_path / "models" / "buffalo_l").mkdir(parents=True)
-    (tmp_path / "models" / "buffalo_l" / "w600k_r50.onnx").write_bytes(b"")
-    usable, message = insightface_status(tmp_path, "buffalo_l")
-    assert not usable and "no detection model" in message
+def test_insightface_absent_is_said_plainly(tmp_path, repo_config):
+    pack = tmp_path / "models" / "buffalo_l"
+    status = pack_status(pack)
+    assert status.detection is None and "no insightface model pack at" in status.message
+    assert "never downloaded" in status.message
+    with pytest.raises(FaceModelError, match="buffalo_l"):
+        resolve(_faces(repo_config, detector="insightface", insightface_pack=str(pack)))
+    resolved = resolve(_faces(repo_config, insightface_pack=str(pack)))
+    assert (resolved.detector, resolved.recogniser) == ("yunet", "dlib") and "no insightface model pack" in resolved.detector_note
+    pack.mkdir(parents=True)
+    (pack / "w600k_r50.onnx").write_bytes(b"")
+    status = pack_status(pack)
+    assert status.detection is None and status.recognition is not None and "no detection model" in status.message
+    with pytest.raises(FaceModelError, match="haar detector lacks"):
+        resolve(_faces(repo_config, detector="haar", recogniser="arcface", insightface_pack=str(pack)))
     assert not list(tmp_path.rglob("*.zip"))  # nothing was downloaded
 
 
 def test_haar_detector_finds_the_astronaut(astronaut):
-    faces = HaarDetector().detect(np.asarray(astronaut))
+    faces = HaarDetector(max_side=640).detect(np.asarray(astronaut))
     assert faces and faces[0].landmarks == ()
     cx, cy = faces[0].center
     assert abs(cx - (FACE[0] + FACE[2] / 2)) < 25 and abs(cy - (FACE[1] + FACE[3] / 2)) < 30

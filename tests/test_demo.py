@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 from tifactory.collect import collect_photos, load_upright_rgb
-from tifactory.crop import crop_faces
+from photos import run_crop
 from tifactory.demo import DEMO_SUBJECTS, make_demo_photos
-from tifactory.detect import YuNetDetector
+from tifactory.faces.detection import YuNetDetector
 
 
 def _pipeline(root: Path, subject: str):
     photos = make_demo_photos(subject, root / "photos")
     raw = collect_photos([str(root / "photos")], root / "raw.tsv")
-    crops = crop_faces(root / "raw.tsv", root / "crops", root / "crops.tsv")
+    crops = run_crop(root / "raw.tsv", root / "crops", root / "crops.tsv")
     return photos, raw, crops
 
 
@@ -62,7 +62,7 @@ def test_demo_photo_set_is_varied(demo_run):
 
 def test_demo_base_photo_holds_exactly_one_face(demo_run):
     _subject, _root, _elapsed, photos, _ = demo_run
-    sensitive = YuNetDetector(score_threshold=0.3)
+    sensitive = YuNetDetector(score_threshold=0.3, max_side=640)
     original = next(p for p in photos if "_01_" in p.name)
     assert len(sensitive.detect(np.asarray(load_upright_rgb(original)))) == 1
     noface = next(p for p in photos if "noface" in p.name)
@@ -109,5 +109,5 @@ def test_demo_pipeline_is_deterministic(demo_run):
     for a, b in zip(first_crops, second_crops):
         assert a.read_bytes() == b.read_bytes()
     # re-running in place rewrites the same files and leaves no temp files behind
-    crop_faces(root / "run1" / "raw.tsv", root / "run1" / "crops", root / "run1" / "crops.tsv")
-    assert sorted((root / "run1" / "crops").iterdir()) == sorted(first_crops + [root / "run1" / "crops" / "contact_sheet.png"])
+    run_crop(root / "run1" / "raw.tsv", root / "run1" / "crops", root / "run1" / "crops.tsv")
+    assert sorted((root / "run1" / "crops").iterdir()) == sorted(first_crops + [root / "run1" / "crops" / name for name in ("contact_sheet.png", "identity.json")])

@@ -2,7 +2,7 @@
 
 No insightface model pack can be downloaded here, so each test builds `<root>/models/<pack>/` from two tiny
 ONNX graphs (written to tmp_path; nothing binary is committed) that insightface's own model router takes
-for the real thing, then drives the project's adapters (tifactory.detect, tifactory.crop, tifactory.likeness)
+for the real thing, then drives the project's adapters (tifactory.faces, tifactory.crop, tifactory.likeness)
 through insightface unchanged:
 
 * SCRFD stand-in (`det_10g.onnx`): input `1x3xHxW` with symbolic H, W like the real det_10g, 9 outputs
@@ -41,20 +41,14 @@ onnx = pytest.importorskip("onnx")  # a dependency of insightface itself (its mo
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from tifactory.collect import collect_photos  # noqa: E402
-from tifactory.crop import crop_faces  # noqa: E402
-from tifactory.detect import (  # noqa: E402
-    ArcFaceRecogniser,
-    InsightFaceDetector,
-    insightface_status,
-    make_detector,
-)
-from tifactory.likeness import (  # noqa: E402
-    InsightfaceRecogniser,
-    insightface_pack_available,
-    score_subject,
-)
+from photos import run_crop as crop_faces  # noqa: E402
+from tifactory.faces.detection import InsightFaceDetector  # noqa: E402
+from tifactory.faces.models import FaceModelError, FaceSettings, load_detector, load_recogniser, resolve  # noqa: E402
+from tifactory.faces.packs import pack_status  # noqa: E402
+from tifactory.faces.recognition import ArcFaceRecogniser  # noqa: E402
+from tifactory.likeness import score_subject  # noqa: E402
 
-DET = 640  # detector input side: InsightFaceDetector's max_side and InsightfaceRecogniser's det_size
+DET = 640  # detector input side: InsightFaceDetector's max_side (config faces.detect_side)
 STRIDES = (8, 16, 32)
 ANCHORS = 2
 POOL = 16  # the recogniser stand-in pools 112x112 -> 7x7 before projecting to 512
@@ -202,30 +196,46 @@ def test_insightface_router_takes_the_stand_ins_for_scrfd_and_arcface(packs):
     assert all(path.stat().st_size < 400_000 for path in folder.glob("*.onnx"))  # tiny
 
 
-def test_make_detector_uses_the_pack_when_present_and_says_plainly_when_not(packs, tmp_path):
-    root = str(packs["root"])
-    detector, note = make_detector("auto", insightface_root=root, insightface_pack="standin")
-    assert isinstance(detector, InsightFaceDetector) and detector.name == "insightface"
-    assert note.startswith("detector: insightface") and "'standin' found at" in note
-    assert isinstance(detector.recogniser, ArcFaceRecogniser)
-    detector, note = make_detector("insightface", insightface_root=root, insightface_pack="pair")
-    assert detector.name == "insightface" and detector.recogniser is None  # no recognition model in "pair"
+def settings(repo_config, pack, **overrides) -> FaceSettings:
+    return FaceSettings.from_config(repo_config["faces"], insightface_pack=str(pack), **overrides)
 
-    detector, note = make_detector("auto", insightface_root=str(tmp_path), insightface_pack="standin")
-    assert detector.name == "yunet" and "not found" in note and "never downloaded" in note and "using YuNet" in note
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
-        make_detector("insightface", insightface_root=str(tmp_path), insightface_pack="standin")
-    usable, message = insightface_status(root, "nodet")
-    assert not usable and "no detection model" in message
-    detector, note = make_detector("auto", insightface_root=root, insightface_pack="nodet")
-    assert detector.name == "yunet" and "no detection model" in note
-    assert not list(Path(root).rglob("*.zip")) and not list(tmp_path.rglob("*"))  # nothing downloaded
+
+def models(repo_config, pack, **overrides):
+    chosen = settings(repo_config, pack, **overrides)
+    return load_detector(chosen)[0], load_recogniser(chosen)[0]
+
+
+def test_registry_uses_the_pack_when_present_and_says_plainly_when_not(packs, tmp_path, repo_config):
+    models_dir = packs["root"] / "models"
+    resolved = resolve(settings(repo_config, models_dir / "standin"))
+    assert (resolved.detector, resolved.recogniser) == ("insightface", "arcface")
+    assert resolved.detector_note.startswith("detector: insightface SCRFD") and "detection det_10g.onnx" in resolved.detector_note
+    assert "cosine, same person >= 0.40" in resolved.recogniser_note
+    detector, recogniser = models(repo_config, models_dir / "standin")
+    assert isinstance(detector, InsightFaceDetector) and isinstance(recogniser, ArcFaceRecogniser)
+    assert recogniser.name == "arcface:standin" and recogniser.metric.kind == "cosine"
+    # a pack without a recogniser: SCRFD detects, dlib recognises
+    resolved = resolve(settings(repo_config, models_dir / "pair"))
+    assert (resolved.detector, resolved.recogniser) == ("insightface", "dlib")
+    with pytest.raises(FaceModelError, match="no recognition model"):
+        resolve(settings(repo_config, models_dir / "pair", recogniser="arcface"))
+    # no pack: YuNet + dlib, said plainly
+    resolved = resolve(settings(repo_config, tmp_path / "standin"))
+    assert (resolved.detector, resolved.recogniser) == ("yunet", "dlib")
+    assert "no insightface model pack" in resolved.detector_note and "never downloaded" in resolved.detector_note
+    with pytest.raises(FaceModelError, match="never downloaded"):
+        resolve(settings(repo_config, tmp_path / "standin", detector="insightface"))
+    status = pack_status(models_dir / "nodet")
+    assert status.detection is None and "no detection model" in status.message
+    resolved = resolve(settings(repo_config, models_dir / "nodet"))
+    assert (resolved.detector, resolved.recogniser) == ("yunet", "arcface")  # ArcFace aligns on YuNet's landmarks
+    assert not list(Path(packs["root"]).rglob("*.zip")) and not list(tmp_path.rglob("*"))  # nothing downloaded
 
 
 @pytest.mark.parametrize("width, height", [(1280, 960), (640, 480), (320, 240)])
 def test_detector_returns_the_encoded_faces_in_image_pixels(packs, width, height):
     """Downscaled to 640 by the adapter (1280), as is (640), or enlarged by SCRFD's letterbox (320)."""
-    detector = InsightFaceDetector(packs["root"], "pair", score_threshold=0.5)
+    detector = InsightFaceDetector(packs["root"] / "models" / "pair", score_threshold=0.5, max_side=DET)
     rgb = np.full((height, width, 3), 200, np.uint8)
     faces = detector.detect(rgb)
     scale = width / DET
@@ -239,17 +249,17 @@ def test_detector_returns_the_encoded_faces_in_image_pixels(packs, width, height
     assert detector.detect(np.full((height, width, 3), 100, np.uint8)) == []  # nothing lit: no face
     assert detector.detect(np.zeros((1, 1, 3), np.uint8)) == []
     # the adapter's threshold reaches insightface: the 0.8 face drops out at 0.85
-    strict = InsightFaceDetector(packs["root"], "pair", score_threshold=0.85)
+    strict = InsightFaceDetector(packs["root"] / "models" / "pair", score_threshold=0.85, max_side=DET)
     assert [round(face.score, 3) for face in strict.detect(rgb)] == [0.9]
 
 
-def test_arcface_adapter_embeds_the_aligned_face_and_separates_identities(packs):
+def test_arcface_adapter_embeds_the_aligned_face_and_separates_identities(packs, repo_config):
     from insightface.utils import face_align
 
-    detector, _ = make_detector("insightface", insightface_root=str(packs["root"]), insightface_pack="standin")
+    detector, recogniser = models(repo_config, packs["root"] / "models" / "standin")
     rgb = face_photo(1280, 960, identity=1)
     face = detector.detect(rgb)[0]
-    embedding = detector.recogniser.embed(rgb, face)
+    embedding = recogniser.embed(rgb, face)
     assert embedding.shape == (512,) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-9)
 
     # the same number computed outside insightface: align on the landmarks, RGB order, (x - 127.5) / 127.5,
@@ -259,20 +269,21 @@ def test_arcface_adapter_embeds_the_aligned_face_and_separates_identities(packs)
     pooled = blob.reshape(7, POOL, 7, POOL, 3).mean(axis=(1, 3)).transpose(2, 0, 1).ravel()
     np.testing.assert_allclose(embedding, unit(pooled @ packs["projection"]), atol=1e-4)
 
-    same_person = detector.recogniser.embed(face_photo(1280, 960, identity=1, variant=3), face)
-    someone_else = detector.recogniser.embed(face_photo(1280, 960, identity=2), face)
+    same_person = recogniser.embed(face_photo(1280, 960, identity=1, variant=3), face)
+    someone_else = recogniser.embed(face_photo(1280, 960, identity=2), face)
+    assert recogniser.metric.same(recogniser.metric.compare(embedding, same_person))
     assert float(embedding @ same_person) > 0.9
-    assert float(embedding @ someone_else) < 0.5
+    assert float(embedding @ someone_else) < 0.4 and not recogniser.metric.same(float(embedding @ someone_else))
     with pytest.raises(ValueError, match="5 face landmarks"):
-        detector.recogniser.embed(rgb, type(face)(face.x, face.y, face.w, face.h, face.score, ()))
+        recogniser.embed(rgb, type(face)(face.x, face.y, face.w, face.h, face.score, ()))
 
 
-def test_recogniser_found_by_shape_when_the_file_name_is_not_w600k(packs):
-    """antelopev2 ships glintr100.onnx: the pack has a recogniser even though no name says 'w600k'/'arcface'."""
-    detector = InsightFaceDetector(packs["root"], "antelope")
-    assert isinstance(detector.recogniser, ArcFaceRecogniser)
+def test_antelopev2_names_are_found(packs, repo_config):
+    """antelopev2 ships scrfd_10g_bnkps.onnx and glintr100.onnx (no 'det_' or 'w600k' in the names)."""
+    detector, recogniser = models(repo_config, packs["root"] / "models" / "antelope")
+    assert isinstance(detector, InsightFaceDetector) and isinstance(recogniser, ArcFaceRecogniser)
     rgb = face_photo(640, 480, identity=1)
-    assert detector.recogniser.embed(rgb, detector.detect(rgb)[0]).shape == (512,)
+    assert recogniser.embed(rgb, detector.detect(rgb)[0]).shape == (512,)
 
 
 def _identity_photos(folder: Path) -> Path:
@@ -292,11 +303,12 @@ def _identity_photos(folder: Path) -> Path:
 def test_identity_filter_in_crop_faces_with_the_real_adapter(packs, tmp_path):
     raw = _identity_photos(tmp_path)
     said: list[str] = []
-    frame = crop_faces(raw, tmp_path / "crops", tmp_path / "crops.tsv", detector="insightface",
-                       insightface_root=str(packs["root"]), insightface_pack="standin", log=said.append)
+    frame = crop_faces(raw, tmp_path / "crops", tmp_path / "crops.tsv", detector="insightface", identity_filter=True,
+                       insightface_pack=str(packs["root"] / "models" / "standin"), log=said.append)
     rows = {Path(source).name: row for source, row in zip(frame["source"], frame.to_dict("records"))}
     assert any(line.startswith("detector: insightface") for line in said)
-    assert any("identity: reference = robust mean of the subject's 4 face(s)" in line for line in said)
+    assert any("reference = the majority identity: 3 of 4 faces are one person" in line for line in said), said
+    assert any(line.startswith("recogniser: arcface w600k_r50.onnx (cosine") for line in said)
     for variant in range(3):
         row = rows[f"subject_{variant}.jpg"]
         assert row["status"] == "kept" and row["detector"] == "insightface", row
@@ -306,7 +318,8 @@ def test_identity_filter_in_crop_faces_with_the_real_adapter(packs, tmp_path):
         assert Image.open(tmp_path / "crops" / row["output"]).size == (512, 512)
     other = rows["someone_else.jpg"]
     assert other["status"] == "rejected" and other["identity_score"] < 0.4
-    assert other["reason"].startswith("identity: cosine ")
+    assert other["reason"].startswith("different person (cosine ") and other["reason"].endswith(
+        " < 0.40 to the subject's reference)")
     assert rows["dark.jpg"]["reason"] == "no face"
 
 
@@ -314,31 +327,17 @@ def test_identity_reference_photos_through_the_real_adapter(packs, tmp_path):
     """`reference_photos` are embedded by the same insightface detector + recogniser (detector auto)."""
     raw = _identity_photos(tmp_path)
     said: list[str] = []
-    frame = crop_faces(raw, tmp_path / "crops", tmp_path / "crops.tsv", detector="auto",
-                       insightface_root=str(packs["root"]), insightface_pack="standin",
+    frame = crop_faces(raw, tmp_path / "crops", tmp_path / "crops.tsv", detector="auto", identity_filter=True,
+                       insightface_pack=str(packs["root"] / "models" / "standin"),
                        reference_photos=[str(tmp_path / "photos" / "subject_0.jpg")], log=said.append)
     assert any("identity: 1 of 1 reference photo(s) usable" in line for line in said)
-    assert any("identity: reference = mean of 1 reference face(s)" in line for line in said)
+    assert any("reference = the mean of 1 face(s) in the roster's reference photo(s)" in line for line in said)
     kept = sorted(Path(source).name for source, status in zip(frame["source"], frame["status"]) if status == "kept")
     assert kept == ["subject_0.jpg", "subject_1.jpg", "subject_2.jpg"]
 
 
-def test_likeness_adapter_and_score_subject(packs, tmp_path):
-    root = str(packs["root"])
-    assert insightface_pack_available("standin", root) and not insightface_pack_available("standin", str(tmp_path))
-    recogniser = InsightfaceRecogniser("standin", root)
-    assert recogniser.name == "insightface:standin"
-    # the pack may also be given as a folder
-    assert InsightfaceRecogniser(str(packs["root"] / "models" / "standin")).name == "insightface:standin"
-
-    found = recogniser.faces(face_photo(512, 512, identity=1))
-    assert len(found) == 1
-    x0, y0, x1, y1 = (v * 512 / DET for v in FACE[0])
-    np.testing.assert_allclose(found[0].box, (x0, y0, x1 - x0, y1 - y0), atol=1e-3)
-    assert found[0].embedding.shape == (512,)
-    assert np.linalg.norm(found[0].embedding) == pytest.approx(1.0, abs=1e-5)
-    assert recogniser.faces(np.zeros((512, 512, 3), np.uint8)) == []
-
+def test_likeness_with_the_pack_and_score_subject(packs, tmp_path, repo_config):
+    chosen = settings(repo_config, packs["root"] / "models" / "standin")
     crops = tmp_path / "crops"
     crops.mkdir()
     for i in range(2):
@@ -364,23 +363,14 @@ def test_likeness_adapter_and_score_subject(packs, tmp_path):
     result = score_subject(subject="eva", images_tsv=samples / "images.tsv", crops_dir=crops,
                            checkpoint_dir=checkpoints, scores_tsv=samples / "scores.tsv",
                            plot_png=samples / "likeness.png", summary_json=samples / "likeness.json",
-                           recogniser=recogniser, log=said.append)
-    assert result["scored"] and result["recogniser"] == "insightface:standin" and result["reference_faces"] == 2
+                           settings=chosen, log=said.append)
+    assert result["scored"] and result["recogniser"].startswith("arcface:standin (cosine")
+    assert result["reference_faces"] == 2 and result["metric"] == "cosine"
     assert result["best_step"] == 200 and result["best_checkpoint"].endswith("eva-ti-step00000200.safetensors")
     table = {int(line.split("\t")[0]): line.split("\t")
              for line in (samples / "scores.tsv").read_text().splitlines()[1:]}
     likeness = {step: float(cells[4]) for step, cells in table.items()}
     assert likeness[0] < 0.5 < 0.9 < likeness[100] and likeness[200] > 0.9
-    assert table[100][3] == "0.5000" and table[200][6] == "yes"
+    assert table[100][3] == "0.5000" and table[200][7] == "yes" and table[200][9:] == ["arcface:standin", "cosine"]
     assert json.loads((samples / "likeness.json").read_text())["best_step"] == 200
     assert said and "best step: 200" in said[-1]
-
-
-def test_likeness_adapter_says_what_the_pack_lacks(packs, tmp_path):
-    root = str(packs["root"])
-    with pytest.raises(FileNotFoundError, match="not found"):
-        InsightfaceRecogniser("standin", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no recognition model"):
-        InsightfaceRecogniser("pair", root)
-    with pytest.raises(FileNotFoundError, match="no detection model"):
-        InsightfaceRecogniser("nodet", root)

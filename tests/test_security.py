@@ -192,7 +192,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     import pandas as pd
 
     from tifactory.collect import collect_photos
-    from tifactory.crop import crop_faces
+    from photos import run_crop
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -203,7 +203,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     out = tmp_path / "results" / "crops"
     before = _files(tmp_path)
     collect_photos([str(photos)], tmp_path / "results" / "raw.tsv")
-    frame = crop_faces(tmp_path / "results" / "raw.tsv", out, out / "manifest.tsv", detector="yunet")
+    frame = run_crop(tmp_path / "results" / "raw.tsv", out, out / "manifest.tsv", detector="yunet")
     new = _files(tmp_path) - before
     assert all(out in p.parents or p == tmp_path / "results" / "raw.tsv" for p in new), new
     back = pd.read_csv(out / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)

@@ -102,12 +102,16 @@ def test_samples_likeness_loss_and_report(workdir):
         samples = workdir / "results" / subject / "samples"
         assert Image.open(samples / "grid_preview.jpg").format == "JPEG"
         assert len((samples / "images.tsv").read_text().splitlines()) == 1 + len(list(samples.glob("step*.png")))
-        assert all(line.endswith("not scored") for line in (samples / "scores.tsv").read_text().splitlines()[1:])
-        assert "likeness NOT scored" in (workdir / "logs" / "likeness" / f"{subject}.log").read_text()
-        assert not (workdir / "results" / subject / f"{subject}-ti-best.safetensors").exists()
+        # likeness is on by default (dlib, no download): every step scored, the model and metric named
+        scores = [line.split("\t") for line in (samples / "scores.tsv").read_text().splitlines()]
+        assert scores[0][-2:] == ["model", "metric"]
+        assert all(row[8] == "scored" and row[9:] == ["dlib", "distance"] for row in scores[1:]), scores
+        assert "likeness scored with dlib (euclidean distance" in (workdir / "logs" / "likeness" / f"{subject}.log").read_text()
+        assert (workdir / "results" / subject / f"{subject}-ti-best.safetensors").is_file()
         assert Image.open(workdir / "results" / subject / "train" / "loss.png").size == (900, 500)
         summary = (workdir / "results" / subject / "report" / "summary.html").read_text()
-        assert "likeness NOT scored" in summary and "data:image/jpeg;base64," in summary
+        assert "best step: " in summary and "data:image/jpeg;base64," in summary
+        assert "identity filter: dlib distance" in summary
     assert all(s in (workdir / "results" / "report" / "roster.html").read_text() for s in SUBJECTS)
     snakemake(workdir, "--report", "report.html")
     report = (workdir / "report.html").read_text()
@@ -126,7 +130,7 @@ def test_changed_photo_reruns_only_that_subject(workdir):
     assert {subject for _, subject in jobs} == {"eva", ""}
     assert "roster_overview" in {rule for rule, subject in jobs if subject == ""}  # roster-wide pages only
     assert {rule for rule, _ in jobs} == {"collect", "crop", "dataset", "train", "samples", "loss_plot", "likeness",
-                                          "subject_summary", "crop_summary", "roster_overview"}
+                                          "best_embedding", "subject_summary", "crop_summary", "roster_overview"}
     snakemake(workdir)
     assert planned_jobs(workdir) == []
 
@@ -141,7 +145,7 @@ def test_changed_training_parameter_reruns_training_and_samples_only(workdir):
         jobs = planned_jobs(workdir)
     finally:
         config_path.write_text(original)
-    per_subject = ("train", "samples", "loss_plot", "likeness", "subject_summary")
+    per_subject = ("train", "samples", "loss_plot", "likeness", "best_embedding", "subject_summary")
     assert sorted(jobs) == sorted([(rule, subject) for rule in per_subject for subject in SUBJECTS]
                                   + [("roster_overview", "")])
 

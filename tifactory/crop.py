@@ -11,11 +11,16 @@ detector (~640 px), once just large enough that the crop is not upscaled by the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import threading
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from tifactory.fileio import atomic_path, write_tsv_atomic
+from tifactory.faces import short_error
+from tifactory.faces.models import FaceSettings
+from tifactory.fileio import atomic_path, write_text_atomic, write_tsv_atomic
 
 CROP_MANIFEST_COLUMNS = [
     "source",
@@ -41,7 +46,9 @@ CROP_MANIFEST_COLUMNS = [
     "upscale",
     "sharpness",
     "identity_score",
+    "identity_metric",
 ]
+_TEXT_COLUMNS = ["source", "status", "reason", "output", "detector", "identity_metric"]
 _INT_COLUMNS = ["face_x", "face_y", "face_w", "face_h", "crop_x", "crop_y", "crop_size", "n_faces", "face_px"]
 _FLOAT_COLUMNS = ["det_score", "face_share", "face_center_y", "eye_angle", "rotation", "pad_share", "upscale",
                   "sharpness", "identity_score"]
@@ -67,8 +74,8 @@ def compute_crop_box(
     face_box: tuple[float, float, float, float],
     image_size: tuple[int, int],
     *,
-    face_share: float = 0.45,
-    face_center_y: float = 0.45,
+    face_share: float,
+    face_center_y: float,
     max_pad_share: float = 0.0,
     max_face_share: float = 1.0,
     max_shift: float = 1.0,
@@ -227,165 +234,362 @@ def face_sharpness(image, face_box: tuple[float, float, float, float]) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
+# ---------------------------------------------------------------------------------------------
+# Settings: one frozen object built from config (crop + faces sections); nothing defaulted here
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """config.yaml's `crop:` section, its `faces:` section and the collect stage's pixel guard."""
+
+    resolution: int
+    face_share: float
+    face_center_y: float
+    min_face_px: int
+    dominance_ratio: float
+    identity_filter: bool
+    identity_majority: float
+    rotate: bool
+    max_rotation_deg: float
+    max_shift: float
+    pad_mode: str
+    max_pad_share: float
+    max_face_share: float
+    max_face_outside: float
+    max_upscale: float
+    upscale_policy: str
+    min_sharpness: float
+    contact_sheet: bool
+    max_megapixels: float
+    faces: FaceSettings = field(repr=False)
+
+    def __post_init__(self):
+        checks = [(0.0 < self.face_share <= 1.0, f"face_share must be in (0, 1], got {self.face_share}"),
+                  (0.0 <= self.face_center_y <= 1.0, f"face_center_y must be in [0, 1], got {self.face_center_y}"),
+                  (self.dominance_ratio >= 1.0, f"dominance_ratio must be >= 1, got {self.dominance_ratio}"),
+                  (self.resolution >= 1, f"resolution must be >= 1, got {self.resolution}"),
+                  (self.pad_mode in PAD_MODES, f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}"),
+                  (self.upscale_policy in UPSCALE_POLICIES,
+                   f"upscale_policy must be one of {UPSCALE_POLICIES}, got {self.upscale_policy!r}"),
+                  (0.0 <= self.identity_majority < 1.0,
+                   f"identity_majority must be in [0, 1), got {self.identity_majority}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"crop.{message}")
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "CropSettings":
+        """From the whole config (its crop, faces and collect sections); `overrides`: crop keys, or
+        `faces={...}` for face-model keys."""
+        faces = FaceSettings.from_config(config["faces"], **overrides.pop("faces", {}))
+        values = {**config["crop"], "max_megapixels": config["collect"]["max_megapixels"], **overrides}
+        names = {f.name for f in fields(cls)} - {"faces"}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"crop: unknown setting(s) {unknown}")
+        return cls(faces=faces, **{name: values[name] for name in names if name in values})
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The face models, one detector (and dlib network) per worker thread: neither is thread-safe
+# ---------------------------------------------------------------------------------------------
+
+
+class FaceModels:
+    """The detector and recogniser of a crop run; `recogniser` None = no identity step. Given objects
+    (tests' stand-ins) are shared by the threads; models built here are made once per thread."""
+
+    def __init__(self, settings: CropSettings, *, detector=None, recogniser=None):
+        from tifactory.faces.models import resolve
+
+        self.settings = settings
+        self._given_detector, self._given_recogniser = detector, recogniser
+        self._local = threading.local()
+        self.identity = settings.identity_filter
+        self.resolved = resolve(settings.faces) if detector is None or (recogniser is None and self.identity) else None
+        self.detector_note = self.resolved.detector_note if detector is None else f"detector: {detector.name} (given)"
+        if not self.identity:
+            self.recogniser_note = "identity filter: off (crop.identity_filter: false)"
+        elif recogniser is not None:
+            self.recogniser_note = f"recogniser: {recogniser.label} (given)"
+        else:
+            self.recogniser_note = self.resolved.recogniser_note
+
+    def detector(self):
+        from tifactory.faces.models import load_detector
+
+        if self._given_detector is not None:
+            return self._given_detector
+        if not hasattr(self._local, "detector"):
+            self._local.detector = load_detector(self.settings.faces, self.resolved)[0]
+        return self._local.detector
+
+    def recogniser(self):
+        from tifactory.faces.models import load_recogniser
+
+        if not self.identity:
+            return None
+        if self._given_recogniser is not None:
+            return self._given_recogniser
+        if not hasattr(self._local, "recogniser"):
+            self._local.recogniser = load_recogniser(self.settings.faces, self.resolved)[0]
+        return self._local.recogniser
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-photo steps
+# ---------------------------------------------------------------------------------------------
+
+
 def _clip_box(face, width: int, height: int) -> tuple[float, float, float, float]:
     x0, y0 = max(0.0, face.x), max(0.0, face.y)
     x1, y1 = min(float(width), face.x + face.w), min(float(height), face.y + face.h)
     return x0, y0, max(0.0, x1 - x0), max(0.0, y1 - y0)
 
 
-def _short_error(exc: BaseException) -> str:
-    message = " ".join((str(exc) or type(exc).__name__).split())
-    message = f"{type(exc).__name__}: {message}"
-    return message[:117] + "..." if len(message) > 120 else message
-
-
 def _empty_row(source: str, status: str, reason: str) -> dict:
     row = {column: None for column in CROP_MANIFEST_COLUMNS}
-    row.update(source=source, status=status, reason=reason, output="", detector="")
+    row.update(source=source, status=status, reason=reason, output="", detector="", identity_metric="")
     return row
 
 
 def _scaled_face(face, sx: float, sy: float):
-    from tifactory.detect import Face
+    from tifactory.faces import Face
 
     return Face(x=face.x * sx, y=face.y * sy, w=face.w * sx, h=face.h * sy, score=face.score,
                 landmarks=tuple((px * sx, py * sy) for px, py in face.landmarks))
 
 
-def robust_reference(embeddings, threshold: float, rounds: int = 3):
-    """Unit mean of the embeddings after dropping, `rounds` times, those below `threshold` cosine to it."""
+@dataclass
+class Photo:
+    """One kept raw photo on its way through the steps; `row` is its manifest row (filled as it goes)."""
+
+    index: int
+    row: dict
+    file: str
+    expected_sha256: str
+    face: object = None  # the subject's Face, full-resolution pixels
+    size: tuple[int, int] = (0, 0)
+    embedding: object = None
+    decoded: object = None  # (image, info) of the detection decode, kept when framing follows at once
+
+
+def detect_subject(photo: Photo, models: FaceModels, settings: CropSettings, *, keep_decode: bool) -> bool:
+    """Step 1: decode small, detect, choose the subject's face, gate it; embed it when identity is checked.
+    False (with the row's reason) when the photo is rejected."""
     import numpy as np
 
-    vectors = np.asarray(embeddings, dtype=np.float64)
-    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    keep = np.ones(len(vectors), bool)
-    mean = vectors.mean(axis=0)
-    for _ in range(rounds):
-        mean = vectors[keep].mean(axis=0)
-        mean /= np.linalg.norm(mean) or 1.0
-        new_keep = vectors @ mean >= threshold
-        if not new_keep.any() or (new_keep == keep).all():
-            break
-        keep = new_keep
-    return mean
-
-
-def reference_face_embeddings(sources, detector, recogniser, say=None) -> list:
-    """Embeddings of the largest face in each reference photo (`sources`: files, folders or globs).
-
-    Photos that cannot be read or show no face are skipped, and `say` (a log function) names them."""
-    import numpy as np
-
-    from tifactory.collect import _expand_source
-    from tifactory.imageio import open_upright
-
-    say = say or (lambda message: None)
-    files: list[str] = []
-    for source in sources:
-        found, problem, *_ = _expand_source(os.fspath(source))
-        if problem:
-            say(f"reference {source}: {problem}")
-        files.extend(f for f in found if f not in files)
-    embeddings = []
-    for path in files:
-        name = Path(path).name
-        try:
-            image, _ = open_upright(path, min_long_side=getattr(detector, "max_side", 640), max_pixels=200_000_000)
-            pixels = np.asarray(image)
-            faces = detector.detect(pixels)
-            if not faces:
-                say(f"reference {name}: no face, not used")
-                continue
-            embeddings.append(np.asarray(recogniser.embed(pixels, faces[0]), dtype=np.float64))
-        except Exception as exc:  # noqa: BLE001 - a bad reference photo is reported, not fatal
-            say(f"reference {name}: not used ({_short_error(exc)})")
-            continue
-        if len(faces) > 1:
-            say(f"reference {name}: {len(faces)} faces, the largest is used")
-    say(f"identity: {len(embeddings)} of {len(files)} reference photo(s) usable")
-    return embeddings
-
-
-def crop_faces(
-    raw_manifest_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    manifest_path: str | os.PathLike,
-    *,
-    resolution: int = 512,
-    face_share: float = 0.45,
-    face_center_y: float = 0.45,
-    min_face_px: int = 48,
-    dominance_ratio: float = 2.0,
-    det_score_threshold: float = 0.6,
-    detector: str = "yunet",
-    insightface_root: str = "~/.insightface",
-    insightface_pack: str = "buffalo_l",
-    identity_threshold: float = 0.40,
-    rotate: bool = False,
-    max_rotation_deg: float = 30.0,
-    pad_mode: str = "edge",
-    max_shift: float = 0.2,
-    max_pad_share: float = 0.15,
-    max_face_share: float = 0.7,
-    max_face_outside: float = 0.05,
-    max_upscale: float = 2.5,
-    upscale_policy: str = "reject",
-    min_sharpness: float = 0.0,
-    contact_sheet: bool = True,
-    workers: int = 1,
-    recogniser=None,
-    reference_embeddings=None,
-    reference_photos=None,
-    log=None,
-):
-    """Crop the subject's face from every kept raw photo; write PNGs + the crop manifest TSV atomically.
-
-    Decisions, in order (the first that fails is the row's reason):
-      `no face`; `ambiguous: N faces of similar size` (another face's area exceeds 1/dominance_ratio
-      of the largest); `face too small (Npx < min)` (max(w, h) in source pixels); `face cut at border`
-      (more than max_face_outside of the face box outside the photo); identity (only with a
-      recogniser: cosine to the reference below identity_threshold; reference = mean of
-      `reference_embeddings` if given, else the robust mean of the subject's faces); `needs N% padding`
-      (even tightened to max_face_share); `upscale xN > max` (policy reject; `flag` keeps it and notes
-      it in reason); `blurry (sharpness S < min)`.
-    Crops: `<row:03d>_<stem>.png` (row = 0-based row of the raw manifest) at `resolution` with LANCZOS;
-    `contact_sheet.png` in out_dir shows every decision. PNGs in out_dir that look like crops
-    (`NNN_name.png`) but are not in the new manifest are removed.
-    `detector`: auto | yunet | insightface | haar (see tifactory.detect.make_detector).
-    `reference_photos`: photos of the subject (files, folders or globs; the roster's `reference`
-    column): with a recogniser, the reference is the mean embedding of their largest faces (plus any
-    `reference_embeddings`); without one they are not used and the log says so.
-    """
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-    import pandas as pd
-
-    from tifactory.collect import read_raw_manifest
-    from tifactory.detect import make_detector
     from tifactory.fileio import sha256_file
     from tifactory.imageio import open_upright
 
-    if not 0.0 < face_share <= 1.0:
-        raise ValueError(f"face_share must be in (0, 1], got {face_share}")
-    if not 0.0 <= face_center_y <= 1.0:
-        raise ValueError(f"face_center_y must be in [0, 1], got {face_center_y}")
-    if dominance_ratio < 1.0:
-        raise ValueError(f"dominance_ratio must be >= 1, got {dominance_ratio}")
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if upscale_policy not in UPSCALE_POLICIES:
-        raise ValueError(f"upscale_policy must be one of {UPSCALE_POLICIES}, got {upscale_policy!r}")
-    say = log or (lambda message: None)
+    row, detector = photo.row, models.detector()
+    row["detector"] = detector.name
+    try:
+        if photo.expected_sha256 and sha256_file(photo.file) != photo.expected_sha256:
+            row["reason"] = "source changed since collect (re-run collect)"
+            return False
+        image, info = open_upright(photo.file, min_long_side=detector.max_side)
+    except Exception as exc:  # noqa: BLE001 - gone or changed since collect: data, not a crash
+        row["reason"] = f"unreadable: {short_error(exc)}"
+        return False
+    pixels = np.asarray(image)
+    try:
+        faces = [_scaled_face(f, info.scale_x, info.scale_y) for f in detector.detect(pixels)]
+    except Exception as exc:  # noqa: BLE001
+        row["reason"] = f"detection failed: {short_error(exc)}"
+        return False
+    row["n_faces"] = len(faces)
+    if not faces:
+        row["reason"] = "no face"
+        return False
+    subject = faces[0]
+    fx, fy, fw, fh = _clip_box(subject, info.width, info.height)
+    side = max(subject.w, subject.h)
+    row.update(face_x=int(round(fx)), face_y=int(round(fy)), face_w=int(round(fw)), face_h=int(round(fh)),
+               det_score=round(float(subject.score), 4), face_px=int(round(side)))
+    angle = eye_angle(subject)
+    if angle is not None:
+        row["eye_angle"] = round(angle, 2)
+    rivals = [f for f in faces if f.area * settings.dominance_ratio > subject.area]
+    if len(rivals) > 1:
+        row["reason"] = f"ambiguous: {len(rivals)} faces of similar size"
+        return False
+    if side < settings.min_face_px:
+        row["reason"] = f"face too small ({int(round(side))}px < {settings.min_face_px})"
+        return False
+    outside = 1.0 - (fw * fh) / max(subject.w * subject.h, 1e-9)
+    if outside > settings.max_face_outside:
+        row["reason"] = f"face cut at border ({outside:.0%} of the face box outside the photo)"
+        return False
+    recogniser = models.recogniser()
+    if recogniser is not None:
+        try:
+            small = _scaled_face(subject, 1.0 / info.scale_x, 1.0 / info.scale_y)
+            photo.embedding = np.asarray(recogniser.embed(pixels, small), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001
+            row["reason"] = f"recognition failed: {short_error(exc)}"
+            return False
+    photo.face, photo.size = subject, (info.width, info.height)
+    if keep_decode:
+        photo.decoded = (image, info)
+    return True
 
-    raw = read_raw_manifest(raw_manifest_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    jobs: list[tuple[int, dict, str, str]] = []  # (raw index, row, file, expected file hash)
+
+def subject_reference(photos: list[Photo], models: FaceModels, settings: CropSettings, reference_photos,
+                      say):
+    """Step 2a: the subject's reference identity (the roster's reference photos, else the majority)."""
+    from tifactory.faces.identity import majority_reference, photo_reference, reference_photo_embeddings
+
+    metric = models.recogniser().metric
+    if reference_photos:
+        embeddings, found = reference_photo_embeddings(reference_photos, models.detector(), models.recogniser(),
+                                                       say, settings.max_pixels)
+        reference = photo_reference(embeddings, metric, found)
+        if reference.usable:
+            return reference
+        say(f"identity: {reference.note}; falling back to the subject's own faces")
+    return majority_reference([photo.embedding for photo in photos], metric, min_share=settings.identity_majority)
+
+
+def check_identity(photos: list[Photo], reference, metric) -> list[Photo]:
+    """Step 2b: reject every face that is not the reference's person; return the others."""
+    from tifactory.faces.identity import check
+
+    passed = []
+    for photo in photos:
+        photo.row["identity_metric"] = metric.kind
+        if not reference.usable:
+            passed.append(photo)
+            continue
+        value, reason = check(photo.embedding, reference, metric)
+        photo.row["identity_score"] = round(value, 4)
+        if reason:
+            photo.row["reason"] = reason
+        else:
+            passed.append(photo)
+    return passed
+
+
+def _level_eyes(image, box, pivot, angle: float, detector, settings: CropSettings) -> float:
+    """The rotation that levels the eye line: landmark detectors underestimate tilt, so the eye line is
+    re-measured on the rotated crop and residual(rotation) = 0 solved by the secant method."""
+    import numpy as np
+
+    limit = settings.max_rotation_deg
+
+    def measure(turn: float):
+        probe, _ = render_crop(image, box, resolution=320, rotation=turn, pivot=pivot, pad_mode=settings.pad_mode)
+        found = detector.detect(np.asarray(probe))
+        return eye_angle(found[0]) if found else None
+
+    start = measure(0.0)  # at crop scale the landmarks are better than on the small detection copy
+    previous = (0.0, float(start if start is not None else angle))
+    rotation = max(-limit, min(limit, previous[1]))
+    for _ in range(4):
+        residual = measure(rotation)
+        if residual is None or abs(residual) < 0.5:
+            break
+        slope = (residual - previous[1]) / (rotation - previous[0]) if rotation != previous[0] else -1.0
+        if slope >= -0.05:  # not moving the right way: stop where we are
+            break
+        previous, rotation = (rotation, residual), rotation - residual / slope
+        rotation = max(-limit, min(limit, rotation))
+    return rotation
+
+
+def frame_and_render(photo: Photo, models: FaceModels, settings: CropSettings, out_dir: Path):
+    """Step 3: frame, gate (padding, upscale, blur), decode just large enough, render and save. Returns the
+    crop (PIL) when kept, else None with the row's reason."""
+    import numpy as np
+
+    from tifactory.imageio import open_upright
+
+    row, face, s = photo.row, photo.face, settings
+    width, height = photo.size
+    box = (face.x, face.y, face.w, face.h)
+    tightest = max(s.max_face_share, s.face_share)
+    framed = frame_face(box, (width, height), face_share=s.face_share, face_center_y=s.face_center_y,
+                        max_pad_share=s.max_pad_share, max_face_share=tightest, max_shift=s.max_shift)
+    if framed is None:
+        need = pad_share_of(*frame_face(box, (width, height), face_share=tightest, face_center_y=s.face_center_y,
+                                        max_pad_share=1.0, max_face_share=1.0, max_shift=s.max_shift)[:3],
+                            width, height)
+        row["reason"] = f"too much padding needed ({need:.0%} even at face share {tightest:.2f} ; max {s.max_pad_share:.0%})"
+        return None
+    left, top, size, _ = framed
+    upscale = s.resolution / size
+    row.update(crop_x=int(round(left)), crop_y=int(round(top)), crop_size=int(round(size)),
+               face_share=round(max(face.w, face.h) / size, 4),
+               face_center_y=round((face.y + face.h / 2.0 - top) / size, 4), upscale=round(upscale, 3))
+    flag = ""
+    if upscale > s.max_upscale:
+        if s.upscale_policy == "reject":
+            row["reason"] = f"upscale x{upscale:.2f} > {s.max_upscale:g} (crop side {size:.0f}px)"
+            return None
+        flag = f"flagged: upscaled x{upscale:.2f} > {s.max_upscale:g}"
+    angle = row["eye_angle"]
+    rotation = float(angle) if s.rotate and angle is not None and 1.0 <= abs(angle) <= s.max_rotation_deg else 0.0
+    row["rotation"] = round(rotation, 2)
+    need = None if upscale >= 1.0 else int(np.ceil(max(width, height) * upscale))
+    try:
+        decoded, photo.decoded = photo.decoded, None
+        if decoded is not None and (max(decoded[0].size) >= need if need is not None
+                                    else decoded[1].scale_x == decoded[1].scale_y == 1.0):
+            image, info = decoded  # the detection decode is already large enough
+        else:
+            image, info = open_upright(photo.file, min_long_side=need)
+    except Exception as exc:  # noqa: BLE001
+        row["reason"] = f"unreadable: {short_error(exc)}"
+        return None
+    sx, sy = info.scale_x, info.scale_y
+    sharpness = face_sharpness(image, (face.x / sx, face.y / sy, face.w / sx, face.h / sy))
+    row["sharpness"] = round(sharpness, 1)
+    if sharpness < s.min_sharpness:
+        row["reason"] = f"blurry (sharpness {sharpness:.0f} < {s.min_sharpness:g})"
+        return None
+    pivot = ((face.x + face.w / 2.0) / sx, (face.y + face.h / 2.0) / sy)
+    region = (left / sx, top / sy, size / sx)
+    if rotation:
+        rotation = _level_eyes(image, region, pivot, angle, models.detector(), s)
+        row["rotation"] = round(rotation, 2)
+    crop, pad = render_crop(image, region, resolution=s.resolution, rotation=rotation, pivot=pivot,
+                            pad_mode=s.pad_mode)
+    row["pad_share"] = round(pad, 4)
+    name = crop_file_name(photo.index, row["source"])
+    target = out_dir / name
+    assert target.parent == out_dir and _CROP_NAME.match(name), name
+    with atomic_path(target) as tmp_path:
+        # zlib Huffman-only: for photographic crops as small as level 1 and faster (no match search)
+        crop.save(tmp_path, format="PNG", compress_level=1, compress_type=2)
+    row.update(status="kept", output=name, reason=flag)
+    return crop
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+IDENTITY_FILE = "identity.json"
+
+
+def _run(function, items, workers: int):
+    if workers > 1 and len(items) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(function, items))
+    return [function(item) for item in items]
+
+
+def _photos(raw) -> tuple[list[dict], list[Photo]]:
+    """Manifest rows for every raw row (collect's rejects stay rejected) and the photos to work on."""
+    rows, photos = [], []
     for index, raw_row in enumerate(raw.to_dict("records")):
         source = str(raw_row["source"])
         if raw_row["status"] != "kept":
@@ -393,242 +597,106 @@ def crop_faces(
             continue
         row = _empty_row(source, "rejected", "")
         rows.append(row)
-        jobs.append((index, row, str(raw_row.get("file") or source), str(raw_row.get("file_sha256") or "")))
+        photos.append(Photo(index, row, str(raw_row.get("file") or source), str(raw_row.get("file_sha256") or "")))
+    return rows, photos
 
-    local = threading.local()
-    notes: list[str] = []
+
+def identity_step(found: list[Photo], models: FaceModels, settings: CropSettings, reference_photos, say):
+    """Step 2: the subject's reference, then the same-person check. Returns (photos that passed, the
+    identity summary written to identity.json)."""
+    recogniser = models.recogniser()
+    reference = subject_reference(found, models, settings, reference_photos, say)
+    passed = check_identity(found, reference, recogniser.metric)
+    identity = {"filter": "on" if reference.usable else "not applied", "model": recogniser.name,
+                "metric": recogniser.metric.kind, "threshold": recogniser.metric.threshold,
+                "reference": reference.kind, "faces": reference.faces, "group": reference.group,
+                "rejected": len(found) - len(passed), "note": reference.note}
+    say(f"identity ({recogniser.label}): {reference.note}; {identity['rejected']} face(s) of someone else rejected")
+    return passed, identity
+
+
+def write_manifest(rows: list[dict], manifest_path: str | os.PathLike):
+    """The crop manifest as a typed DataFrame, written atomically."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=CROP_MANIFEST_COLUMNS)
+    for column in _INT_COLUMNS:
+        table[column] = table[column].astype("Int64")
+    for column in _FLOAT_COLUMNS:
+        table[column] = table[column].astype("Float64")
+    for column in _TEXT_COLUMNS:
+        table[column] = table[column].astype(object)
+    write_tsv_atomic(manifest_path, table)
+    return table
+
+
+def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike, manifest_path: str | os.PathLike,
+               settings: CropSettings, *, reference_photos=(), workers: int = 1, detector=None, recogniser=None,
+               log=None):
+    """Crop the subject's face from every kept raw photo; write PNGs, the crop manifest TSV, `identity.json`
+    and the contact sheet (atomically). Returns the manifest as a DataFrame.
+
+    Per photo, the first failing decision is the row's reason: `no face`; `ambiguous: N faces of similar
+    size`; `face too small`; `face cut at border`; `different person (distance D > T to the subject's
+    reference)` (identity filter: see tifactory.faces.identity); `too much padding needed`; `upscale xN > max`
+    (or flagged); `blurry`. Crops are `<row:03d>_<stem>.png` (row = 0-based row of the raw manifest); PNGs in
+    out_dir that look like crops but are not in the new manifest are removed.
+    `detector` / `recogniser`: ready objects instead of the configured models (tests' stand-ins).
+    """
+    from tifactory.collect import read_raw_manifest
+
+    say = log or (lambda message: None)
+    raw = read_raw_manifest(raw_manifest_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, photos = _photos(raw)
     workers = max(1, int(workers))
     if workers > 1:
         import cv2
 
         cv2.setNumThreads(1)  # parallelism comes from the photo workers
-
-    def get_detector():
-        if not hasattr(local, "detector"):
-            local.detector, note = make_detector(detector, score_threshold=det_score_threshold,
-                                                 insightface_root=insightface_root,
-                                                 insightface_pack=insightface_pack)
-            if not notes:
-                notes.append(note)
-        return local.detector
-
-    def run(function, items):
-        if workers > 1 and len(items) > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                return list(pool.map(function, items))
-        return [function(item) for item in items]
-
-    if jobs:
-        get_detector()  # fails here, once, when an explicitly requested detector is unusable
-        say(notes[0])
-    if recogniser is None and jobs:
-        recogniser = getattr(get_detector(), "recogniser", None)
-    if isinstance(reference_photos, (str, os.PathLike)):
-        reference_photos = [reference_photos]
-    reference_photos = [os.fspath(p) for p in reference_photos or []]
-    if jobs and recogniser is None:
-        say("identity filter: off (no face recogniser: it needs an insightface pack with a recognition "
-            "model, see the detector line above)" + ("; reference photos not used" if reference_photos else ""))
-    elif jobs and reference_photos:
-        found = reference_face_embeddings(reference_photos, get_detector(), recogniser, say)
-        reference_embeddings = [*(reference_embeddings if reference_embeddings is not None else []), *found]
-
-    def detect_one(job):
-        """Pass 1: decode small, detect, choose the subject's face; return the plan or None (rejected)."""
-        index, row, file_path, expected = job
-        found = get_detector()
-        row["detector"] = found.name
-        try:
-            if expected and sha256_file(file_path) != expected:
-                row["reason"] = "source changed since collect (re-run collect)"
-                return None
-            image, info = open_upright(file_path, min_long_side=found.max_side)
-        except Exception as exc:  # noqa: BLE001 - gone or changed since collect: data, not a crash
-            row["reason"] = f"unreadable: {_short_error(exc)}"
-            return None
-        try:
-            faces = [_scaled_face(f, info.scale_x, info.scale_y) for f in found.detect(np.asarray(image))]
-        except Exception as exc:  # noqa: BLE001
-            row["reason"] = f"detection failed: {_short_error(exc)}"
-            return None
-        row["n_faces"] = len(faces)
-        if not faces:
-            row["reason"] = "no face"
-            return None
-        subject = faces[0]
-        fx, fy, fw, fh = _clip_box(subject, info.width, info.height)
-        side = max(subject.w, subject.h)
-        row.update(face_x=int(round(fx)), face_y=int(round(fy)), face_w=int(round(fw)), face_h=int(round(fh)),
-                   det_score=round(float(subject.score), 4), face_px=int(round(side)))
-        angle = eye_angle(subject)
-        if angle is not None:
-            row["eye_angle"] = round(angle, 2)
-        rivals = [f for f in faces if f.area * dominance_ratio > subject.area]
-        if len(rivals) > 1:
-            row["reason"] = f"ambiguous: {len(rivals)} faces of similar size"
-            return None
-        if side < min_face_px:
-            row["reason"] = f"face too small ({int(round(side))}px < {min_face_px})"
-            return None
-        outside = 1.0 - (fw * fh) / max(subject.w * subject.h, 1e-9)
-        if outside > max_face_outside:
-            row["reason"] = f"face cut at border ({outside:.0%} of the face box outside the photo)"
-            return None
-        embedding = None
-        if recogniser is not None:
-            small = _scaled_face(subject, 1.0 / info.scale_x, 1.0 / info.scale_y)
-            try:
-                embedding = np.asarray(recogniser.embed(np.asarray(image), small), dtype=np.float64)
-            except Exception as exc:  # noqa: BLE001
-                row["reason"] = f"recognition failed: {_short_error(exc)}"
-                return None
-        plan = {"index": index, "row": row, "file": file_path, "face": subject, "size": (info.width, info.height),
-                "embedding": embedding}
-        if fused:
-            plan["decoded"] = (image, info)  # framed right away: the decode may serve the crop too
-        return plan
-
-    fused = recogniser is None  # no identity step between detection and framing: one pass per photo
+    models = FaceModels(settings, detector=detector, recogniser=recogniser)
+    identity = ({"filter": "off", "note": models.recogniser_note} if not models.identity else
+                {"filter": "not applied", "model": "", "metric": "", "reference": "no faces", "faces": 0, "group": 0,
+                 "rejected": 0, "note": "no photo to check"})
+    if photos:
+        models.detector()  # fails here, once, when a model cannot load
+        say(models.detector_note)
+        say(models.recogniser_note + ("; reference photos not used" if reference_photos and not models.identity
+                                      else ""))
     thumbnails: dict = {}
-    if fused:
-        plans = []
-    else:
-        plans = [plan for plan in run(detect_one, jobs) if plan is not None]
 
-    if recogniser is not None and plans:
-        if reference_embeddings is not None and len(reference_embeddings):
-            reference = robust_reference(reference_embeddings, -1.0, rounds=1)
-            say(f"identity: reference = mean of {len(reference_embeddings)} reference face(s)")
-        else:
-            reference = robust_reference([p["embedding"] for p in plans], identity_threshold)
-            say(f"identity: reference = robust mean of the subject's {len(plans)} face(s)")
-        passed = []
-        for plan in plans:
-            vector = plan["embedding"] / (np.linalg.norm(plan["embedding"]) or 1.0)
-            score = float(vector @ reference)
-            plan["row"]["identity_score"] = round(score, 4)
-            if score < identity_threshold:
-                plan["row"]["reason"] = f"identity: cosine {score:.2f} < {identity_threshold:.2f} to the subject's reference"
-            else:
-                passed.append(plan)
-        plans = passed
-
-    def detect_and_frame(job):
-        plan = detect_one(job)
-        if plan is not None:
-            frame_one(plan)
-
-    def frame_one(plan):
-        """Pass 2: frame, gate, decode just large enough, render and save."""
-        row, face = plan["row"], plan["face"]
-        width, height = plan["size"]
-        framed = frame_face((face.x, face.y, face.w, face.h), (width, height), face_share=face_share,
-                            face_center_y=face_center_y, max_pad_share=max_pad_share,
-                            max_face_share=max(max_face_share, face_share), max_shift=max_shift)
-        if framed is None:
-            need = pad_share_of(*frame_face((face.x, face.y, face.w, face.h), (width, height),
-                                            face_share=max(max_face_share, face_share), face_center_y=face_center_y,
-                                            max_pad_share=1.0, max_face_share=1.0, max_shift=max_shift)[:3],
-                                width, height)
-            row["reason"] = (f"too much padding needed ({need:.0%} even at face share {max(max_face_share, face_share):.2f} "
-                             f"; max {max_pad_share:.0%})")
-            return
-        left, top, size, _ = framed
-        side = max(face.w, face.h)
-        upscale = resolution / size
-        row.update(crop_x=int(round(left)), crop_y=int(round(top)), crop_size=int(round(size)),
-                   face_share=round(side / size, 4),
-                   face_center_y=round((face.y + face.h / 2.0 - top) / size, 4), upscale=round(upscale, 3))
-        flag = ""
-        if upscale > max_upscale:
-            if upscale_policy == "reject":
-                row["reason"] = f"upscale x{upscale:.2f} > {max_upscale:g} (crop side {size:.0f}px)"
-                return
-            flag = f"flagged: upscaled x{upscale:.2f} > {max_upscale:g}"
-        rotation = 0.0
-        angle = row["eye_angle"]
-        if rotate and angle is not None and 1.0 <= abs(angle) <= max_rotation_deg:
-            rotation = float(angle)
-        row["rotation"] = round(rotation, 2)
-        long_side = max(width, height)
-        need = None if upscale >= 1.0 else int(np.ceil(long_side * upscale))
-        try:
-            decoded = plan.pop("decoded", None)
-            if decoded is not None and (max(decoded[0].size) >= need if need is not None
-                                        else decoded[1].scale_x == decoded[1].scale_y == 1.0):
-                image, info = decoded  # the detection decode is already large enough
-            else:
-                image, info = open_upright(plan["file"], min_long_side=need)
-        except Exception as exc:  # noqa: BLE001
-            row["reason"] = f"unreadable: {_short_error(exc)}"
-            return
-        sx, sy = info.scale_x, info.scale_y
-        small_face = (face.x / sx, face.y / sy, face.w / sx, face.h / sy)
-        sharpness = face_sharpness(image, small_face)
-        row["sharpness"] = round(sharpness, 1)
-        if sharpness < min_sharpness:
-            row["reason"] = f"blurry (sharpness {sharpness:.0f} < {min_sharpness:g})"
-            return
-        pivot = ((face.x + face.w / 2.0) / sx, (face.y + face.h / 2.0) / sy)
-        if rotation:
-            # landmark detectors underestimate tilt: re-measure the eye line on the rotated crop and
-            # solve residual(rotation) = 0 by the secant method
-            def measure(turn: float):
-                probe, _ = render_crop(image, (left / sx, top / sy, size / sx), resolution=320, rotation=turn,
-                                       pivot=pivot, pad_mode=pad_mode)
-                found = get_detector().detect(np.asarray(probe))
-                return eye_angle(found[0]) if found else None
-
-            start = measure(0.0)  # at crop scale the landmarks are better than on the small detection copy
-            previous = (0.0, float(start if start is not None else angle))
-            rotation = max(-max_rotation_deg, min(max_rotation_deg, previous[1]))
-            for _ in range(4):
-                residual = measure(rotation)
-                if residual is None or abs(residual) < 0.5:
-                    break
-                slope = (residual - previous[1]) / (rotation - previous[0]) if rotation != previous[0] else -1.0
-                if slope >= -0.05:  # not moving the right way: stop where we are
-                    break
-                previous, rotation = (rotation, residual), rotation - residual / slope
-                rotation = max(-max_rotation_deg, min(max_rotation_deg, rotation))
-            row["rotation"] = round(rotation, 2)
-        crop, pad = render_crop(image, (left / sx, top / sy, size / sx), resolution=resolution, rotation=rotation,
-                                pivot=pivot, pad_mode=pad_mode)
-        row["pad_share"] = round(pad, 4)
-        name = crop_file_name(plan["index"], row["source"])
-        target = out_dir / name
-        assert target.parent == out_dir and _CROP_NAME.match(name), name
-        with atomic_path(target) as tmp_path:
-            # zlib Huffman-only: for photographic crops as small as level 1 and faster (no match search)
-            crop.save(tmp_path, format="PNG", compress_level=1, compress_type=2)
-        row.update(status="kept", output=name, reason=flag)
-        if contact_sheet:
+    def frame(photo: Photo):
+        crop = frame_and_render(photo, models, settings, out_dir)
+        if crop is not None and settings.contact_sheet:
             from tifactory.contact_sheet import crop_thumbnail
 
-            thumbnails[name] = crop_thumbnail(crop)
+            thumbnails[photo.row["output"]] = crop_thumbnail(crop)
 
-    if fused:
-        run(detect_and_frame, jobs)
+    if not models.identity or not photos:  # no identity step between detection and framing: one pass
+        _run(lambda photo: detect_subject(photo, models, settings, keep_decode=True) and frame(photo), photos,
+             workers)
     else:
-        run(frame_one, plans)
-
-    frame = pd.DataFrame(rows, columns=CROP_MANIFEST_COLUMNS)
-    for column in _INT_COLUMNS:
-        frame[column] = frame[column].astype("Int64")
-    for column in _FLOAT_COLUMNS:
-        frame[column] = frame[column].astype("Float64")
-    for column in ("source", "status", "reason", "output", "detector"):
-        frame[column] = frame[column].astype(object)
-    write_tsv_atomic(manifest_path, frame)
-
-    wanted = {name for name in frame["output"] if name}
+        detected = _run(lambda photo: detect_subject(photo, models, settings, keep_decode=False), photos, workers)
+        found = [photo for ok, photo in zip(detected, photos) if ok]
+        passed, identity = identity_step(found, models, settings, [os.fspath(p) for p in reference_photos], say)
+        _run(frame, passed, workers)
+    write_text_atomic(out_dir / IDENTITY_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    table = write_manifest(rows, manifest_path)
+    wanted = {name for name in table["output"] if name}
     for stale in sorted(out_dir.iterdir()):
         if stale.is_file() and _CROP_NAME.match(stale.name) and stale.name not in wanted:
             stale.unlink()
-    if contact_sheet:
+    if settings.contact_sheet:
         from tifactory.contact_sheet import make_contact_sheet
 
-        make_contact_sheet(frame, out_dir, out_dir / "contact_sheet.png",
+        make_contact_sheet(table, out_dir, out_dir / "contact_sheet.png",
                            files={str(r["source"]): str(r.get("file") or r["source"]) for r in raw.to_dict("records")},
                            thumbnails=thumbnails)
-    return frame
+    return table
+
+
+def read_identity(crops_dir: str | os.PathLike) -> dict:
+    """The identity summary a crop run wrote ({} for a crop folder from before it existed)."""
+    path = Path(crops_dir) / IDENTITY_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -4,7 +4,9 @@ One function, `open_upright`, used by collect (small decode for hashes) and crop
 detection, just-large-enough decode for the output). Normalisation: EXIF orientation; CMYK, 16-bit,
 palette, greyscale and alpha (flattened on white) to RGB; an embedded ICC profile is applied (to
 sRGB); animated images give their first frame; a pixel-count guard runs on the header before any
-pixel is decoded (decompression bombs).
+pixel is decoded (decompression bombs). Phone formats: HEIC/HEIF through pillow-heif (libheif applies the
+file's rotation and resets the EXIF tag, so nothing turns twice), AVIF through Pillow itself (EXIF
+orientation applied here, as for JPEG).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 EXIF_ORIENTATION_TAG = 0x0112
 _SRGB = None
+_HEIF_REGISTERED = False
 # EXIF orientation -> the PIL transpose that makes the stored pixels upright (as ImageOps.exif_transpose)
 _TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 
@@ -105,6 +108,19 @@ def _to_rgb(image, notes: list[str]):
     return image.convert("RGB")
 
 
+def register_heif() -> bool:
+    """Let PIL open HEIC/HEIF (once per process); False when pillow-heif is not installed."""
+    global _HEIF_REGISTERED
+    if not _HEIF_REGISTERED:
+        try:
+            import pillow_heif
+        except ImportError:
+            return False
+        pillow_heif.register_heif_opener()
+        _HEIF_REGISTERED = True
+    return True
+
+
 def open_upright(path: str | os.PathLike, *, min_long_side: int | None = None,
                  max_pixels: int | None = None):
     """Decode `path`; return (EXIF-upright 8-bit sRGB RGB PIL image, DecodeInfo).
@@ -114,8 +130,9 @@ def open_upright(path: str | os.PathLike, *, min_long_side: int | None = None,
     `max_pixels`: the header's pixel count above this raises DecodeRejected before decoding.
     Raises whatever PIL raises for undecodable input.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    register_heif()
     opened = Image.open(path)
     rgb = None
     try:

