@@ -161,8 +161,8 @@ PUBLISH_DIR = os.path.expanduser(config.get("publish_dir") or "")
 
 
 def publish_targets(targets):
-    """The copies rule publish makes in `publish_dir` of the embeddings among `targets`: each final
-    results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors (none when publish_dir is empty)."""
+    """Copies in `publish_dir` (made by the publish rule) of the embeddings among `targets`, that is each
+    final results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors; none when it is empty."""
     if not PUBLISH_DIR:
         return []
     embedding = re.compile(rf"results/({subject_regex()})/\1(-ti|-ti-best)\.safetensors")
