@@ -3,6 +3,7 @@
 import copy
 import functools
 import os
+import re
 import sys
 
 from tifactory.roster import (
@@ -66,13 +67,14 @@ wildcard_constraints:
 
 
 def all_targets():
-    return expand(
+    targets = expand(
         [
             "results/{subject}/{subject}-ti.safetensors",
             "results/{subject}/samples/grid.png",
         ],
         subject=SUBJECTS,
-    ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets() + publish_targets()
+    ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets()
+    return targets + publish_targets(targets)
 
 
 def demo_source_subject(source):
@@ -187,9 +189,11 @@ def collect_params(wildcards):
 PUBLISH_DIR = os.path.expanduser(config.get("publish_dir") or "")
 
 
-def publish_targets():
-    """The copies rule publish makes in `publish_dir` (none when it is empty)."""
+def publish_targets(targets):
+    """Copies in `publish_dir` (made by the publish rule) of the embeddings among `targets`, that is each
+    final results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors; none when it is empty."""
     if not PUBLISH_DIR:
         return []
-    suffixes = ["-ti"] + (["-ti-best"] if LIKENESS_AVAILABLE else [])  # -ti-best exists only when scored
-    return [os.path.join(PUBLISH_DIR, f"{subject}{suffix}.safetensors") for subject in SUBJECTS for suffix in suffixes]
+    embedding = re.compile(rf"results/({subject_regex()})/\1(-ti|-ti-best)\.safetensors")
+    matches = (embedding.fullmatch(target) for target in targets)
+    return [os.path.join(PUBLISH_DIR, f"{m[1]}{m[2]}.safetensors") for m in matches if m]

@@ -106,6 +106,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
         main(["roster", str(tmp_path), "--class", "girl"])
 
 
+@pytest.mark.slow  # a subprocess
 def test_console_command_is_declared_and_help_lists_roster(repo_root):
     pyproject = tomllib.loads((repo_root / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["tifactory"] == "tifactory.cli:main"

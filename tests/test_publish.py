@@ -30,24 +30,31 @@ def make_workdir(root: Path, repo_config: dict, **config) -> Path:
     return root
 
 
-def publish_outputs(plan: str) -> list[str]:
-    return sorted(re.findall(r"rule publish:\n(?:    .*\n)*?    output: (\S+)", plan))
+def planned(plan: str, rule: str) -> list[str]:
+    return sorted(re.findall(rf"rule {rule}:\n(?:    .*\n)*?    output: (\S+)", plan))
 
 
 @pytest.mark.slow
 def test_rule_all_asks_for_published_copies_only_when_publish_dir_is_set(tmp_path, repo_config):
     off = make_workdir(tmp_path / "off", repo_config)
-    assert publish_outputs(snakemake(off, "-n").stdout) == []
+    assert planned(snakemake(off, "-n").stdout, "publish") == []
 
-    pack = tmp_path / "pack"  # a likeness pack as the parse-time check sees one: -ti-best files get made
-    pack.mkdir()
-    (pack / "model.onnx").write_bytes(b"")
-    samples = dict(repo_config["samples"], likeness_pack=str(pack))
     publish = tmp_path / "webui" / "embeddings"
-    on = make_workdir(tmp_path / "on", repo_config, publish_dir=str(publish), samples=samples)
-    assert publish_outputs(snakemake(on, "-n").stdout) == sorted(
-        str(publish / name) for name in ("eva-ti.safetensors", "eva-ti-best.safetensors",
-                                         "tom-ti.safetensors", "tom-ti-best.safetensors"))
+    variants = {"default": {}}
+    if "likeness_pack" in repo_config["samples"]:  # a pack as the parse-time check sees one: -ti-best files
+        pack = tmp_path / "pack"
+        pack.mkdir()
+        (pack / "model.onnx").write_bytes(b"")
+        variants["likeness"] = {"samples": dict(repo_config["samples"], likeness_pack=str(pack))}
+    for name, extra in variants.items():
+        on = make_workdir(tmp_path / name, repo_config, publish_dir=str(publish), **extra)
+        plan = snakemake(on, "-n").stdout
+        best = [Path(output).name for output in planned(plan, "best_embedding")]
+        expected = sorted(str(publish / f"{subject}-ti.safetensors") for subject in ("eva", "tom"))
+        expected = sorted(expected + [str(publish / file) for file in best])  # S-ti-best wherever one is built
+        assert planned(plan, "publish") == expected
+        if name == "likeness":
+            assert len(best) == 2
 
 
 @pytest.mark.slow
