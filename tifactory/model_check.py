@@ -139,6 +139,8 @@ class _ShapeUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch._utils" and name.startswith("_rebuild_parameter"):
             return _rebuild_parameter
+        if qualified == "torch._tensor._rebuild_from_type_v2":  # (rebuild function, type, its args, state)
+            return lambda function, kind, args, state=None: function(*args)
         if qualified == "collections.OrderedDict":
             return dict
         if module == "builtins" and name in ("set", "frozenset", "list", "tuple", "dict"):
