@@ -117,7 +117,7 @@ def _train_params(subject):
 # Subjects named like a word of the tokenizer train under a derived token (the trigger stays the file name).
 _token_notes, _token_problems = check_subject_tokens(
     {subject: _train_params(subject)["num_vectors"] for subject in SUBJECTS},
-    tokenizer_folder(config, demo_model_dir=DEMO_MODEL_DIR),
+    tokenizer_folder(config, demo_model_dir=DEMO_MODEL_DIR, demo_model_name=DEMO_MODEL_NAME),
 )
 if _token_problems:
     raise WorkflowError("training tokens:\n  " + "\n  ".join(_token_problems))

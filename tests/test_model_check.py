@@ -303,3 +303,15 @@ def test_no_torch_at_import():
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'safetensors') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_tokenizer_folder_follows_the_model(tmp_path, tiny_model_dir):
+    from tifactory import sd15
+
+    single = {"base_model": "/m/v1-5.safetensors", "base_model_config": ""}
+    assert model_check.tokenizer_folder(single) == sd15.SD15_DIR / "tokenizer"
+    assert model_check.tokenizer_folder(dict(single, base_model_config=str(tmp_path))) == tmp_path / "tokenizer"
+    assert model_check.tokenizer_folder({"base_model": str(tiny_model_dir)}) == tiny_model_dir / "tokenizer"
+    demo = {"base_model": "demo-tiny", "base_model_config": ""}
+    assert model_check.tokenizer_folder(demo, demo_model_dir=str(tmp_path / "not-built")) is None
+    assert model_check.tokenizer_folder(demo, demo_model_dir=str(tiny_model_dir)) == tiny_model_dir / "tokenizer"

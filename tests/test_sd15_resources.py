@@ -91,3 +91,11 @@ def test_missing_resources_are_named(monkeypatch, tmp_path):
     monkeypatch.setattr(sd15, "SD15_DIR", tmp_path)
     with pytest.raises(sd15.SD15ResourceError, match="base_model_config"):
         sd15.config_dir()
+
+
+def test_read_vocab_of_a_fast_tokenizer_folder(tokenizer, tmp_path):
+    """transformers 5 saves a tokenizer as tokenizer.json only; a base_model_config folder like that is read too."""
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "vocab.json").unlink(missing_ok=True)
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert sd15.read_vocab(tmp_path) == sd15.read_vocab()

@@ -139,6 +139,8 @@ class _ShapeUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch._utils" and name.startswith("_rebuild_parameter"):
             return _rebuild_parameter
+        if qualified == "torch._tensor._rebuild_from_type_v2":  # (rebuild function, type, its args, state)
+            return lambda function, kind, args, state=None: function(*args)
         if qualified == "collections.OrderedDict":
             return dict
         if module == "builtins" and name in ("set", "frozenset", "list", "tuple", "dict"):
@@ -504,14 +506,16 @@ def _check_model_entry(path: str, config_dir: str, vae: str, key: str, config_ke
     return problems
 
 
-def tokenizer_folder(config: dict, *, demo_model_dir: str | None = None) -> Path | None:
-    """The tokenizer folder the training job will load for the base model (None: not there yet)."""
+def tokenizer_folder(config: dict, *, demo_model_dir: str | None = None,
+                     demo_model_name: str = "demo-tiny") -> Path | None:
+    """The tokenizer folder the training job will load for the base model (None: not built yet)."""
     from tifactory import sd15
 
     base = config.get("base_model", "")
-    if demo_model_dir is not None and base == "demo-tiny":
-        folder = Path(demo_model_dir) / "tokenizer"
-        return folder if (folder / "vocab.json").is_file() else None
+    if base == demo_model_name:
+        folder = Path(demo_model_dir or "") / "tokenizer"
+        built = demo_model_dir and any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json"))
+        return folder if built else None
     base_path = Path(os.path.expanduser(base))
     if base_path.is_dir():
         return base_path / "tokenizer"
@@ -521,7 +525,7 @@ def tokenizer_folder(config: dict, *, demo_model_dir: str | None = None) -> Path
 
 
 def check_subject_tokens(num_vectors: dict[str, int], tokenizer_dir: Path | None) -> tuple[list[str], list[str]]:
-    """(notes, problems) for every subject's training tokens, from the tokenizer's vocab.json.
+    """(notes, problems) for every subject's training tokens, from the tokenizer's vocabulary file.
 
     A subject whose name the tokenizer already knows trains under a derived token (notes say which);
     a problem means no token could be derived, or the vocabulary is unreadable. `tokenizer_dir` None

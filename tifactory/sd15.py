@@ -139,17 +139,24 @@ def tokenizer_files(source_gz: bytes) -> dict[str, str]:
 @functools.lru_cache(maxsize=8)
 def _read_vocab_cached(path: str, size: int, mtime_ns: int) -> frozenset[str]:
     with open(path, encoding="utf-8") as handle:
-        return frozenset(json.load(handle))
+        data = json.load(handle)
+    if path.endswith("tokenizer.json"):  # a fast-tokenizer file: model.vocab + added tokens
+        added = [entry.get("content") for entry in data.get("added_tokens", []) if isinstance(entry, dict)]
+        return frozenset(data["model"]["vocab"]) | frozenset(token for token in added if token)
+    return frozenset(data)
 
 
 def read_vocab(tokenizer_dir: str | Path | None = None) -> frozenset[str]:
-    """The token strings of a tokenizer folder's vocab.json (default: the shipped CLIP tokenizer).
-
-    Parse-time cheap: plain JSON, cached per file version."""
+    """The token strings of a tokenizer folder's vocab.json (or tokenizer.json when it has only that;
+    default: the shipped CLIP tokenizer). Parse-time cheap: plain JSON, cached per file version."""
     folder = Path(tokenizer_dir) if tokenizer_dir is not None else SD15_DIR / "tokenizer"
     path = folder / "vocab.json"
+    if not path.is_file() and (folder / "tokenizer.json").is_file():
+        path = folder / "tokenizer.json"
     try:
         stat = path.stat()
         return _read_vocab_cached(str(path), stat.st_size, stat.st_mtime_ns)
     except (OSError, ValueError) as error:
         raise SD15ResourceError(f"cannot read the tokenizer vocabulary {path}: {error}") from error
+    except (KeyError, TypeError) as error:
+        raise SD15ResourceError(f"cannot read the tokenizer vocabulary {path}: no model.vocab in it") from error
