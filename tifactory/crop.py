@@ -409,13 +409,14 @@ def subject_reference(photos: list[Photo], models: FaceModels, settings: CropSet
     return majority_reference([photo.embedding for photo in photos], metric, min_share=settings.identity_majority)
 
 
-def check_identity(photos: list[Photo], reference, metric) -> list[Photo]:
+def check_identity(photos: list[Photo], reference, recogniser) -> list[Photo]:
     """Step 2b: reject every face that is not the reference's person; return the others."""
     from tifactory.faces.identity import check
 
+    metric = recogniser.metric
     passed = []
     for photo in photos:
-        photo.row["identity_metric"] = metric.kind
+        photo.row["identity_metric"] = f"{recogniser.name} {metric.kind}"
         if not reference.usable:
             passed.append(photo)
             continue
@@ -559,7 +560,7 @@ def identity_step(found: list[Photo], models: FaceModels, settings: CropSettings
     identity summary written to identity.json)."""
     recogniser = models.recogniser()
     reference = subject_reference(found, models, settings, reference_photos, say)
-    passed = check_identity(found, reference, recogniser.metric)
+    passed = check_identity(found, reference, recogniser)
     identity = {"filter": "on" if reference.usable else "not applied", "model": recogniser.name,
                 "metric": recogniser.metric.kind, "threshold": recogniser.metric.threshold,
                 "reference": reference.kind, "faces": reference.faces, "group": reference.group,
