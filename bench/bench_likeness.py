@@ -1,6 +1,6 @@
 """Benchmark: the likeness stage (score_subject) on a 6 x 8 sample grid with the default face models.
 
-    python bench/bench_likeness.py [--steps 6] [--images 8] [--crops 12] [--cores 2] [--rounds 2]
+    python bench/bench_likeness.py [--steps 6] [--images 8] [--crops 12] [--cores 2] [--rounds 2] [--workers 2]
 
 Builds `--crops` 512 px training crops (scikit-image's astronaut, shifted, turned and re-lit copies) and a
 sample grid of `--steps` rows x `--images` 512 px images (per row: astronaut copies, the people of
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--crops", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="threads embedding the images (the rule's threads)")
     parser.add_argument("--cores", type=int, default=2, help="pin the process to this many CPUs (Linux)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and args.cores:
@@ -96,7 +97,7 @@ def main() -> None:
             result = score_subject(subject="s", images_tsv=root / "samples" / "images.tsv", crops_dir=root / "crops",
                                    checkpoint_dir=root / "checkpoints", scores_tsv=root / "scores.tsv",
                                    plot_png=root / "likeness.png", summary_json=root / "likeness.json",
-                                   settings=settings, log=said.append)
+                                   settings=settings, workers=args.workers, log=said.append)
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu
             print(f"round {round_ + 1}: {wall:.2f} s wall, {cpu:.2f} s CPU (load average {os.getloadavg()[0]:.1f}); "
                   f"{result['recogniser']}, best step {result['best_step']}")

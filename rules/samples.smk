@@ -113,6 +113,7 @@ rule likeness:
     params:
         faces=config["faces"],
         face_models=FACE_MODELS.params(),
+    threads: 2
     conda:
         "../envs/tifactory.yaml"
     log:

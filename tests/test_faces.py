@@ -132,7 +132,7 @@ def test_identity_filter_keeps_the_majority_and_rejects_the_others(tmp_path, rep
     rows = _rows(frame)
     for i in range(8):
         row = rows[f"astronaut_{i}.jpg"]
-        assert row["status"] == "kept" and row["identity_score"] < 0.6 and row["identity_metric"] == "distance", row
+        assert row["status"] == "kept" and row["identity_score"] < 0.6 and row["identity_metric"] == "dlib distance", row
     for i in range(7):
         row = rows[f"other_{i}.jpg"]
         assert row["status"] == "rejected", row

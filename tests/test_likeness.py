@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tifactory.faces import Face
+from tifactory.faces.models import FaceModels
 from tifactory.faces.recognition import Metric, Recogniser
 from tifactory.likeness import copy_best, reference_embedding, score_subject, summarise
 
@@ -44,12 +45,12 @@ def save(path, colour):
 def test_reference_is_normalised_mean_of_normalised_embeddings(tmp_path):
     crops = [save(tmp_path / "a.png", (200, 100, 100)), save(tmp_path / "b.png", (100, 300 - 100, 100)),
              save(tmp_path / "c.png", (0, 0, 0))]
-    reference, used = reference_embedding(WholeImageDetector(), ColourRecogniser(), crops)
+    reference, used = reference_embedding(FaceModels(None, **MODELS), crops)
     assert used == 2
     np.testing.assert_allclose(reference, np.array([1, 1, 0]) / np.sqrt(2), atol=1e-9)
     assert ColourRecogniser.metric.compare([1, 0, 0], reference) == pytest.approx(1 / np.sqrt(2))
     with pytest.raises(ValueError, match="no face"):
-        reference_embedding(WholeImageDetector(), ColourRecogniser(), [crops[2]])
+        reference_embedding(FaceModels(None, **MODELS), [crops[2]], workers=2)
     # a distance model's reference is the plain mean (dlib's descriptors are compared by euclidean distance)
     np.testing.assert_allclose(Metric("distance", 0.6).mean([[0, 2], [2, 0]]), [1, 1])
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tifactory.faces import short_error
-from tifactory.faces.models import FaceSettings
+from tifactory.faces.models import FaceModels, FaceSettings
 from tifactory.fileio import atomic_path, write_text_atomic, write_tsv_atomic
 
 CROP_MANIFEST_COLUMNS = [
@@ -296,52 +295,6 @@ class CropSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# The face models, one detector (and dlib network) per worker thread: neither is thread-safe
-# ---------------------------------------------------------------------------------------------
-
-
-class FaceModels:
-    """The detector and recogniser of a crop run; `recogniser` None = no identity step. Given objects
-    (tests' stand-ins) are shared by the threads; models built here are made once per thread."""
-
-    def __init__(self, settings: CropSettings, *, detector=None, recogniser=None):
-        from tifactory.faces.models import resolve
-
-        self.settings = settings
-        self._given_detector, self._given_recogniser = detector, recogniser
-        self._local = threading.local()
-        self.identity = settings.identity_filter
-        self.resolved = resolve(settings.faces) if detector is None or (recogniser is None and self.identity) else None
-        self.detector_note = self.resolved.detector_note if detector is None else f"detector: {detector.name} (given)"
-        if not self.identity:
-            self.recogniser_note = "identity filter: off (crop.identity_filter: false)"
-        elif recogniser is not None:
-            self.recogniser_note = f"recogniser: {recogniser.label} (given)"
-        else:
-            self.recogniser_note = self.resolved.recogniser_note
-
-    def detector(self):
-        from tifactory.faces.models import load_detector
-
-        if self._given_detector is not None:
-            return self._given_detector
-        if not hasattr(self._local, "detector"):
-            self._local.detector = load_detector(self.settings.faces, self.resolved)[0]
-        return self._local.detector
-
-    def recogniser(self):
-        from tifactory.faces.models import load_recogniser
-
-        if not self.identity:
-            return None
-        if self._given_recogniser is not None:
-            return self._given_recogniser
-        if not hasattr(self._local, "recogniser"):
-            self._local.recogniser = load_recogniser(self.settings.faces, self.resolved)[0]
-        return self._local.recogniser
-
-
-# ---------------------------------------------------------------------------------------------
 # Per-photo steps
 # ---------------------------------------------------------------------------------------------
 
@@ -456,13 +409,14 @@ def subject_reference(photos: list[Photo], models: FaceModels, settings: CropSet
     return majority_reference([photo.embedding for photo in photos], metric, min_share=settings.identity_majority)
 
 
-def check_identity(photos: list[Photo], reference, metric) -> list[Photo]:
+def check_identity(photos: list[Photo], reference, recogniser) -> list[Photo]:
     """Step 2b: reject every face that is not the reference's person; return the others."""
     from tifactory.faces.identity import check
 
+    metric = recogniser.metric
     passed = []
     for photo in photos:
-        photo.row["identity_metric"] = metric.kind
+        photo.row["identity_metric"] = f"{recogniser.name} {metric.kind}"
         if not reference.usable:
             passed.append(photo)
             continue
@@ -606,7 +560,7 @@ def identity_step(found: list[Photo], models: FaceModels, settings: CropSettings
     identity summary written to identity.json)."""
     recogniser = models.recogniser()
     reference = subject_reference(found, models, settings, reference_photos, say)
-    passed = check_identity(found, reference, recogniser.metric)
+    passed = check_identity(found, reference, recogniser)
     identity = {"filter": "on" if reference.usable else "not applied", "model": recogniser.name,
                 "metric": recogniser.metric.kind, "threshold": recogniser.metric.threshold,
                 "reference": reference.kind, "faces": reference.faces, "group": reference.group,
@@ -655,15 +609,16 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
         import cv2
 
         cv2.setNumThreads(1)  # parallelism comes from the photo workers
-    models = FaceModels(settings, detector=detector, recogniser=recogniser)
-    identity = ({"filter": "off", "note": models.recogniser_note} if not models.identity else
+    models = FaceModels(settings.faces, detector=detector, recogniser=recogniser, recognise=settings.identity_filter)
+    off = "identity filter: off (crop.identity_filter: false)"
+    identity = ({"filter": "off", "note": off} if not settings.identity_filter else
                 {"filter": "not applied", "model": "", "metric": "", "reference": "no faces", "faces": 0, "group": 0,
                  "rejected": 0, "note": "no photo to check"})
     if photos:
         models.detector()  # fails here, once, when a model cannot load
         say(models.detector_note)
-        say(models.recogniser_note + ("; reference photos not used" if reference_photos and not models.identity
-                                      else ""))
+        say(models.recogniser_note if settings.identity_filter
+            else off + ("; reference photos not used" if reference_photos else ""))
     thumbnails: dict = {}
 
     def frame(photo: Photo):
@@ -673,7 +628,7 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
 
             thumbnails[photo.row["output"]] = crop_thumbnail(crop)
 
-    if not models.identity or not photos:  # no identity step between detection and framing: one pass
+    if not settings.identity_filter or not photos:  # no identity step between detection and framing: one pass
         _run(lambda photo: detect_subject(photo, models, settings, keep_decode=True) and frame(photo), photos,
              workers)
     else:

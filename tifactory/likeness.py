@@ -26,36 +26,45 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.faces import load_rgb
+from tifactory.faces.models import FaceModels
 from tifactory.fileio import atomic_path, read_tsv_rows, write_text_atomic
 
 SCORE_COLUMNS = ("step", "images", "faces", "face_share", "likeness", "same_person", "score", "best", "status",
                  "model", "metric")
 
 
-def largest_face_embedding(detector, recogniser, path: str | os.PathLike):
+def largest_face_embedding(models: FaceModels, path: str | os.PathLike):
     """The recogniser's embedding of the largest face in the image at `path`, None without a face."""
     pixels = load_rgb(path)
-    faces = detector.detect(pixels)
-    return recogniser.embed(pixels, faces[0]) if faces else None
+    faces = models.detector().detect(pixels)
+    return models.recogniser().embed(pixels, faces[0]) if faces else None
 
 
-def reference_embedding(detector, recogniser, crop_paths: list[Path]) -> tuple[object, int]:
+def _embed_all(models: FaceModels, paths: list, workers: int) -> list:
+    if workers > 1 and len(paths) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda path: largest_face_embedding(models, path), paths))
+    return [largest_face_embedding(models, path) for path in paths]
+
+
+def reference_embedding(models: FaceModels, crop_paths: list[Path], workers: int = 1) -> tuple[object, int]:
     """The metric's mean of the largest faces' embeddings in the crops, and how many crops had a face.
     Raises ValueError when none has."""
-    embeddings = [e for e in (largest_face_embedding(detector, recogniser, path) for path in crop_paths)
-                  if e is not None]
+    embeddings = [e for e in _embed_all(models, crop_paths, workers) if e is not None]
     if not embeddings:
         raise ValueError(f"the detector found no face in any of the {len(crop_paths)} training crops")
-    return recogniser.metric.mean(embeddings), len(embeddings)
+    return models.recogniser().metric.mean(embeddings), len(embeddings)
 
 
-def score_images(detector, recogniser, reference, images: list[tuple[int, Path]]) -> list[dict]:
+def score_images(models: FaceModels, reference, images: list[tuple[int, Path]], workers: int = 1) -> list[dict]:
     """One row per sample image: step, file, face (bool), value (the metric's, None without a face),
     similarity (0 without a face), same (bool)."""
-    metric = recogniser.metric
+    metric = models.recogniser().metric
     rows = []
-    for step, path in images:
-        embedding = largest_face_embedding(detector, recogniser, path)
+    embeddings = _embed_all(models, [path for _, path in images], workers)
+    for (step, path), embedding in zip(images, embeddings):
         value = None if embedding is None else metric.compare(embedding, reference)
         rows.append({"step": step, "file": Path(path).name, "face": value is not None, "value": value,
                      "similarity": 0.0 if value is None else metric.similarity(value),
@@ -128,22 +137,17 @@ def write_scores(path: str | os.PathLike, summary: list[dict]) -> None:
 def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str | os.PathLike,
                   checkpoint_dir: str | os.PathLike, scores_tsv: str | os.PathLike, plot_png: str | os.PathLike,
                   summary_json: str | os.PathLike, settings=None, detector=None, recogniser=None,
-                  log: Callable[[str], None] = print) -> dict:
+                  workers: int = 1, log: Callable[[str], None] = print) -> dict:
     """Score every step's samples against the training crops; write scores.tsv, the likeness plot and a JSON
     summary (scored, reason, recogniser, metric, threshold, best_step, best_checkpoint). The models are the
-    configured ones (`settings`: tifactory.faces.models.FaceSettings) unless `detector`/`recogniser` are given."""
+    configured ones (`settings`: tifactory.faces.models.FaceSettings) unless `detector`/`recogniser` are given;
+    `workers` threads embed the images (each with its own models)."""
     from tifactory.plots import line_plot
 
-    if detector is None or recogniser is None:
-        from tifactory.faces.models import load_detector, load_recogniser, resolve
-
-        resolved = resolve(settings)
-        if detector is None:
-            detector, note = load_detector(settings, resolved)
-            log(note)
-        if recogniser is None:
-            recogniser, note = load_recogniser(settings, resolved)
-            log(note)
+    models = FaceModels(settings, detector=detector, recogniser=recogniser)
+    log(models.detector_note)
+    log(models.recogniser_note)
+    recogniser = models.recogniser()
     metric = recogniser.metric
     images = read_images_table(images_tsv)
     steps = sorted({step for step, _ in images})
@@ -154,11 +158,11 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
                 "face_share": None, "likeness": None, "same_person": None, "score": None, "best": False,
                 "status": "not scored", "model": recogniser.name, "metric": metric.kind} for step in steps]
     try:
-        reference, used = reference_embedding(detector, recogniser, kept_crops(crops_dir))
+        reference, used = reference_embedding(models, kept_crops(crops_dir), workers)
     except ValueError as error:
         result["reason"] = str(error)
     else:
-        summary = summarise(score_images(detector, recogniser, reference, images), recogniser.name, metric.kind)
+        summary = summarise(score_images(models, reference, images, workers), recogniser.name, metric.kind)
         best = best_step(summary)
         result.update(scored=True, best_step=best, reference_faces=used)
         if best is None:

@@ -39,8 +39,9 @@ def majority_reference(embeddings, metric: Metric, *, min_share: float, rounds: 
     count = len(vectors)
     if count == 0:
         return Reference(None, "no faces", 0, 0, "no face to take a reference from")
-    values = np.array([[metric.compare(a, b) for b in vectors] for a in vectors])
-    same = np.vectorize(metric.same)(values) if count > 1 else np.ones((1, 1), bool)
+    values = metric.pairwise(vectors)
+    same = np.asarray(metric.same(values), bool)  # elementwise on an array
+    np.fill_diagonal(same, True)
     # the face with the most look-alikes seeds the group; ties go to the one closest to its group
     sizes = same.sum(axis=1)
     closeness = [metric.similarity(float(values[i][same[i]].mean())) for i in range(count)]

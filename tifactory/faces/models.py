@@ -9,6 +9,7 @@ resolved names go into the rules' params: unpacking a pack reruns what it change
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass, fields
 
 DETECTORS = ("auto", "yunet", "insightface", "haar")
@@ -136,3 +137,35 @@ def load_recogniser(settings: FaceSettings, resolved: Resolved | None = None):
     else:
         recogniser = DlibRecogniser(max_distance=settings.dlib_max_distance)
     return recogniser, resolved.recogniser_note
+
+
+class FaceModels:
+    """The detector and recogniser of one job, made once per worker thread (neither YuNet's OpenCV net nor
+    dlib's network is thread-safe). Given objects (tests' stand-ins) are shared instead. `recognise=False`:
+    no recogniser is resolved or loaded (`recogniser()` is None)."""
+
+    def __init__(self, settings: FaceSettings, *, detector=None, recogniser=None, recognise: bool = True):
+        self.settings, self.recognise = settings, recognise
+        self._given_detector, self._given_recogniser = detector, recogniser
+        self._local = threading.local()
+        needed = detector is None or (recognise and recogniser is None)
+        self.resolved = resolve(settings) if needed else None
+        self.detector_note = self.resolved.detector_note if detector is None else f"detector: {detector.name} (given)"
+        self.recogniser_note = ("" if not recognise else self.resolved.recogniser_note if recogniser is None
+                                else f"recogniser: {recogniser.label} (given)")
+
+    def detector(self):
+        if self._given_detector is not None:
+            return self._given_detector
+        if not hasattr(self._local, "detector"):
+            self._local.detector = load_detector(self.settings, self.resolved)[0]
+        return self._local.detector
+
+    def recogniser(self):
+        if not self.recognise:
+            return None
+        if self._given_recogniser is not None:
+            return self._given_recogniser
+        if not hasattr(self._local, "recogniser"):
+            self._local.recogniser = load_recogniser(self.settings, self.resolved)[0]
+        return self._local.recogniser

@@ -36,7 +36,19 @@ class Metric:
         norms = float(np.linalg.norm(a) * np.linalg.norm(b))
         return float(a @ b) / norms if norms > 0 else 0.0
 
-    def same(self, value: float) -> bool:
+    def pairwise(self, vectors):
+        """The metric between every two of `vectors` (an n x n array)."""
+        import numpy as np
+
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if self.kind == "distance":
+            squared = (vectors ** 2).sum(axis=1)
+            return np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2.0 * vectors @ vectors.T, 0.0))
+        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return unit @ unit.T
+
+    def same(self, value):
+        """Same person? (a float, or elementwise on a numpy array)"""
         return value < self.threshold if self.kind == "distance" else value >= self.threshold
 
     def similarity(self, value: float) -> float:

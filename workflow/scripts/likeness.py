@@ -6,7 +6,8 @@ from tifactory.likeness import score_subject
 def main(smk, log):
     score_subject(subject=smk.wildcards.subject, images_tsv=smk.input.images, crops_dir=smk.input.crops,
                   checkpoint_dir=smk.input.checkpoints, scores_tsv=smk.output.scores, plot_png=smk.output.plot,
-                  summary_json=smk.output.summary, settings=FaceSettings.from_config(smk.params.faces), log=log)
+                  summary_json=smk.output.summary, settings=FaceSettings.from_config(smk.params.faces), workers=smk.threads,
+                  log=log)
 
 
 run_job(snakemake, main)
