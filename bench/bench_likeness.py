@@ -26,7 +26,7 @@ def make_inputs(root: Path, steps: int, images: int, crops: int) -> None:
     import numpy as np
     from PIL import Image, ImageEnhance
 
-    from tifactory.demo import _package_file
+    from tifactory.demo.photos import _package_file
 
     with Image.open(_package_file("skimage", "data/astronaut.png")) as opened:
         astronaut = opened.convert("RGB")
@@ -80,9 +80,9 @@ def main() -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     import yaml
 
-    import tifactory.likeness  # noqa: F401 - imported before the clock, like a job's imports
+    import tifactory.sampling.likeness  # noqa: F401 - imported before the clock, like a job's imports
     from tifactory.faces.models import FaceSettings
-    from tifactory.likeness import score_subject
+    from tifactory.sampling.likeness import score_subject
 
     with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
         settings = FaceSettings.from_config(yaml.safe_load(handle)["faces"])

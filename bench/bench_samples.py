@@ -38,8 +38,8 @@ def full_size_components(workdir: Path, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tifactory.models import Components
-    from tifactory.tinymodel import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
+    from tifactory.training.models import Components
+    from tifactory.demo.tinymodel import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(workdir / "tokenizer"))
@@ -56,7 +56,7 @@ def full_size_components(workdir: Path, seed: int = 0):
 def write_checkpoints(folder: Path, subject: str, steps: list[int], num_vectors: int = 5, seed: int = 0):
     import torch
 
-    from tifactory.embedding import save_embedding
+    from tifactory.training.embedding import save_embedding
 
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tifactory.prompts import parse_prompt_line
-    from tifactory.samples import Sampler, list_checkpoints
+    from tifactory.sampling.prompts import parse_prompt_line
+    from tifactory.sampling.samples import Sampler, list_checkpoints
 
     steps = args.steps or (2 if args.tiny else 30)
     size = args.size or (64 if args.tiny else 512)
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else tmp / "samples"
         started = time.perf_counter()
         if args.tiny:
-            from tifactory.models import load_components
-            from tifactory.tinymodel import build_tiny_model
+            from tifactory.training.models import load_components
+            from tifactory.demo.tinymodel import build_tiny_model
 
             components = load_components(build_tiny_model(tmp / "tiny", seed=0))
         else:

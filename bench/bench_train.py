@@ -1,4 +1,4 @@
-"""Benchmark the real training code path (tifactory.train.train_embedding) on a random SD1.5-shaped model.
+"""Benchmark the real training code path (tifactory.training.train.train_embedding) on a random SD1.5-shaped model.
 
 No weights can be downloaded, so the model is built with SD1.5's architecture and random weights, on the
 target device. The published recipe: 15 samples per optimizer step at 512 px, bf16.
@@ -38,11 +38,11 @@ def build_random_sd15(device: str, tiny: bool, workdir: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tifactory.models import Components
-    from tifactory.tinymodel import build_tiny_model, write_tiny_tokenizer
+    from tifactory.training.models import Components
+    from tifactory.demo.tinymodel import build_tiny_model, write_tiny_tokenizer
 
     if tiny:
-        from tifactory.models import load_components
+        from tifactory.training.models import load_components
         return load_components(build_tiny_model(workdir / "tiny-model"))
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(workdir / "tokenizer")))
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def make_dataset(root: Path, num_images: int, size: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from tifactory.dataset import dataset_toml_text
+    from tifactory.photos.dataset import dataset_toml_text
 
     folder = root / "100_bench woman"
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def make_dataset(root: Path, num_images: int, size: int) -> Path:
 def run_variant(variant: str, args) -> dict:
     import yaml
 
-    from tifactory.train import train_embedding
+    from tifactory.training.train import train_embedding
 
     micro_batch = int("".join(ch for ch in variant if ch.isdigit()) or 15)
     with open(REPO / "config.yaml", encoding="utf-8") as handle:

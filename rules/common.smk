@@ -18,8 +18,8 @@ from tifactory.roster import (
     subject_regex,
     train_params,
 )
-from tifactory.demo import DEMO_SUBJECTS
-from tifactory.model_check import check_models, check_subject_tokens, tokenizer_folder
+from tifactory.demo.photos import DEMO_SUBJECTS
+from tifactory.training.model_check import check_models, check_subject_tokens, tokenizer_folder
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
@@ -50,7 +50,7 @@ if set(RESERVED_SUBJECTS) & set(ROSTER):
     raise WorkflowError(f"roster {config['roster']}: subject names {RESERVED_SUBJECTS} are reserved (results/<name>/)")
 
 SUBJECTS = sorted(ROSTER)
-# subjects whose sources are prepared kohya datasets (tifactory.sources): rule prepared_crops replaces the crop
+# subjects whose sources are prepared kohya datasets (tifactory.photos.sources): rule prepared_crops replaces the crop
 PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
 
 # Wrong models are named before any job runs (file headers and key names only; no torch).

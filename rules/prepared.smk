@@ -1,4 +1,4 @@
-# Prepared kohya datasets (roster `prepared`, see tifactory/sources.py) skip face cropping: this rule writes
+# Prepared kohya datasets (roster `prepared`, see tifactory/photos/sources.py) skip face cropping: this rule writes
 # results/{subject}/crops/ in the crop stage's place, with the collected images copied unchanged.
 
 

@@ -39,7 +39,7 @@ _GEOMETRY = {
 def astronaut():
     from PIL import Image
 
-    from tifactory.demo import _package_file
+    from tifactory.demo.photos import _package_file
 
     with Image.open(_package_file("skimage", "data/astronaut.png")) as image:
         return image.convert("RGB")
@@ -48,7 +48,7 @@ def astronaut():
 def composition(key: str):
     from PIL import Image
 
-    from tifactory.demo import _extend
+    from tifactory.demo.photos import _extend
 
     flip, box, (left, top, right, bottom), scale = _GEOMETRY[key]
     image = astronaut().crop(box)
@@ -108,7 +108,7 @@ def make_messy_folder(folder: str | os.PathLike) -> Path:
     import numpy as np
     from PIL import Image
 
-    from tifactory.demo import _package_file
+    from tifactory.demo.photos import _package_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,7 @@ def long_overrides(tiny_overrides: dict) -> dict:
 
 def tiny_roster_workdir(root, repo_config: dict, tiny_overrides: dict) -> Path:
     """The demo's two subjects (photos derived from packaged images), trained at 256 px for 12 steps."""
-    from tifactory.demo import make_demo_photos
+    from tifactory.demo.photos import make_demo_photos
 
     rows = []
     for subject, (class_word, demo_subject) in TINY_ROSTER.items():

@@ -35,7 +35,7 @@ def tiny_overrides() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from tifactory.tinymodel import build_tiny_model
+    from tifactory.demo.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 

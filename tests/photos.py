@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from tifactory.demo import _package_file
+from tifactory.demo.photos import _package_file
 
 
 def package_photo(package: str, relative: str) -> Image.Image:
@@ -24,7 +24,7 @@ def crop_settings(**overrides):
 
     import yaml
 
-    from tifactory.crop import CropSettings
+    from tifactory.photos.crop import CropSettings
     from tifactory.faces.models import FaceSettings
 
     with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
@@ -37,7 +37,7 @@ def crop_settings(**overrides):
 def run_crop(raw_manifest, out_dir, manifest, **kwargs):
     """`crop_faces` with the repo config's settings; keyword arguments are settings overrides (see
     `crop_settings`) or crop_faces' own (log, workers, recogniser, reference_photos, a detector object)."""
-    from tifactory.crop import crop_faces
+    from tifactory.photos.crop import crop_faces
 
     run = {key: kwargs.pop(key) for key in _RUN_KEYS if key in kwargs}
     if "detector" in kwargs and not isinstance(kwargs["detector"], str):

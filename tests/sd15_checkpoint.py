@@ -2,7 +2,7 @@
 
 `write_sd15_checkpoint` builds the UNet, VAE and text encoder from the shipped configs (resources/sd15/),
 renames their weights to the original single-file layout (`model.diffusion_model.*`, `first_stage_model.*`,
-`cond_stage_model.transformer.text_model.*`, with tifactory.tinymodel's diffusers->LDM maps, which
+`cond_stage_model.transformer.text_model.*`, with tifactory.demo.tinymodel's diffusers->LDM maps, which
 tests/test_models.py checks against the loader) and writes them as one file, like
 v1-5-pruned-emaonly.safetensors. `write_vae_ckpt` writes a VAE alone as a weights-only `.ckpt` with bare
 `encoder.*`/`decoder.*` keys, like vae-ft-mse-840000-ema-pruned.ckpt.
@@ -18,7 +18,7 @@ def _sd15_modules(seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     folder = sd15.config_dir()
     torch.manual_seed(seed)
@@ -37,7 +37,7 @@ def write_sd15_checkpoint(path: str | Path, *, seed: int = 0, dtype=None) -> Pat
     """A random SD1.5 (860M UNet, 84M VAE, 123M CLIP text encoder) in the original single-file layout."""
     import torch
 
-    from tifactory.tinymodel import text_encoder_diffusers_to_ldm, unet_diffusers_to_ldm, vae_diffusers_to_ldm
+    from tifactory.demo.tinymodel import text_encoder_diffusers_to_ldm, unet_diffusers_to_ldm, vae_diffusers_to_ldm
 
     path = Path(path)
     with torch.no_grad():
@@ -56,8 +56,8 @@ def write_vae_ckpt(path: str | Path, *, seed: int = 1, dtype=None) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
-    from tifactory import sd15
-    from tifactory.tinymodel import vae_diffusers_to_ldm
+    from tifactory.training import sd15
+    from tifactory.demo.tinymodel import vae_diffusers_to_ldm
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd15.config_dir() / "vae"))

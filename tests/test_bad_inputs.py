@@ -66,7 +66,7 @@ def test_the_run_finishes_the_good_subject_and_fails_the_bad_ones_alone(messy_ru
     root, result = messy_run
     output = result.stdout + result.stderr
     assert result.returncode != 0  # two subjects failed ...
-    from tifactory.embedding import load_embedding
+    from tifactory.training.embedding import load_embedding
 
     vectors, metadata = load_embedding(root / "results" / "eva" / "eva-ti.safetensors")  # ... eva trained
     assert tuple(vectors.shape) == (5, 768) and metadata["tifactory.subject"] == "eva"

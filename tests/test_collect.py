@@ -1,4 +1,4 @@
-"""Tests for tifactory.collect: decoding, EXIF orientation, rejects, duplicates, manifest."""
+"""Tests for tifactory.photos.collect: decoding, EXIF orientation, rejects, duplicates, manifest."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tifactory.collect import (
+from tifactory.photos.collect import (
     RAW_MANIFEST_COLUMNS,
     collect_photos,
     load_upright_rgb,
     pixel_sha256,
     read_raw_manifest,
 )
-from tifactory.demo import _package_file
+from tifactory.demo.photos import _package_file
 
 
 @pytest.fixture(scope="module")

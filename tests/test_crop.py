@@ -1,4 +1,4 @@
-"""Tests for tifactory.crop and tifactory.faces on packaged real photos."""
+"""Tests for tifactory.photos.crop and tifactory.faces on packaged real photos."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tifactory.collect import collect_photos
+from tifactory.photos.collect import collect_photos
 from photos import run_crop
-from tifactory.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_file_name
+from tifactory.photos.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_file_name
 from tifactory.faces.detection import Face, YuNetDetector
 from photos import package_photo
 

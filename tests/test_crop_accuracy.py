@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from tifactory.collect import collect_photos
+from tifactory.photos.collect import collect_photos
 from photos import run_crop
 from tifactory.faces.detection import YuNetDetector
 from photos import package_photo

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from tifactory.collect import collect_photos
+from tifactory.photos.collect import collect_photos
 from photos import run_crop as crop_faces
-from tifactory.crop import eye_angle, face_sharpness, render_crop
+from tifactory.photos.crop import eye_angle, face_sharpness, render_crop
 from tifactory.faces.detection import HaarDetector, YuNetDetector
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve
 from tifactory.faces.packs import pack_status

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tifactory.dataset import DatasetError, build_dataset, read_dataset_toml
+from tifactory.photos.dataset import DatasetError, build_dataset, read_dataset_toml
 
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
           "bucket_no_upscale": True}
@@ -56,7 +56,7 @@ def test_rejection_reasons_are_counted_one_way_everywhere(tmp_path):
     """The dataset's failure message, the crop summary table and the report count reason categories alike."""
     import pandas as pd
 
-    from tifactory.dataset import summarize_rejections
+    from tifactory.photos.dataset import summarize_rejections
     from tifactory.report import manifest_counts
     from tifactory.summary import count_reasons
 

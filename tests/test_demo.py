@@ -1,4 +1,4 @@
-"""Tests for tifactory.demo and the collect -> crop pipeline on the demo photo sets."""
+"""Tests for tifactory.demo.photos and the collect -> crop pipeline on the demo photo sets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tifactory.collect import collect_photos, load_upright_rgb
+from tifactory.photos.collect import collect_photos, load_upright_rgb
 from photos import run_crop
-from tifactory.demo import DEMO_SUBJECTS, make_demo_photos
+from tifactory.demo.photos import DEMO_SUBJECTS, make_demo_photos
 from tifactory.faces.detection import YuNetDetector
 
 

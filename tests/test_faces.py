@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from photos import package_photo
-from tifactory.collect import collect_photos
-from tifactory.crop import CropSettings, crop_faces, read_identity
+from tifactory.photos.collect import collect_photos
+from tifactory.photos.crop import CropSettings, crop_faces, read_identity
 from tifactory.faces.identity import majority_reference
 from tifactory.faces.models import FaceModelError, FaceSettings, load_detector, load_recogniser, resolve
 from tifactory.faces.recognition import Metric

@@ -89,7 +89,7 @@ def _assert_no_truncated_final_files(root: Path) -> None:
     import pandas as pd
     from PIL import Image
 
-    from tifactory.embedding import load_embedding
+    from tifactory.training.embedding import load_embedding
 
     checked = 0
     for path in (root / "results").rglob("*"):
@@ -203,7 +203,7 @@ def dataset_toml(tmp_path_factory):
     from PIL import Image
 
     from badcorpus import astronaut
-    from tifactory.dataset import build_dataset
+    from tifactory.photos.dataset import build_dataset
 
     root = tmp_path_factory.mktemp("faults_ds")
     crops = root / "crops"
@@ -221,7 +221,7 @@ def dataset_toml(tmp_path_factory):
 
 
 def _train(out: Path, dataset_toml, tiny_model_dir, params, log=lambda message: None):
-    from tifactory.train import train_embedding
+    from tifactory.training.train import train_embedding
 
     train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="eva", params=params,
                     final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
@@ -231,8 +231,8 @@ def _train(out: Path, dataset_toml, tiny_model_dir, params, log=lambda message: 
 
 def test_disk_full_while_saving_a_checkpoint_leaves_no_truncated_file(tmp_path, monkeypatch, dataset_toml,
                                                                       tiny_model_dir, repo_config):
-    from tifactory.embedding import load_embedding
-    from tifactory.train import checkpoint_name
+    from tifactory.training.embedding import load_embedding
+    from tifactory.training.train import checkpoint_name
 
     params = dict(repo_config["train"], init_word="woman", max_train_steps=6, save_every_n_steps=2,
                   gradient_accumulation_steps=2, micro_batch_size=2, resolution=256, device="cpu")
@@ -271,9 +271,9 @@ WRITE_ERROR_SCRIPT = r"""
 import errno, resource, signal, sys
 from pathlib import Path
 import torch
-from tifactory.embedding import save_embedding
+from tifactory.training.embedding import save_embedding
 from tifactory.fileio import write_text_atomic
-from tifactory.train import save_state
+from tifactory.training.train import save_state
 
 out = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # the write fails with EFBIG instead of killing us
@@ -300,9 +300,9 @@ def test_real_write_errors_keep_the_previous_complete_file(tmp_path):
     fails, the file under the final name keeps its previous complete content, no temporary file is left."""
     import torch
 
-    from tifactory.embedding import load_embedding, save_embedding
+    from tifactory.training.embedding import load_embedding, save_embedding
     from tifactory.fileio import write_text_atomic
-    from tifactory.train import save_state
+    from tifactory.training.train import save_state
 
     save_embedding(tmp_path / "old.safetensors", torch.zeros(1, 4), {"k": "old"}, "float")  # small: fits
     save_state(tmp_path / "state", {"step": 2})
@@ -323,7 +323,7 @@ INTERRUPTED_WRITER = r"""
 import sys
 from pathlib import Path
 import torch
-from tifactory.embedding import save_embedding
+from tifactory.training.embedding import save_embedding
 from tifactory.fileio import write_tsv_atomic
 import pandas as pd
 
@@ -345,7 +345,7 @@ def test_kill_9_in_the_middle_of_writes_never_leaves_a_truncated_final_file(tmp_
 
     import pandas as pd
 
-    from tifactory.embedding import load_embedding
+    from tifactory.training.embedding import load_embedding
 
     rng = random.Random(7)
     seen_complete = interrupted_mid_write = 0
@@ -409,9 +409,9 @@ def test_interrupted_writers_leave_old_content_and_no_temporary_file(tmp_path, m
     import torch
     from PIL import Image
 
-    from tifactory.embedding import save_embedding
+    from tifactory.training.embedding import save_embedding
     from tifactory.fileio import atomic_path, write_text_atomic, write_tsv_atomic
-    from tifactory.train import save_state
+    from tifactory.training.train import save_state
 
     writers = {
         "a.txt": lambda p: write_text_atomic(p, "new"),

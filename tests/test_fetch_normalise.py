@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tifactory.collect import collect_photos, load_upright_rgb
-from tifactory.demo import _package_file
-from tifactory.fetch import cache_path, read_url_list
+from tifactory.photos.collect import collect_photos, load_upright_rgb
+from tifactory.demo.photos import _package_file
+from tifactory.photos.fetch import cache_path, read_url_list
 
 
 @pytest.fixture(scope="module")

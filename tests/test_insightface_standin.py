@@ -2,7 +2,7 @@
 
 No insightface model pack can be downloaded here, so each test builds `<root>/models/<pack>/` from two tiny
 ONNX graphs (written to tmp_path; nothing binary is committed) that insightface's own model router takes
-for the real thing, then drives the project's adapters (tifactory.faces, tifactory.crop, tifactory.likeness)
+for the real thing, then drives the project's adapters (tifactory.faces, tifactory.photos.crop, tifactory.sampling.likeness)
 through insightface unchanged:
 
 * SCRFD stand-in (`det_10g.onnx`): input `1x3xHxW` with symbolic H, W like the real det_10g, 9 outputs
@@ -40,13 +40,13 @@ pytest.importorskip("insightface")
 onnx = pytest.importorskip("onnx")  # a dependency of insightface itself (its model router loads graphs)
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from tifactory.collect import collect_photos  # noqa: E402
+from tifactory.photos.collect import collect_photos  # noqa: E402
 from photos import run_crop as crop_faces  # noqa: E402
 from tifactory.faces.detection import InsightFaceDetector  # noqa: E402
 from tifactory.faces.models import FaceModelError, FaceSettings, load_detector, load_recogniser, resolve  # noqa: E402
 from tifactory.faces.packs import pack_status  # noqa: E402
 from tifactory.faces.recognition import ArcFaceRecogniser  # noqa: E402
-from tifactory.likeness import score_subject  # noqa: E402
+from tifactory.sampling.likeness import score_subject  # noqa: E402
 
 DET = 640  # detector input side: InsightFaceDetector's max_side (config faces.detect_side)
 STRIDES = (8, 16, 32)

@@ -12,7 +12,7 @@ from PIL import Image
 from tifactory.faces import Face
 from tifactory.faces.models import FaceModels
 from tifactory.faces.recognition import Metric, Recogniser
-from tifactory.likeness import copy_best, reference_embedding, score_subject, summarise
+from tifactory.sampling.likeness import copy_best, reference_embedding, score_subject, summarise
 
 
 class WholeImageDetector:

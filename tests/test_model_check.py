@@ -1,4 +1,4 @@
-"""DAG-time model checks (tifactory.model_check): one clear message per wrong base model, VAE or eval model."""
+"""DAG-time model checks (tifactory.training.model_check): one clear message per wrong base model, VAE or eval model."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tifactory import model_check
-from tifactory.model_check import check_base_model, check_config_dir, check_models, check_vae
+from tifactory.training import model_check
+from tifactory.training.model_check import check_base_model, check_config_dir, check_models, check_vae
 
 UNET = "model.diffusion_model."
 TEXT = "cond_stage_model.transformer.text_model."
@@ -242,7 +242,7 @@ def test_diffusers_folders(tiny_model_dir, tmp_path):
 
 
 def test_config_dir_override(tiny_model_dir, tmp_path):
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     assert check_config_dir(str(sd15.SD15_DIR)) == []
     assert check_config_dir(str(tiny_model_dir)) == []
@@ -289,7 +289,7 @@ def test_check_models_names_every_key(tmp_path, tiny_model_dir):
 
 
 def test_subject_tokens_at_dag_time(tmp_path):
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     notes, problems = model_check.check_subject_tokens({"astro": 5, "madonna": 3, "qzxv": 5}, sd15.SD15_DIR / "tokenizer")
     assert problems == [] and notes == ["astro -> astro-ti", "madonna -> madonna-ti"]
@@ -299,14 +299,14 @@ def test_subject_tokens_at_dag_time(tmp_path):
 
 
 def test_no_torch_at_import():
-    code = ("import sys, tifactory.model_check, tifactory.sd15, tifactory.configuration; "
+    code = ("import sys, tifactory.training.model_check, tifactory.training.sd15, tifactory.configuration; "
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'safetensors') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
 
 def test_tokenizer_folder_follows_the_model(tmp_path, tiny_model_dir):
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     single = {"base_model": "/m/v1-5.safetensors", "base_model_config": ""}
     assert model_check.tokenizer_folder(single) == sd15.SD15_DIR / "tokenizer"

@@ -12,10 +12,10 @@ import types
 import pytest
 import torch
 
-from tifactory import models
+from tifactory.training import models
 from tifactory.fileio import sha256_file
-from tifactory.models import Components, ModelLoadError, load_components, model_fingerprint
-from tifactory.tinymodel import save_single_file, vae_diffusers_to_ldm
+from tifactory.training.models import Components, ModelLoadError, load_components, model_fingerprint
+from tifactory.demo.tinymodel import save_single_file, vae_diffusers_to_ldm
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_full_checkpoint_with_ema_weights_loads_the_trained_ones(tiny_model_dir,
     full = tmp_path / "v1-5-pruned.ckpt"
     torch.save({"state_dict": {**state, **ema, "model_ema.decay": torch.tensor(0.9999),
                                "model_ema.num_updates": torch.tensor(840000)}, "global_step": 840000}, full)
-    from tifactory.model_check import check_base_model
+    from tifactory.training.model_check import check_base_model
 
     assert check_base_model(str(full)) == []
     c = load_components(full, config_dir=tiny_model_dir)
@@ -124,7 +124,7 @@ def test_full_checkpoint_with_ema_weights_loads_the_trained_ones(tiny_model_dir,
 def test_single_file_without_config_is_described_by_the_shipped_sd15_configs(single_files, tmp_path, monkeypatch):
     """No config_dir: the shipped SD1.5 configs describe the file (the tiny model is not SD1.5-sized, so its
     weights are named as not matching them), and no Hugging Face cache is consulted."""
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tifactory.prepared import CAPTION, prepared_file_roles
+from tifactory.photos.prepared import CAPTION, prepared_file_roles
 from tifactory.roster import read_roster_rows
-from tifactory.sources import list_source_files, prepared_image_folders, source_kind
+from tifactory.photos.sources import list_source_files, prepared_image_folders, source_kind
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tifactory.prompts import PromptEncoder, PromptError, apply_weights, parse_prompt_line, parse_weights, read_prompts
+from tifactory.sampling.prompts import PromptEncoder, PromptError, apply_weights, parse_prompt_line, parse_weights, read_prompts
 
 
 def test_weights_syntax():
@@ -49,7 +49,7 @@ def test_apply_weights_keeps_mean():
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model_dir):
-    from tifactory.models import load_components
+    from tifactory.training.models import load_components
 
     components = load_components(tiny_model_dir)
     return PromptEncoder(components.tokenizer, components.text_encoder)

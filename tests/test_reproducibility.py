@@ -117,7 +117,7 @@ def test_every_artifact_records_provenance(two_runs):
     for relative, path in artifacts.items():
         assert _sha256(path) == produced[relative], relative
 
-    from tifactory.embedding import load_embedding
+    from tifactory.training.embedding import load_embedding
 
     for subject in TINY_ROSTER:
         _, metadata = load_embedding(root / "results" / subject / f"{subject}-ti.safetensors")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tifactory.embedding import save_embedding
-from tifactory.plots import nice_ticks, plot_loss, smooth
-from tifactory.samples import load_sampler, plan_columns, render_sample_grid
-from tifactory.prompts import parse_prompt_line
+from tifactory.training.embedding import save_embedding
+from tifactory.sampling.plots import nice_ticks, plot_loss, smooth
+from tifactory.sampling.samples import load_sampler, plan_columns, render_sample_grid
+from tifactory.sampling.prompts import parse_prompt_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tifactory import sd15
+from tifactory.training import sd15
 
 TOKENIZER_DIR = sd15.SD15_DIR / "tokenizer"
 

@@ -16,8 +16,8 @@ import yaml
 from sd15_checkpoint import write_sd15_checkpoint, write_vae_ckpt
 from test_model_check import sd15_keys, write
 from test_workflow import make_workdir, snakemake
-from tifactory.demo import make_demo_photos
-from tifactory.embedding import load_embedding
+from tifactory.demo.photos import make_demo_photos
+from tifactory.training.embedding import load_embedding
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,7 +49,7 @@ def test_crafted_resume_state_is_refused_and_training_starts_over(tmp_path):
     """results/S/train_state/state.pt is read back by training: a planted pickle must not run."""
     import torch
 
-    from tifactory.train import load_state
+    from tifactory.training.train import load_state
 
     marker = tmp_path / "pwned"
     state_dir = tmp_path / "train_state"
@@ -64,7 +64,7 @@ def test_crafted_resume_state_is_refused_and_training_starts_over(tmp_path):
 @pytest.mark.parametrize("name", ["evil.pth", "evil.safetensors"])
 def test_crafted_base_model_file_is_refused(tmp_path, tiny_model_dir, name):
     """.pth (the third pickle suffix) and a pickle disguised as .safetensors (never unpickled)."""
-    from tifactory.models import ModelLoadError, load_components
+    from tifactory.training.models import ModelLoadError, load_components
 
     marker = tmp_path / "pwned"
     path = _evil_pickle(tmp_path / name, marker, {"state_dict": {}})
@@ -76,7 +76,7 @@ def test_crafted_base_model_file_is_refused(tmp_path, tiny_model_dir, name):
 @pytest.mark.parametrize("name", ["extra.pt", "extra.safetensors"])
 def test_crafted_extra_embedding_is_refused(tmp_path, name):
     """samples.embeddings files: only safetensors are read, and a disguised pickle is not unpickled."""
-    from tifactory.prompts import PromptError, load_embedding_vectors
+    from tifactory.sampling.prompts import PromptError, load_embedding_vectors
 
     marker = tmp_path / "pwned"
     path = _evil_pickle(tmp_path / name, marker)
@@ -138,7 +138,7 @@ def _files(root: Path) -> set[Path]:
 
 def test_url_sources_are_bounded_in_time_and_refuse_scheme_changes(tmp_path, server):
     """(The size cap on a body without Content-Length and socket timeouts are in test_fetch_normalise.py.)"""
-    from tifactory.collect import collect_photos
+    from tifactory.photos.collect import collect_photos
 
     base, hits = server
     photos = tmp_path / "photos"
@@ -191,7 +191,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     """File names inside a source folder never steer where outputs go, and survive the TSV manifests."""
     import pandas as pd
 
-    from tifactory.collect import collect_photos
+    from tifactory.photos.collect import collect_photos
     from photos import run_crop
 
     photos = tmp_path / "photos"

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from tifactory.models import model_fingerprint
-from tifactory.templates import TEMPLATES
-from tifactory.tinymodel import TOKENIZER_WORDS, build_tiny_model, save_single_file
+from tifactory.training.models import model_fingerprint
+from tifactory.training.templates import TEMPLATES
+from tifactory.demo.tinymodel import TOKENIZER_WORDS, build_tiny_model, save_single_file
 
 SAMPLE_PROMPT_WORDS = "a woman smiling on the beach, studio lighting, wearing a red dress in the city street, oil painting"
 
@@ -198,7 +198,7 @@ def test_ldm_mapping_covers_the_full_size_sd15_architecture():
         infer_diffusers_model_type,
     )
 
-    from tifactory.tinymodel import unet_diffusers_to_ldm, vae_diffusers_to_ldm
+    from tifactory.demo.tinymodel import unet_diffusers_to_ldm, vae_diffusers_to_ldm
 
     with init_empty_weights():
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
@@ -230,6 +230,6 @@ def test_single_file_fp16_and_bad_extension(tiny_model_dir, tmp_path):
 
 
 def test_package_import_stays_cheap():
-    code = "import sys, tifactory.models, tifactory.tinymodel; print(sorted({'torch','diffusers','transformers'} & set(sys.modules)))"
+    code = "import sys, tifactory.training.models, tifactory.demo.tinymodel; print(sorted({'torch','diffusers','transformers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

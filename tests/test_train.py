@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tifactory.dataset import build_dataset
-from tifactory.embedding import load_embedding
-from tifactory.train import TrainingError, checkpoint_name, train_embedding
+from tifactory.photos.dataset import build_dataset
+from tifactory.training.embedding import load_embedding
+from tifactory.training.train import TrainingError, checkpoint_name, train_embedding
 
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
           "bucket_no_upscale": True}
@@ -52,7 +52,7 @@ def run(tmp_path, name, dataset_toml, tiny_model_dir, params, **kwargs):
 
 
 def test_embedding_contract_and_only_new_vectors_train(tmp_path, dataset_toml, tiny_model_dir, params):
-    from tifactory.models import load_components
+    from tifactory.training.models import load_components
 
     out, final = run(tmp_path, "a", dataset_toml, tiny_model_dir, params)
     vectors, metadata = load_embedding(final)

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from tifactory.train import (
+from tifactory.training.train import (
     bucket_resolution,
     epoch_order,
     TrainingError,
@@ -15,7 +15,7 @@ from tifactory.train import (
     samples_for_step,
     spread_init_ids,
 )
-from tifactory.templates import OBJECT_TEMPLATES, known_to, placeholder_tokens, training_tokens
+from tifactory.training.templates import OBJECT_TEMPLATES, known_to, placeholder_tokens, training_tokens
 
 BUCKETS = {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
            "bucket_reso_steps": 64, "bucket_no_upscale": True}
@@ -31,7 +31,7 @@ def test_training_tokens_are_new_to_the_real_clip_tokenizer():
     the tokenizer encodes a prompt of them as the added ids, one per token."""
     from transformers import CLIPTokenizer
 
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     tokenizer = CLIPTokenizer.from_pretrained(sd15.SD15_DIR / "tokenizer", local_files_only=True)
     vocab = tokenizer.get_vocab()

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tifactory.demo import make_demo_photos
-from tifactory.embedding import load_embedding
+from tifactory.demo.photos import make_demo_photos
+from tifactory.training.embedding import load_embedding
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBJECTS = {"eva": ("woman", "astronaut"), "tom": ("person", "t1person")}

@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from tifactory import REPO_ROOT
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 _NON_STRING_TYPES = ("integer", "number", "boolean", "null")
 
 

@@ -46,7 +46,7 @@ def canonical_json(value) -> str:
 
 
 def job_record(*, rule: str, wildcards: dict, params: dict, inputs: list[str], outputs: list[str]) -> dict:
-    from tifactory.embedding import git_commit, package_versions
+    from tifactory.training.embedding import git_commit, package_versions
 
     params = json.loads(canonical_json(params))  # plain JSON types (Snakemake's Namedlists become lists)
     input_hashes: dict[str, str] = {}

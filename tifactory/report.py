@@ -54,7 +54,7 @@ def _reasons(counts: dict) -> str:
 
 
 def embedding_provenance(path: str | os.PathLike) -> dict[str, str]:
-    from tifactory.embedding import load_embedding
+    from tifactory.training.embedding import load_embedding
 
     _, metadata = load_embedding(path)
     return metadata
@@ -90,7 +90,7 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
     parts.append(_table([["raw items", raw["total"], raw["kept"], raw["rejected"], _reasons(raw)],
                          ["face crops", crops["total"], crops["kept"], crops["rejected"], _reasons(crops)]],
                         ["stage", "items", "kept", "rejected", "reasons"]))
-    from tifactory.crop import read_identity
+    from tifactory.photos.crop import read_identity
     from tifactory.summary import identity_text
 
     identity = read_identity(crops_dir)

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-# source listing lives in tifactory.sources (one listing for the DAG and the collect job); re-exported here
-from tifactory.sources import (  # noqa: F401
+# source listing lives in tifactory.photos.sources (one listing for the DAG and the collect job); re-exported here
+from tifactory import REPO_ROOT
+from tifactory.photos.sources import (  # noqa: F401
     SourceKindError,
     class_word_of,
     expand_glob,
@@ -24,7 +25,7 @@ from tifactory.sources import (  # noqa: F401
     split_sources,
 )
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
+SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 DEMO_MODEL_NAME = "demo-tiny"
 # results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
 RESERVED_SUBJECTS = ("summary", "report")

@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from tifactory.roster import RESERVED_SUBJECTS, resolve_sources, roster_schema, subject_regex
-from tifactory.sources import class_word_of, kohya_folder_name, prepared_image_folders
+from tifactory.photos.sources import class_word_of, kohya_folder_name, prepared_image_folders
 
 # letters NFKD does not take apart into a base letter + accent
 _TRANSLITERATE = str.maketrans({"ø": "o", "æ": "ae", "œ": "oe", "ß": "ss", "đ": "d", "ł": "l", "þ": "th",

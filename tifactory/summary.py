@@ -30,7 +30,7 @@ def count_reasons(reasons) -> dict[str, int]:
 
 
 def identity_text(identity: dict) -> str:
-    """One cell for the crop stage's identity filter (tifactory.crop's identity.json): model, metric, outcome."""
+    """One cell for the crop stage's identity filter (tifactory.photos.crop's identity.json): model, metric, outcome."""
     if not identity:
         return ""
     if identity.get("filter") == "off":

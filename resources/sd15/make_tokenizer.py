@@ -9,9 +9,9 @@ is never installed (it would pull torchvision).
     python resources/sd15/make_tokenizer.py --wheel open_clip_torch-3.3.0-py3-none-any.whl
     python resources/sd15/make_tokenizer.py --check            # regenerate into a temp dir and compare
 
-The encoder is built as CLIP's tokenizer builds it (tifactory.sd15.clip_vocab): the 256 byte symbols,
+The encoder is built as CLIP's tokenizer builds it (tifactory.training.sd15.clip_vocab): the 256 byte symbols,
 their `</w>` word-final variants, the first 48,894 merges joined, then <|startoftext|> and <|endoftext|>:
-49,408 tokens. The source's sha256 and the resulting merges.txt's sha256 are pinned in tifactory/sd15.py.
+49,408 tokens. The source's sha256 and the resulting merges.txt's sha256 are pinned in tifactory/training/sd15.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from tifactory import sd15  # noqa: E402
+from tifactory.training import sd15  # noqa: E402
 
 WHEEL_REQUIREMENT = "open-clip-torch==3.3.0"
 

@@ -7,7 +7,7 @@
   holds the model, else YuNet + dlib, which install from PyPI with no download) and its DAG-time checks.
 - `packs`: where the model files are (insightface pack folder, dlib's data package), by path only.
 - `identity`: the subject's reference identity (reference photos, else the majority) and the check.
-- `load_rgb` (here): the one image loader (EXIF-upright RGB array, see tifactory.imageio).
+- `load_rgb` (here): the one image loader (EXIF-upright RGB array, see tifactory.photos.imageio).
 
 Parse-time cheap: no numpy, cv2, dlib or insightface import at module level.
 """
@@ -25,7 +25,7 @@ def load_rgb(path: str | os.PathLike, *, min_long_side: int | None = None, max_p
     """An EXIF-upright RGB uint8 array of `path` (JPEGs decoded at reduced scale down to `min_long_side`)."""
     import numpy as np
 
-    from tifactory.imageio import open_upright
+    from tifactory.photos.imageio import open_upright
 
     return np.asarray(open_upright(path, min_long_side=min_long_side, max_pixels=max_pixels)[0])
 

@@ -90,7 +90,7 @@ def reference_photo_embeddings(sources, detector, recogniser, say: Callable[[str
     globs. Photos that cannot be read or show no face are skipped, and `say` names them."""
     import numpy as np
 
-    from tifactory.collect import _expand_source
+    from tifactory.photos.collect import _expand_source
     from tifactory.faces import load_rgb, short_error
 
     files: list[str] = []

@@ -1,5 +1,5 @@
 from tifactory.jobs import run_job
-from tifactory.likeness import copy_best
+from tifactory.sampling.likeness import copy_best
 
 
 def main(smk, log):

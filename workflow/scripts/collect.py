@@ -1,4 +1,4 @@
-from tifactory.collect import collect_photos
+from tifactory.photos.collect import collect_photos
 from tifactory.jobs import run_job
 
 

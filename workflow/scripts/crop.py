@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from tifactory.crop import CropSettings, crop_faces
+from tifactory.photos.crop import CropSettings, crop_faces
 from tifactory.jobs import run_job
 
 

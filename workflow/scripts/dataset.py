@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from tifactory.dataset import build_dataset
+from tifactory.photos.dataset import build_dataset
 from tifactory.jobs import run_job
 
 

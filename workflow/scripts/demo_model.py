@@ -1,5 +1,5 @@
 from tifactory.jobs import run_job
-from tifactory.tinymodel import build_tiny_model
+from tifactory.demo.tinymodel import build_tiny_model
 
 
 def main(smk, log):

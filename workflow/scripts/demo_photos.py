@@ -1,4 +1,4 @@
-from tifactory.demo import make_demo_photos
+from tifactory.demo.photos import make_demo_photos
 from tifactory.jobs import run_job
 
 

@@ -1,6 +1,6 @@
 from tifactory.faces.models import FaceSettings
 from tifactory.jobs import run_job
-from tifactory.likeness import score_subject
+from tifactory.sampling.likeness import score_subject
 
 
 def main(smk, log):

@@ -1,5 +1,5 @@
 from tifactory.jobs import run_job
-from tifactory.plots import plot_loss
+from tifactory.sampling.plots import plot_loss
 
 
 def main(smk, log):

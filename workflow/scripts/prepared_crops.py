@@ -1,5 +1,5 @@
 from tifactory.jobs import run_job
-from tifactory.prepared import adopt_prepared
+from tifactory.photos.prepared import adopt_prepared
 
 
 def main(smk, log):

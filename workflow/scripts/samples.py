@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from tifactory.jobs import run_job
-from tifactory.samples import render_sample_grid
+from tifactory.sampling.samples import render_sample_grid
 
 
 def main(smk, log):

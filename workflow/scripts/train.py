@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from tifactory.jobs import run_job
-from tifactory.train import train_embedding
+from tifactory.training.train import train_embedding
 
 
 def main(smk, log):

@@ -1,7 +1,7 @@
 """Sample grids: one row per checkpoint step (step 0 = the init word alone), one column per prompt × seed.
 
 `load_sampler` loads a base model once; `Sampler.render_grid` encodes every (step, prompt) with the
-weighted-prompt encoder of `tifactory.prompts` (the subject's vectors swapped in per checkpoint), then
+weighted-prompt encoder of `tifactory.sampling.prompts` (the subject's vectors swapped in per checkpoint), then
 samples all images of the grid in batches (images of different steps share a batch: only their prompt
 embeddings differ). Every image has its own CPU generator seeded with its column's seed, so an image does
 not depend on the batch it lands in. Outputs in `out_dir`: each image, `images.tsv`, the labelled
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.fileio import atomic_path, write_text_atomic
-from tifactory.prompts import PromptError, SamplePrompt, load_embedding_vectors, read_prompts  # noqa: F401
+from tifactory.sampling.prompts import PromptError, SamplePrompt, load_embedding_vectors, read_prompts  # noqa: F401
 
 CHECKPOINT_STEP = re.compile(r"-step(\d+)\.safetensors$")
 SCHEDULERS = ("ddim", "euler_a", "dpmpp_2m")
@@ -190,8 +190,8 @@ class Sampler:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from tifactory.prompts import PromptEncoder
-        from tifactory.train import pick_device
+        from tifactory.sampling.prompts import PromptEncoder
+        from tifactory.training.train import pick_device
 
         self.device = pick_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -293,7 +293,7 @@ class Sampler:
 
 def load_sampler(*, base_model: str, base_model_config: str = "", vae: str = "", scheduler: str = "ddim",
                  device: str = "auto") -> Sampler:
-    from tifactory.models import load_components
+    from tifactory.training.models import load_components
 
     components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
     return Sampler(components, scheduler=scheduler, device=device)

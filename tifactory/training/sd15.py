@@ -19,8 +19,9 @@ import gzip
 import hashlib
 import json
 from pathlib import Path
+from tifactory import REPO_ROOT
 
-SD15_DIR = Path(__file__).resolve().parent.parent / "resources" / "sd15"
+SD15_DIR = REPO_ROOT / "resources" / "sd15"
 
 # CLIP's BPE: 49152 entries less the 256 byte symbols and the 2 special tokens are merges.
 NUM_MERGES = 49152 - 256 - 2  # 48,894

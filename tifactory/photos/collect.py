@@ -9,8 +9,8 @@ import hashlib
 import os
 
 from tifactory.fileio import sha256_file, write_tsv_atomic
-from tifactory.prepared import CAPTION, prepared_file_roles
-from tifactory.sources import expand_source, prepared_image_folders
+from tifactory.photos.prepared import CAPTION, prepared_file_roles
+from tifactory.photos.sources import expand_source, prepared_image_folders
 
 RAW_MANIFEST_COLUMNS = [
     "source",
@@ -32,8 +32,8 @@ _HASH_SIDE = 256  # JPEGs are decoded at the smallest DCT scale with a long side
 
 
 def load_upright_rgb(path: str | os.PathLike):
-    """Load `path` as an EXIF-upright 8-bit sRGB RGB PIL image (see tifactory.imageio). Raises if undecodable."""
-    from tifactory.imageio import open_upright
+    """Load `path` as an EXIF-upright 8-bit sRGB RGB PIL image (see tifactory.photos.imageio). Raises if undecodable."""
+    from tifactory.photos.imageio import open_upright
 
     return open_upright(path)[0]
 
@@ -59,7 +59,7 @@ def _short_error(exc: BaseException, path: str) -> str:
 
 
 def _expand_source(source: str) -> tuple[list[str], str | None, dict[str, str]]:
-    """(absolute file paths, problem, {absolute path: problem}) of one source: tifactory.sources' listing
+    """(absolute file paths, problem, {absolute path: problem}) of one source: tifactory.photos.sources' listing
     with absolute paths (kept for the crop stage's reference photos)."""
     listing = expand_source(source)
     return ([os.path.abspath(path) for path in listing.files], listing.problem,
@@ -75,7 +75,7 @@ def _empty_row(source: str) -> dict:
 
 def _examine(row: dict, file_path: str, *, min_side_px: int, max_pixels: int) -> tuple[int, int] | None:
     """Decode a small copy of one file, fill the row's measurements; return (phash, pixels) if usable."""
-    from tifactory.imageio import DecodeRejected, open_upright, perceptual_hash
+    from tifactory.photos.imageio import DecodeRejected, open_upright, perceptual_hash
 
     try:
         if os.path.getsize(file_path) == 0:
@@ -122,7 +122,7 @@ def _deduplicate(candidates: list[tuple[dict, int, int]], near_duplicate_distanc
     pairs whose perceptual hashes are close: pixel-identical photos always are). Near: perceptual-hash
     Hamming distance <= near_duplicate_distance (negative: off).
     """
-    from tifactory.imageio import hamming
+    from tifactory.photos.imageio import hamming
 
     exact_window = 2  # pixel-identical photos give (near-)identical small decodes
     kept: list[tuple[dict, int]] = []
@@ -171,7 +171,7 @@ def collect_photos(
 
     `sources`: folders (all files inside, recursively; hidden files and folders skipped), glob
     patterns (`**` allowed), single files, and URL-list files (text files whose lines are URLs; see
-    tifactory.fetch: downloads only with `allow_network`, http/https only, cached by URL). Items are
+    tifactory.photos.fetch: downloads only with `allow_network`, http/https only, cached by URL). Items are
     processed in sorted order (files by absolute path, then URLs in list order).
 
     Every item is one row: kept, or rejected with a reason (undecodable, decompression-bomb guard,
@@ -181,7 +181,7 @@ def collect_photos(
     `file` is the local file the crop stage reads (the cached download for URLs); `pixel_sha256` is
     filled where a full-pixel comparison was needed to tell an exact duplicate.
 
-    `prepared`: the sources are prepared kohya dataset folders (tifactory.sources.prepared_image_folders),
+    `prepared`: the sources are prepared kohya dataset folders (tifactory.photos.sources.prepared_image_folders),
     used as they are: only the image folders' own image files are items (other files are rejected rows;
     caption files beside an image are no rows, they travel with it), URL lists are not read, and nothing
     is rejected as a duplicate (only undecodable and too small images are).
@@ -190,7 +190,7 @@ def collect_photos(
 
     import pandas as pd
 
-    from tifactory.fetch import fetch_url, read_url_list
+    from tifactory.photos.fetch import fetch_url, read_url_list
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -226,7 +226,7 @@ def collect_photos(
         if prepared:
             role = roles[file_path]
             if role == CAPTION:
-                continue  # travels with its image (tifactory.prepared)
+                continue  # travels with its image (tifactory.photos.prepared)
             row = _empty_row(file_path)
             row["file"], row["reason"] = ("", role) if role else (file_path, "")
             items.append(row)

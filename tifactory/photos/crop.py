@@ -338,7 +338,7 @@ def detect_subject(photo: Photo, models: FaceModels, settings: CropSettings, *, 
     import numpy as np
 
     from tifactory.fileio import sha256_file
-    from tifactory.imageio import open_upright
+    from tifactory.photos.imageio import open_upright
 
     row, detector = photo.row, models.detector()
     row["detector"] = detector.name
@@ -461,7 +461,7 @@ def frame_and_render(photo: Photo, models: FaceModels, settings: CropSettings, o
     crop (PIL) when kept, else None with the row's reason."""
     import numpy as np
 
-    from tifactory.imageio import open_upright
+    from tifactory.photos.imageio import open_upright
 
     row, face, s = photo.row, photo.face, settings
     width, height = photo.size
@@ -597,7 +597,7 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir that look like crops but are not in the new manifest are removed.
     `detector` / `recogniser`: ready objects instead of the configured models (tests' stand-ins).
     """
-    from tifactory.collect import read_raw_manifest
+    from tifactory.photos.collect import read_raw_manifest
 
     say = log or (lambda message: None)
     raw = read_raw_manifest(raw_manifest_path)
@@ -624,7 +624,7 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
     def frame(photo: Photo):
         crop = frame_and_render(photo, models, settings, out_dir)
         if crop is not None and settings.contact_sheet:
-            from tifactory.contact_sheet import crop_thumbnail
+            from tifactory.photos.contact_sheet import crop_thumbnail
 
             thumbnails[photo.row["output"]] = crop_thumbnail(crop)
 
@@ -643,7 +643,7 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
         if stale.is_file() and _CROP_NAME.match(stale.name) and stale.name not in wanted:
             stale.unlink()
     if settings.contact_sheet:
-        from tifactory.contact_sheet import make_contact_sheet
+        from tifactory.photos.contact_sheet import make_contact_sheet
 
         make_contact_sheet(table, out_dir, out_dir / "contact_sheet.png",
                            files={str(r["source"]): str(r.get("file") or r["source"]) for r in raw.to_dict("records")},

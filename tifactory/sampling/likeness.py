@@ -142,7 +142,7 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
     summary (scored, reason, recogniser, metric, threshold, best_step, best_checkpoint). The models are the
     configured ones (`settings`: tifactory.faces.models.FaceSettings) unless `detector`/`recogniser` are given;
     `workers` threads embed the images (each with its own models)."""
-    from tifactory.plots import line_plot
+    from tifactory.sampling.plots import line_plot
 
     models = FaceModels(settings, detector=detector, recogniser=recogniser)
     log(models.detector_note)
@@ -168,7 +168,7 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
         if best is None:
             result["reason"] = "no checkpoint to choose from"
         else:
-            from tifactory.samples import list_checkpoints
+            from tifactory.sampling.samples import list_checkpoints
 
             by_step = dict(list_checkpoints(checkpoint_dir))
             result["best_checkpoint"] = str(by_step[best]) if best in by_step else ""

@@ -15,7 +15,7 @@ What is recognised: SD1.x checkpoints (768-wide text encoder, 4 UNet input chann
 prediction) pass; SDXL, SD2.x (1024-wide OpenCLIP text encoder), inpainting or other UNets with more
 than 4 input channels, v-prediction checkpoints (a `v_pred` key, modelspec metadata, or a `.yaml`
 beside the file saying `parameterization: v`), textual-inversion embeddings, LoRA/LyCORIS files and bare
-VAEs are each named. `classify_keys` also backs the loader's own check at job time (tifactory.models).
+VAEs are each named. `classify_keys` also backs the loader's own check at job time (tifactory.training.models).
 
 Import cost: standard library only.
 """
@@ -509,7 +509,7 @@ def _check_model_entry(path: str, config_dir: str, vae: str, key: str, config_ke
 def tokenizer_folder(config: dict, *, demo_model_dir: str | None = None,
                      demo_model_name: str = "demo-tiny") -> Path | None:
     """The tokenizer folder the training job will load for the base model (None: not built yet)."""
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     base = config.get("base_model", "")
     if base == demo_model_name:
@@ -530,8 +530,8 @@ def check_subject_tokens(num_vectors: dict[str, int], tokenizer_dir: Path | None
     A subject whose name the tokenizer already knows trains under a derived token (notes say which);
     a problem means no token could be derived, or the vocabulary is unreadable. `tokenizer_dir` None
     (the demo model before it is built) checks nothing."""
-    from tifactory.sd15 import SD15ResourceError, read_vocab
-    from tifactory.templates import training_tokens
+    from tifactory.training.sd15 import SD15ResourceError, read_vocab
+    from tifactory.training.templates import training_tokens
 
     if tokenizer_dir is None:
         return [], []

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tifactory.dataset import read_dataset_toml
-from tifactory.embedding import build_metadata, reproducible_date, save_embedding
+from tifactory.photos.dataset import read_dataset_toml
+from tifactory.training.embedding import build_metadata, reproducible_date, save_embedding
 from tifactory.fileio import atomic_path, sha256_file, write_text_atomic
-from tifactory.templates import TEMPLATES, training_tokens
+from tifactory.training.templates import TEMPLATES, training_tokens
 
 STATE_FORMAT_VERSION = 1
 
@@ -327,7 +327,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     """Train one subject's embedding. `components` (preloaded models) is for benchmarks; else loaded."""
     import torch
 
-    from tifactory.models import load_components, model_fingerprint
+    from tifactory.training.models import load_components, model_fingerprint
 
     started = time.perf_counter()
     stats: dict = {}

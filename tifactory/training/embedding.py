@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from tifactory.fileio import atomic_path
+from tifactory import REPO_ROOT
 
 EMBEDDING_KEY = "emb_params"
 SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "float": "float32"}
@@ -33,7 +34,7 @@ def package_versions() -> dict[str, str]:
 
 def git_commit() -> str:
     """The workflow's git commit (with '+dirty' when the tree has changes), or '' outside git."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO_ROOT
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()

@@ -1,6 +1,6 @@
 """Prepared kohya datasets: the subject's images are used as they are, in place of the crop stage.
 
-A prepared subject (tifactory.sources.source_kind) is collected like any other (every file one raw-manifest
+A prepared subject (tifactory.photos.sources.source_kind) is collected like any other (every file one raw-manifest
 row, kept or rejected: undecodable, too small, not in an image folder, not an image type kohya reads), then
 `adopt_prepared` writes `results/S/crops/` as the crop stage would: the kept images copied byte for byte
 (no face detection, no re-framing, no re-encoding), their captions beside them as `<name>.txt`, and a crop
@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from tifactory.fileio import atomic_path, write_tsv_atomic
-from tifactory.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+from tifactory.photos.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 
 CAPTION = "caption"  # prepared_file_roles' role of a caption file beside an image
 PREPARED_DETECTOR = "prepared"  # the crop manifest's `detector` of adopted images (none ran)
@@ -80,9 +80,9 @@ def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, 
     contact sheet; return the manifest DataFrame. Rejected raw rows stay rejected with their reason."""
     import pandas as pd
 
-    from tifactory.collect import read_raw_manifest
-    from tifactory.crop import CROP_MANIFEST_COLUMNS
-    from tifactory.dataset import CAPTION_EXTENSION
+    from tifactory.photos.collect import read_raw_manifest
+    from tifactory.photos.crop import CROP_MANIFEST_COLUMNS
+    from tifactory.photos.dataset import CAPTION_EXTENSION
 
     raw = read_raw_manifest(raw_manifest)
     out_dir = Path(out_dir)
@@ -109,7 +109,7 @@ def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, 
         frame[column] = frame[column].astype("Int64")
     write_tsv_atomic(out_dir / "manifest.tsv", frame)
     if contact_sheet:
-        from tifactory.contact_sheet import make_contact_sheet
+        from tifactory.photos.contact_sheet import make_contact_sheet
 
         make_contact_sheet(frame, out_dir, out_dir / "contact_sheet.png",
                            files={str(r["source"]): str(r["file"] or r["source"]) for r in raw.to_dict("records")})

@@ -24,7 +24,7 @@ def _font():
 
 def _thumbnail(path: str, tile: int):
     """An upright thumbnail of a photo, or None when it cannot be decoded."""
-    from tifactory.imageio import open_upright
+    from tifactory.photos.imageio import open_upright
 
     if not os.path.isfile(path):  # a folder, a broken link, a FIFO (opening one would block forever)
         return None

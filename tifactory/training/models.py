@@ -11,7 +11,7 @@
 A single file carries weights only: the configs and the tokenizer come from `config_dir` when given
 (config key `base_model_config`: a local diffusers-format folder of the same architecture; only its
 *.json/*.txt files are read), else from SD1.5's configs and CLIP tokenizer shipped in resources/sd15/
-(tifactory.sd15). Nothing is ever fetched from the network.
+(tifactory.training.sd15). Nothing is ever fetched from the network.
 
 Import cost: this module imports no torch/diffusers/transformers at import time (the Snakefile
 imports the package while it parses the DAG).
@@ -361,8 +361,8 @@ def _unpickling_reason(error: Exception) -> str:
 
 
 def _check_sd1_layout(checkpoint: dict, path: Path, *, need_vae: bool) -> None:
-    """The DAG-time verdict (tifactory.model_check) again on the loaded tensors: what else the file is."""
-    from tifactory.model_check import classify_keys
+    """The DAG-time verdict (tifactory.training.model_check) again on the loaded tensors: what else the file is."""
+    from tifactory.training.model_check import classify_keys
 
     verdict = classify_keys({key: tuple(tensor.shape) for key, tensor in checkpoint.items()})
     if verdict is not None:
@@ -374,7 +374,7 @@ def _check_sd1_layout(checkpoint: dict, path: Path, *, need_vae: bool) -> None:
 
 def _resolve_config_dir(config_dir: str | Path | None, checkpoint_path: Path) -> Path:
     """`config_dir` (config key base_model_config) when given, else the shipped SD1.5 configs."""
-    from tifactory import sd15
+    from tifactory.training import sd15
 
     if config_dir is None:
         try:

@@ -6,7 +6,7 @@ A source is a folder (read recursively), a single file (a photo or a URL-list fi
 
 Prepared kohya datasets: `prepared_image_folders` tells whether a folder is a dataset someone already
 cut (`100_sks woman/` holding images, or a folder holding such folders); such a subject's images are used
-as they are (see tifactory.prepared). Imported at DAG-parse time: no image libraries, no torch.
+as they are (see tifactory.photos.prepared). Imported at DAG-parse time: no image libraries, no torch.
 """
 
 from __future__ import annotations
