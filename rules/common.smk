@@ -139,12 +139,6 @@ def subject_class_word(wildcards):
     return ROSTER[wildcards.subject]["class_word"]
 
 
-def sample_params(wildcards):
-    params = merged_section(config, "samples")
-    params["init_word"] = subject_train_params(wildcards)["init_word"]
-    return params
-
-
 def workflow_file(path):
     """A config path relative to the working directory, else to the workflow's folder."""
     if os.path.isabs(path) or os.path.exists(path):

@@ -25,9 +25,9 @@ rule subject_summary:
         ),
     params:
         recipe=subject_train_params,
-        samples=sampling_params,
+        samples=sample_settings,
         model=model_params(),
-        eval_models=list(EVAL_MODELS),
+        eval_models=EVAL_MODELS,
     conda:
         "../envs/tifactory.yaml"
     log:

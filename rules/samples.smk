@@ -1,74 +1,36 @@
-# Sample grids (base model + the transfer-check models), loss curve, likeness scores and the best step.
+# Sample grids (the base model and each eval model: one rule), loss curve, likeness scores and the best step.
 
 
 rule samples:
+    """Sample grid of every checkpoint on one model: the base model, or an eval model (transfer check)."""
     input:
+        unpack(sample_inputs),
         checkpoints="results/{subject}/checkpoints",
         embedding="results/{subject}/{subject}-ti.safetensors",
-        prompts=workflow_file(config["samples"]["prompts"]),
-        embeddings=extra_embedding_inputs,
-        model=base_model_input,
     output:
-        grid="results/{subject}/samples/grid.png",
+        grid="results/{subject}/samples{model_dir}/grid.png",
         preview=report(
-            "results/{subject}/samples/grid_preview.jpg",
+            "results/{subject}/samples{model_dir}/grid_preview.jpg",
             caption="../workflow/report/grid.rst",
             category="{subject}",
             subcategory="sample grids",
-            labels={"subject": "{subject}", "model": "base", "figure": "sample grid"},
+            labels=sample_report_labels,
         ),
-        images="results/{subject}/samples/images.tsv",
+        images="results/{subject}/samples{model_dir}/images.tsv",
     params:
-        samples=sampling_params,
-        model=model_params(),
-        embeddings={
-            trigger: workflow_file(path) for trigger, path in config["samples"]["embeddings"].items()
-        },
-        label="base",
+        samples=sample_grid_params,
+        model=lambda wildcards: SAMPLE_MODELS[sample_model(wildcards)],
+        embeddings=sample_extra_embeddings,
+        label=sample_model,
     resources:
         gpu=1,
     conda:
         "../envs/tifactory.yaml"
     log:
-        "logs/samples/{subject}.log",
+        # logs/samples/S.log for the base model, logs/samples/S/eval/<name>.log for an eval model
+        "logs/samples/{subject}{model_dir}.log",
     benchmark:
-        "benchmarks/samples/{subject}.tsv"
-    script:
-        "../workflow/scripts/samples.py"
-
-
-rule samples_transfer:
-    input:
-        checkpoints="results/{subject}/checkpoints",
-        embedding="results/{subject}/{subject}-ti.safetensors",
-        prompts=workflow_file(config["samples"]["prompts"]),
-        embeddings=extra_embedding_inputs,
-        model=eval_model_input,
-    output:
-        grid="results/{subject}/samples/eval/{eval_model}/grid.png",
-        preview=report(
-            "results/{subject}/samples/eval/{eval_model}/grid_preview.jpg",
-            caption="../workflow/report/grid.rst",
-            category="{subject}",
-            subcategory="sample grids",
-            labels={"subject": "{subject}", "model": "{eval_model}", "figure": "sample grid"},
-        ),
-        images="results/{subject}/samples/eval/{eval_model}/images.tsv",
-    params:
-        samples=sampling_params,
-        model=eval_model_params,
-        embeddings={
-            trigger: workflow_file(path) for trigger, path in config["samples"]["embeddings"].items()
-        },
-        label=lambda wildcards: wildcards.eval_model,
-    resources:
-        gpu=1,
-    conda:
-        "../envs/tifactory.yaml"
-    log:
-        "logs/samples_transfer/{subject}-{eval_model}.log",
-    benchmark:
-        "benchmarks/samples_transfer/{subject}-{eval_model}.tsv"
+        "benchmarks/samples/{subject}{model_dir}.tsv"
     script:
         "../workflow/scripts/samples.py"
 

@@ -1,28 +1,74 @@
-# Settings and input functions of rules/samples.smk and rules/report.smk (no rules here, see `snakemake --lint`).
-# Parse time stays cheap: only path checks here; torch and the face models load inside the jobs.
-EVAL_MODELS = {entry["name"]: entry for entry in config.get("eval_models", [])}
+# Models, settings, paths and targets of rules/samples.smk and rules/report.smk (no rules here, see
+# `snakemake --lint`). Parse time stays cheap: only path checks here; torch and the face models load inside the jobs.
+
+
+# Every model gets the same grid from the one rule `samples`: the base model is the model named "base" (the
+# schema keeps that name out of `eval_models`), beside each `eval_models` entry (transfer check).
+SAMPLE_MODELS = {
+    "base": model_params(),
+    **{
+        entry["name"]: {
+            "base_model": entry["path"],
+            "base_model_config": entry.get("config", ""),
+            "vae": entry.get("vae", ""),
+        }
+        for entry in config.get("eval_models", [])
+    },
+}
+EVAL_MODELS = [name for name in SAMPLE_MODELS if name != "base"]
+
+
+def samples_dir(subject, model):
+    """The folder of one model's grid: results/S/samples for the base model, results/S/samples/eval/<name> for
+    an eval model (README's paths). Rule `samples` writes to results/{subject}/samples{model_dir}/."""
+    return f"results/{subject}/samples" + ("" if model == "base" else f"/eval/{model}")
 
 
 wildcard_constraints:
-    eval_model="|".join(EVAL_MODELS) or "no-eval-models",
+    # the tail of a grid folder after results/S/samples: "" (the base model) or /eval/<an eval model's name>
+    model_dir=f"(?:/eval/(?:{'|'.join(EVAL_MODELS)}))?" if EVAL_MODELS else "(?:)",
 
 
-def sampling_params(wildcards):
-    """The samples section (demo overrides applied), plus the init word."""
-    return sample_params(wildcards)
+def sample_model(wildcards):
+    """The model name of a `samples` job: "base", or the eval model its folder names."""
+    return wildcards.model_dir.rsplit("/", 1)[-1] if wildcards.model_dir else "base"
 
 
-def extra_embedding_inputs(wildcards):
-    return [workflow_file(path) for path in config["samples"]["embeddings"].values()]
+def sample_settings(wildcards):
+    """One subject's samples settings, read here and nowhere else: config `samples` (demo overrides
+    applied) plus the subject's init word. The report shows them as they are; rule `samples` takes the
+    files as inputs (sample_inputs) and the rest as params (sample_grid_params)."""
+    settings = merged_section(config, "samples")
+    settings["init_word"] = subject_train_params(wildcards)["init_word"]
+    return settings
 
 
-def eval_model_params(wildcards):
-    entry = EVAL_MODELS[wildcards.eval_model]
-    return {"base_model": entry["path"], "base_model_config": entry.get("config", ""), "vae": entry.get("vae", "")}
+SAMPLE_FILE_KEYS = ("prompts", "embeddings")
 
 
-def eval_model_input(wildcards):
-    return [path for path in eval_model_params(wildcards).values() if path]
+def sample_extra_embeddings(wildcards):
+    """{trigger: file} of the extra embeddings the prompts may use (paths resolved by workflow_file)."""
+    extra = sample_settings(wildcards)["embeddings"]
+    return {trigger: workflow_file(path) for trigger, path in extra.items()}
+
+
+def sample_inputs(wildcards):
+    """The files a grid is made from besides the checkpoints: prompts, extra embeddings, the model's files."""
+    return {
+        "prompts": workflow_file(sample_settings(wildcards)["prompts"]),
+        "embeddings": list(sample_extra_embeddings(wildcards).values()),
+        "model": [path for path in SAMPLE_MODELS[sample_model(wildcards)].values() if path],
+    }
+
+
+def sample_grid_params(wildcards):
+    """The grid's settings, as tifactory.sampling.samples.render_sample_grid takes them (files aside)."""
+    settings = sample_settings(wildcards)
+    return {key: value for key, value in settings.items() if key not in SAMPLE_FILE_KEYS}
+
+
+def sample_report_labels(wildcards):
+    return {"subject": wildcards.subject, "model": sample_model(wildcards), "figure": "sample grid"}
 
 
 def samples_targets():
@@ -33,12 +79,10 @@ def samples_targets():
         "results/{subject}/report/summary.html",
         "results/{subject}/{subject}-ti-best.safetensors",
     ]
-    targets += [f"results/{{subject}}/samples/eval/{name}/grid.png" for name in EVAL_MODELS]
-    return expand(targets, subject=SUBJECTS) + ["results/report/roster.html"]
+    grids = [f"{samples_dir(subject, name)}/grid.png" for subject in SUBJECTS for name in EVAL_MODELS]
+    return expand(targets, subject=SUBJECTS) + grids + ["results/report/roster.html"]
 
 
 def subject_grids(wildcards):
-    grids = {"base": f"results/{wildcards.subject}/samples/grid_preview.jpg"}
-    for name in EVAL_MODELS:
-        grids[name] = f"results/{wildcards.subject}/samples/eval/{name}/grid_preview.jpg"
-    return grids
+    """model -> the grid preview of each model, for the subject's report page."""
+    return {name: f"{samples_dir(wildcards.subject, name)}/grid_preview.jpg" for name in SAMPLE_MODELS}
