@@ -155,6 +155,16 @@ except FaceModelError as error:
     raise WorkflowError(str(error)) from None
 
 
+# The crop stage's declared files, the same for rule crop (raw photos) and rule prepared_crops (prepared
+# datasets), so each can be asked for by name. The crop images beside them are data (the manifest's `output`
+# column names them): each job empties results/S/crops/ first, so nothing of an earlier run stays.
+CROP_OUTPUTS = {
+    "manifest": "results/{subject}/crops/manifest.tsv",
+    "identity": "results/{subject}/crops/identity.json",
+    **({"sheet": "results/{subject}/crops/contact_sheet.png"} if config["crop"]["contact_sheet"] else {}),
+}
+
+
 def crop_reference_photos(wildcards):
     """The roster's optional `reference` photos for the identity filter (files, folders, globs)."""
     return split_sources(ROSTER[wildcards.subject].get("reference", ""))

@@ -1,9 +1,10 @@
 rule crop:
+    """Face crops of one subject's photos: manifest (a row per photo), identity filter summary, contact sheet."""
     input:
         "results/{subject}/raw/manifest.tsv",
         reference=crop_reference_files,
     output:
-        directory("results/{subject}/crops"),
+        **CROP_OUTPUTS,
     params:
         crop=config["crop"],
         faces=config["faces"],
@@ -22,8 +23,9 @@ rule crop:
 
 
 rule crop_summary:
+    """Kept and rejected photos by reason, one row per subject (results/summary/crops.tsv)."""
     input:
-        expand("results/{subject}/crops", subject=SUBJECTS),
+        expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),
     output:
         "results/summary/crops.tsv",
     params:

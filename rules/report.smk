@@ -6,7 +6,7 @@ rule subject_summary:
         unpack(
             lambda wildcards: {
                 "raw": f"results/{wildcards.subject}/raw/manifest.tsv",
-                "crops": f"results/{wildcards.subject}/crops",
+                "crops": f"results/{wildcards.subject}/crops/manifest.tsv",
                 "loss": f"results/{wildcards.subject}/train/loss.png",
                 "likeness": f"results/{wildcards.subject}/samples/likeness.json",
                 "likeness_plot": f"results/{wildcards.subject}/samples/likeness.png",
@@ -39,7 +39,7 @@ rule subject_summary:
 rule roster_overview:
     input:
         raw=expand("results/{subject}/raw/manifest.tsv", subject=SUBJECTS),
-        crops=expand("results/{subject}/crops", subject=SUBJECTS),
+        crops=expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),
         likeness=expand("results/{subject}/samples/likeness.json", subject=SUBJECTS),
         embeddings=expand("results/{subject}/{subject}-ti.safetensors", subject=SUBJECTS),
     output:

@@ -60,7 +60,7 @@ rule likeness:
     input:
         images="results/{subject}/samples/images.tsv",
         grid="results/{subject}/samples/grid.png",
-        crops="results/{subject}/crops",
+        crops=CROP_OUTPUTS["manifest"],
         checkpoints="results/{subject}/checkpoints",
     output:
         scores="results/{subject}/samples/scores.tsv",

@@ -3,8 +3,9 @@
 
 
 rule train:
+    """Textual-inversion training: the final embedding, a checkpoint every save_every_n_steps, the loss."""
     input:
-        dataset="results/{subject}/dataset",
+        dataset="results/{subject}/dataset/dataset.toml",
         model=base_model_input,
     output:
         embedding="results/{subject}/{subject}-ti.safetensors",

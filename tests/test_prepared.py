@@ -132,12 +132,12 @@ def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config
     config = dict(repo_config, roster="roster.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    plan = snakemake(tmp_path, "-n", "results/eva/dataset", "results/tom/dataset").stdout
+    plan = snakemake(tmp_path, "-n", "results/eva/dataset/dataset.toml", "results/tom/dataset/dataset.toml").stdout
     jobs = {(rule, subject) for rule, subject in re.findall(r"rule (\w+):\n(?:    .*\n)*?    wildcards: subject=([\w-]+)", plan)}
     assert ("prepared_crops", "eva") in jobs and ("crop", "tom") in jobs
     assert ("crop", "eva") not in jobs and ("prepared_crops", "tom") not in jobs
 
-    snakemake(tmp_path, "results/eva/dataset")
+    snakemake(tmp_path, "results/eva/dataset/dataset.toml")
     folder = tmp_path / "results" / "eva" / "dataset" / "30_eva woman"  # repeats and class from the folder name
     images = sorted(p for p in folder.iterdir() if p.suffix != ".txt")
     assert sorted(sha(p) for p in images) == sorted(sha(p) for p in prepared)

@@ -128,3 +128,18 @@ def read_tsv_rows(path: str | os.PathLike, what: str = "table", missing_ok: bool
         raise FileNotFoundError(f"{what} not found or empty: {path}")
     with open(path, encoding="utf-8", newline="") as handle:
         return [dict(row) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def empty_folder(folder: str | os.PathLike) -> Path:
+    """Make `folder` an empty folder and return it: what Snakemake does for a `directory()` output before its
+    job runs, for stages that declare a few named files (a manifest, dataset.toml) beside files whose names
+    are data (crop images, the kohya image folder), so that nothing of an earlier run stays behind."""
+    import shutil
+
+    folder = Path(folder)
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder

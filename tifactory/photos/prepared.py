@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tifactory.fileio import atomic_path, write_tsv_atomic
+from tifactory.fileio import atomic_path, write_text_atomic, write_tsv_atomic
 from tifactory.photos.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 
 CAPTION = "caption"  # prepared_file_roles' role of a caption file beside an image
@@ -77,11 +77,14 @@ def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, 
                    contact_sheet: bool = True):
     """Copy the kept images of a prepared subject's raw manifest into `out_dir` unchanged (+ captions as
     `<name>.txt`), write `out_dir/manifest.tsv` (crop manifest columns + width, height, caption) and the
-    contact sheet; return the manifest DataFrame. Rejected raw rows stay rejected with their reason."""
+    contact sheet; return the manifest DataFrame. Rejected raw rows stay rejected with their reason.
+    Like the crop stage it writes `identity.json` (the identity filter does not run on a prepared dataset)."""
+    import json
+
     import pandas as pd
 
     from tifactory.photos.collect import read_raw_manifest
-    from tifactory.photos.crop import CROP_MANIFEST_COLUMNS
+    from tifactory.photos.crop import CROP_MANIFEST_COLUMNS, IDENTITY_FILE
     from tifactory.photos.dataset import CAPTION_EXTENSION
 
     raw = read_raw_manifest(raw_manifest)
@@ -108,6 +111,8 @@ def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, 
     for column in ("width", "height"):
         frame[column] = frame[column].astype("Int64")
     write_tsv_atomic(out_dir / "manifest.tsv", frame)
+    identity = {"filter": "off", "note": "prepared dataset used as it is: no face detection, no identity filter"}
+    write_text_atomic(out_dir / IDENTITY_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     if contact_sheet:
         from tifactory.photos.contact_sheet import make_contact_sheet
 

@@ -1,11 +1,9 @@
-from pathlib import Path
-
 from tifactory.jobs import run_job
 from tifactory.summary import summarize_crops
 
 
 def main(smk, log):
-    manifests = {subject: Path(folder) / "manifest.tsv" for subject, folder in zip(smk.params.subjects, smk.input)}
+    manifests = dict(zip(smk.params.subjects, smk.input))
     table = summarize_crops(manifests, smk.output[0])
     log(f"summary of {len(table)} subject(s) written to {smk.output[0]}")
 

@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from tifactory.faces.models import FaceSettings
 from tifactory.jobs import run_job
 from tifactory.sampling.likeness import score_subject
 
 
 def main(smk, log):
-    score_subject(subject=smk.wildcards.subject, images_tsv=smk.input.images, crops_dir=smk.input.crops,
+    score_subject(subject=smk.wildcards.subject, images_tsv=smk.input.images, crops_dir=Path(smk.input.crops).parent,
                   checkpoint_dir=smk.input.checkpoints, scores_tsv=smk.output.scores, plot_png=smk.output.plot,
                   summary_json=smk.output.summary, settings=FaceSettings.from_config(smk.params.faces), workers=smk.threads,
                   log=log)

@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from tifactory.jobs import run_job
 from tifactory.report import roster_overview
 
 
 def main(smk, log):
     subjects = [
-        {"subject": subject, "class_word": class_word, "raw_manifest": raw, "crops_dir": crops,
+        {"subject": subject, "class_word": class_word, "raw_manifest": raw, "crops_dir": str(Path(crops).parent),
          "likeness_json": likeness, "embedding": embedding}
         for subject, class_word, raw, crops, likeness, embedding in zip(
             smk.params.subjects, smk.params.class_words, smk.input.raw, smk.input.crops, smk.input.likeness,
