@@ -158,6 +158,35 @@ def test_single_target_builds_one_subject(tmp_path, repo_config, tiny_overrides)
     assert ("train", "eva") in jobs and not any(rule == "samples" for rule, _ in jobs)
 
 
+def readme_paths(subject: str, eval_model: str) -> list[str]:
+    """Every results/ path README names for one subject (`S`, `<name>` filled in), with the file names its
+    outputs table lists beside a row's first path; folders (`.../`) and globs (`*.png`) are orientation."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"`(results/(?:S|summary|report)/[^`]*)`", readme))
+    for row in re.findall(r"^\| (`results/S/[^|]*)\|", readme, flags=re.M):
+        first, *others = re.findall(r"`([^`]+)`", row)
+        paths.update(f"{first.rsplit('/', 1)[0]}/{name}" for name in others if "/" not in name)
+    paths = {p for p in paths if not p.endswith("/") and "*" not in p}
+    return sorted(p.replace("<name>", eval_model).replace("/S/", f"/{subject}/").replace("/S-", f"/{subject}-")
+                  for p in paths)
+
+
+@pytest.mark.slow
+def test_every_readme_path_is_a_target(tmp_path, repo_config, tiny_overrides, tiny_model_dir):
+    """README's outputs can each be asked for by name: one dry run for them all plans a job making each."""
+    fresh = make_workdir(tmp_path / "fresh", repo_config, tiny_overrides)
+    config = yaml.safe_load((fresh / "config.yaml").read_text())
+    config["eval_models"] = [{"name": "same", "path": str(tiny_model_dir)}]
+    (fresh / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = readme_paths("eva", "same")
+    assert {"results/eva/crops/manifest.tsv", "results/eva/dataset/dataset.toml", "results/eva/checkpoints",
+            "results/eva/train/loss.tsv", "results/eva/samples/scores.tsv",
+            "results/eva/samples/eval/same/grid.png"} <= set(targets)
+    plan = snakemake(fresh, "-n", *targets).stdout
+    planned = {path for line in re.findall(r"^    output: (.*)$", plan, flags=re.M) for path in line.split(", ")}
+    assert not set(targets) - planned
+
+
 def test_bad_roster_row_fails_alone_with_row_and_column(tmp_path, repo_config, tiny_overrides):
     fresh = make_workdir(tmp_path / "bad", repo_config, tiny_overrides)
     (fresh / "roster.tsv").write_text("subject\tclass_word\tsources\neva\twoman\tphotos/eva\nbob\tdog\tphotos/eva\n")
