@@ -1,15 +1,21 @@
 # tifactory: roster + raw photos -> SD1.5 textual-inversion embeddings.
 # Run the demo roster:   snakemake --cores 1 --resources gpu=1
 # One subject:           snakemake --cores 1 --resources gpu=1 results/astronaut/astronaut-ti.safetensors
+import os
 import sys
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-# The tifactory package beside this Snakefile wins at parse time; jobs import the installed one
-# (requirements.txt installs this checkout in editable mode).
+# The tifactory package beside this Snakefile wins at parse time, and in the jobs: their scripts run in a new
+# Python (in a conda env of envs/ too, which does not install tifactory) that inherits this PYTHONPATH.
 sys.path.insert(0, workflow.basedir)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        [workflow.basedir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+)
 
 
 configfile: "config.yaml"
@@ -51,6 +57,7 @@ localrules:
 
 
 rule all:
+    """Every subject's embedding, grids, likeness, best step and report, plus the roster summaries."""
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -1,16 +1,17 @@
 rule collect:
+    """Every source item of one subject decoded and checked: kept or rejected with the reason."""
     input:
         collect_inputs,
     output:
         "results/{subject}/raw/manifest.tsv",
+    log:
+        "logs/collect/{subject}.log",
+    conda:
+        "../envs/tifactory.yaml"
+    threads: 2
     params:
         sources=lambda wildcards: split_sources(ROSTER[wildcards.subject]["sources"]),
         collect=collect_params,
         network_keys=COLLECT_NETWORK_KEYS,
-    threads: 2
-    conda:
-        "../envs/tifactory.yaml"
-    log:
-        "logs/collect/{subject}.log",
     script:
         "../workflow/scripts/collect.py"

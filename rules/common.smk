@@ -39,12 +39,16 @@ try:
 except RosterError as error:
     raise WorkflowError(str(error)) from None
 if not _good_rows:
-    raise WorkflowError(f"roster {config['roster']}: no usable subjects"
-                        + "".join(f"\n  {problem}" for problem in ROSTER_PROBLEMS))
+    raise WorkflowError(
+        f"roster {config['roster']}: no usable subjects" + "".join(f"\n  {problem}" for problem in ROSTER_PROBLEMS)
+    )
 if ROSTER_PROBLEMS:  # the good rows go on; the job roster_check fails with these messages
-    print(f"WARNING: roster {config['roster']}: {len(ROSTER_PROBLEMS)} bad row(s) left out (job roster_check "
-          "fails with them; the other subjects still run with --keep-going):"
-          + "".join(f"\n  {problem}" for problem in ROSTER_PROBLEMS), file=sys.stderr)
+    print(
+        f"WARNING: roster {config['roster']}: {len(ROSTER_PROBLEMS)} bad row(s) left out (job roster_check "
+        "fails with them; the other subjects still run with --keep-going):"
+        + "".join(f"\n  {problem}" for problem in ROSTER_PROBLEMS),
+        file=sys.stderr,
+    )
 ROSTER = Roster((row["subject"], row) for row in _good_rows)
 if set(RESERVED_SUBJECTS) & set(ROSTER):
     raise WorkflowError(f"roster {config['roster']}: subject names {RESERVED_SUBJECTS} are reserved (results/<name>/)")
@@ -67,13 +71,17 @@ wildcard_constraints:
 
 
 def all_targets():
-    targets = expand(
-        [
-            "results/{subject}/{subject}-ti.safetensors",
-            "results/{subject}/samples/grid.png",
-        ],
-        subject=SUBJECTS,
-    ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets()
+    targets = (
+        expand(
+            [
+                "results/{subject}/{subject}-ti.safetensors",
+                "results/{subject}/samples/grid.png",
+            ],
+            subject=SUBJECTS,
+        )
+        + ["results/summary/roster_check.txt", "results/summary/crops.tsv"]
+        + samples_targets()
+    )
     return targets + publish_targets(targets)
 
 
@@ -122,9 +130,11 @@ _token_notes, _token_problems = check_subject_tokens(
 if _token_problems:
     raise WorkflowError("training tokens:\n  " + "\n  ".join(_token_problems))
 if _token_notes:
-    print(f"note: {len(_token_notes)} subject name(s) are words of the tokenizer; they train under new tokens "
-          f"(triggers stay <subject>-ti): {', '.join(_token_notes[:10])}{' ...' if len(_token_notes) > 10 else ''}",
-          file=sys.stderr)
+    print(
+        f"note: {len(_token_notes)} subject name(s) are words of the tokenizer; they train under new tokens "
+        f"(triggers stay <subject>-ti): {', '.join(_token_notes[:10])}{' ...' if len(_token_notes) > 10 else ''}",
+        file=sys.stderr,
+    )
 
 
 def subject_train_params(wildcards):

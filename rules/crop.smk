@@ -5,19 +5,19 @@ rule crop:
         reference=crop_reference_files,
     output:
         **CROP_OUTPUTS,
+    log:
+        "logs/crop/{subject}.log",
+    benchmark:
+        "benchmarks/crop/{subject}.tsv"
+    conda:
+        "../envs/tifactory.yaml"
+    threads: 2
     params:
         crop=config["crop"],
         faces=config["faces"],
         face_models=FACE_MODELS.params(),
         max_megapixels=config["collect"]["max_megapixels"],
         reference=crop_reference_photos,
-    threads: 2
-    conda:
-        "../envs/tifactory.yaml"
-    log:
-        "logs/crop/{subject}.log",
-    benchmark:
-        "benchmarks/crop/{subject}.tsv"
     script:
         "../workflow/scripts/crop.py"
 
@@ -28,11 +28,11 @@ rule crop_summary:
         expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),
     output:
         "results/summary/crops.tsv",
-    params:
-        subjects=SUBJECTS,
-    conda:
-        "../envs/tifactory.yaml"
     log:
         "logs/crop_summary/crop_summary.log",
+    conda:
+        "../envs/tifactory.yaml"
+    params:
+        subjects=SUBJECTS,
     script:
         "../workflow/scripts/crop_summary.py"

@@ -6,6 +6,10 @@ rule dataset:
         # the image folder beside it is named by repeats and class word (data): the job empties
         # results/S/dataset/ first, so a folder of earlier settings does not stay
         "results/{subject}/dataset/dataset.toml",
+    log:
+        "logs/dataset/{subject}.log",
+    conda:
+        "../envs/tifactory.yaml"
     params:
         repeats=subject_repeats,
         class_word=subject_class_word,
@@ -20,9 +24,5 @@ rule dataset:
                 "bucket_no_upscale",
             )
         },
-    conda:
-        "../envs/tifactory.yaml"
-    log:
-        "logs/dataset/{subject}.log",
     script:
         "../workflow/scripts/dataset.py"

@@ -7,6 +7,7 @@ if PUBLISH_DIR:
         publish,
 
     rule publish:
+        """A copy of a final (or best) embedding in publish_dir, where the UIs look."""
         input:
             "results/{subject}/{subject}{suffix}.safetensors",
         output:

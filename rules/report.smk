@@ -2,6 +2,7 @@
 
 
 rule subject_summary:
+    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance."""
     input:
         unpack(
             lambda wildcards: {
@@ -23,20 +24,21 @@ rule subject_summary:
             subcategory="summary",
             labels={"subject": "{subject}", "figure": "summary"},
         ),
+    log:
+        "logs/subject_summary/{subject}.log",
+    conda:
+        "../envs/tifactory.yaml"
     params:
         recipe=subject_train_params,
         samples=sample_settings,
         model=model_params(),
         eval_models=EVAL_MODELS,
-    conda:
-        "../envs/tifactory.yaml"
-    log:
-        "logs/subject_summary/{subject}.log",
     script:
         "../workflow/scripts/subject_summary.py"
 
 
 rule roster_overview:
+    """The roster overview page of the report: one row per subject."""
     input:
         raw=expand("results/{subject}/raw/manifest.tsv", subject=SUBJECTS),
         crops=expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),
@@ -49,12 +51,12 @@ rule roster_overview:
             category="0. Roster overview",
             labels={"page": "roster overview"},
         ),
+    log:
+        "logs/roster_overview/roster_overview.log",
+    conda:
+        "../envs/tifactory.yaml"
     params:
         subjects=SUBJECTS,
         class_words=[ROSTER[subject]["class_word"] for subject in SUBJECTS],
-    conda:
-        "../envs/tifactory.yaml"
-    log:
-        "logs/roster_overview/roster_overview.log",
     script:
         "../workflow/scripts/roster_overview.py"

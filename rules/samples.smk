@@ -17,25 +17,26 @@ rule samples:
             labels=sample_report_labels,
         ),
         images="results/{subject}/samples{model_dir}/images.tsv",
-    params:
-        samples=sample_grid_params,
-        model=lambda wildcards: SAMPLE_MODELS[sample_model(wildcards)],
-        embeddings=sample_extra_embeddings,
-        label=sample_model,
-    resources:
-        gpu=1,
-    conda:
-        "../envs/tifactory.yaml"
     log:
         # logs/samples/S.log for the base model, logs/samples/S/eval/<name>.log for an eval model
         "logs/samples/{subject}{model_dir}.log",
     benchmark:
         "benchmarks/samples/{subject}{model_dir}.tsv"
+    conda:
+        "../envs/tifactory.yaml"
+    resources:
+        gpu=1,
+    params:
+        samples=sample_grid_params,
+        model=lambda wildcards: SAMPLE_MODELS[sample_model(wildcards)],
+        embeddings=sample_extra_embeddings,
+        label=sample_model,
     script:
         "../workflow/scripts/samples.py"
 
 
 rule loss_plot:
+    """The training loss curve, raw and smoothed."""
     input:
         "results/{subject}/train/loss.tsv",
     output:
@@ -46,17 +47,18 @@ rule loss_plot:
             subcategory="training",
             labels={"subject": "{subject}", "figure": "loss"},
         ),
-    params:
-        smoothing=0.9,
-    conda:
-        "../envs/tifactory.yaml"
     log:
         "logs/loss_plot/{subject}.log",
+    conda:
+        "../envs/tifactory.yaml"
+    params:
+        smoothing=0.9,
     script:
         "../workflow/scripts/loss_plot.py"
 
 
 rule likeness:
+    """Likeness of each step's samples to the training faces; the best step."""
     input:
         images="results/{subject}/samples/images.tsv",
         grid="results/{subject}/samples/grid.png",
@@ -72,29 +74,30 @@ rule likeness:
             labels={"subject": "{subject}", "figure": "likeness vs step"},
         ),
         summary="results/{subject}/samples/likeness.json",
-    params:
-        faces=config["faces"],
-        face_models=FACE_MODELS.params(),
-    threads: 2
-    conda:
-        "../envs/tifactory.yaml"
     log:
         "logs/likeness/{subject}.log",
     benchmark:
         "benchmarks/likeness/{subject}.tsv"
+    conda:
+        "../envs/tifactory.yaml"
+    threads: 2
+    params:
+        faces=config["faces"],
+        face_models=FACE_MODELS.params(),
     script:
         "../workflow/scripts/likeness.py"
 
 
 rule best_embedding:
+    """A copy of the best step's embedding (by likeness) as S-ti-best.safetensors."""
     input:
         summary="results/{subject}/samples/likeness.json",
         checkpoints="results/{subject}/checkpoints",
     output:
         "results/{subject}/{subject}-ti-best.safetensors",
-    conda:
-        "../envs/tifactory.yaml"
     log:
         "logs/best_embedding/{subject}.log",
+    conda:
+        "../envs/tifactory.yaml"
     script:
         "../workflow/scripts/best_embedding.py"

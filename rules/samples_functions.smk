@@ -2,7 +2,7 @@
 # `snakemake --lint`). Parse time stays cheap: only path checks here; torch and the face models load inside the jobs.
 
 
-# Every model gets the same grid from the one rule `samples`: the base model is the model named "base" (the
+# Every model gets the same grid from one `samples` rule. The base model is the model named "base" (the
 # schema keeps that name out of `eval_models`), beside each `eval_models` entry (transfer check).
 SAMPLE_MODELS = {
     "base": model_params(),
@@ -21,7 +21,7 @@ EVAL_MODELS = [name for name in SAMPLE_MODELS if name != "base"]
 def samples_dir(subject, model):
     """The folder of one model's grid: results/S/samples for the base model, results/S/samples/eval/<name> for
     an eval model (README's paths). Rule `samples` writes to results/{subject}/samples{model_dir}/."""
-    return f"results/{subject}/samples" + ("" if model == "base" else f"/eval/{model}")
+    return os.path.join(f"results/{subject}/samples", *([] if model == "base" else ["eval", model]))
 
 
 wildcard_constraints:
@@ -31,7 +31,7 @@ wildcard_constraints:
 
 def sample_model(wildcards):
     """The model name of a `samples` job: "base", or the eval model its folder names."""
-    return wildcards.model_dir.rsplit("/", 1)[-1] if wildcards.model_dir else "base"
+    return os.path.basename(wildcards.model_dir) or "base"
 
 
 def sample_settings(wildcards):

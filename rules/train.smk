@@ -11,17 +11,17 @@ rule train:
         embedding="results/{subject}/{subject}-ti.safetensors",
         checkpoints=directory("results/{subject}/checkpoints"),
         loss="results/{subject}/train/loss.tsv",
-    params:
-        recipe=subject_train_params,
-        model=model_params(),
-        state_dir="results/{subject}/train_state",
-    resources:
-        gpu=1,
-    conda:
-        "../envs/tifactory.yaml"
     log:
         "logs/train/{subject}.log",
     benchmark:
         "benchmarks/train/{subject}.tsv"
+    conda:
+        "../envs/tifactory.yaml"
+    resources:
+        gpu=1,
+    params:
+        recipe=subject_train_params,
+        model=model_params(),
+        state_dir="results/{subject}/train_state",
     script:
         "../workflow/scripts/train.py"
