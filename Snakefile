@@ -3,7 +3,9 @@
 # One subject:           snakemake --cores 1 --resources gpu=1 results/astronaut/astronaut-ti.safetensors
 import os
 import sys
+import time
 
+from snakemake.logging import logger
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -54,6 +56,19 @@ localrules:
     roster_overview,
     best_embedding,
     loss_plot,
+
+
+# The end of a run in a few lines (tifactory.run_summary): subjects done, failed with their reasons, where
+# the outputs are. Failures count from the job logs this run wrote, hence the start time.
+RUN_STARTED = time.time()
+
+
+onsuccess:
+    logger.info(roster_run_summary(since=RUN_STARTED))
+
+
+onerror:
+    logger.error(roster_run_summary(since=RUN_STARTED))
 
 
 rule all:

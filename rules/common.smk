@@ -211,3 +211,10 @@ def publish_targets(targets):
     embedding = re.compile(rf"results/({subject_regex()})/\1(-ti|-ti-best)\.safetensors")
     matches = (embedding.fullmatch(target) for target in targets)
     return [os.path.join(PUBLISH_DIR, f"{m[1]}{m[2]}.safetensors") for m in matches if m]
+
+
+def roster_run_summary(since):
+    """The end-of-run summary of the roster (Snakefile's onsuccess/onerror): see tifactory.run_summary."""
+    from tifactory.run_summary import run_summary
+
+    return run_summary(SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR)

@@ -221,4 +221,16 @@ def test_subject_with_no_usable_photo_fails_alone(tmp_path, repo_config, tiny_ov
     dataset_log = (fresh / "logs" / "dataset" / "wall.log").read_text()
     assert "subject 'wall': no usable photos (1 rejected: no face x1)" in dataset_log
     assert "Traceback" not in dataset_log
+    # the run ends with the roster summary (Snakefile onerror -> tifactory.run_summary)
+    assert "tifactory: 1 of 2 subject(s) have their embedding, 1 failed" in result.stderr
+    assert ("FAILED wall: dataset: subject 'wall': no usable photos (1 rejected: no face x1) "
+            "(logs/dataset/wall.log)") in result.stderr
     shutil.rmtree(fresh)
+
+
+@pytest.mark.slow
+def test_a_successful_run_ends_with_the_roster_summary(tmp_path, repo_config, tiny_overrides):
+    fresh = make_workdir(tmp_path / "summary", repo_config, tiny_overrides)
+    result = snakemake(fresh, "--keep-going", "results/summary/roster_check.txt")
+    assert "tifactory: 0 of 2 subject(s) have their embedding" in result.stderr
+    assert "not built in this run (no embedding, no failed job): eva, tom" in result.stderr
