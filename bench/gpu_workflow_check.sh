@@ -5,7 +5,7 @@
 #   bash bench/gpu_workflow_check.sh OUTDIR GPU_TOKENS [STEPS]
 # Expects: wheels for snakemake/pandas/diffusers in .whl/ (the machine has torch, transformers), and the
 # demo roster's datasets already built (results/*/dataset, resources/demo_photos) by a CPU run:
-#   snakemake --cores 2 results/astronaut/dataset results/t1person/dataset
+#   snakemake --cores 2 results/astronaut/dataset/dataset.toml results/t1person/dataset/dataset.toml
 set -euo pipefail
 out=${1:?out dir}; tokens=${2:-1}; steps=${3:-50}
 python3 -m pip install -q --no-index --find-links .whl snakemake==9.27.1 pandas==3.1.1 diffusers==0.42.1 \
@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/tifactory-site:$PWD
 snakemake() { python3 -m snakemake "$@"; }
 nvidia-smi -L | tee "$out/gpus.txt"
 subjects="astronaut t1person"
-datasets=$(for s in $subjects; do echo "results/$s/dataset"; done)
+datasets=$(for s in $subjects; do echo "results/$s/dataset/dataset.toml"; done)
 # the CPU stages were run elsewhere: mark them up to date here, run only the model build and training
 snakemake --cores 1 --touch --allowed-rules demo_photos collect crop dataset -- $datasets > "$out/touch.log" 2>&1
 snakemake --cores 1 --allowed-rules demo_model -- resources/models/demo-tiny > "$out/model.log" 2>&1
