@@ -58,3 +58,17 @@ def test_read_tsv_rows_understands_pandas_quoting(tmp_path):
         fileio.read_tsv_rows(tmp_path / "missing.tsv", "crop manifest")
     (tmp_path / "empty.tsv").write_text("")
     assert fileio.read_tsv_rows(tmp_path / "empty.tsv", missing_ok=True) == []
+
+
+def test_empty_folder_leaves_nothing_of_an_earlier_run(tmp_path):
+    """What Snakemake does for a directory() output, done by the crop and dataset jobs for their folders."""
+    from tifactory.fileio import empty_folder
+
+    folder = tmp_path / "results" / "eva" / "crops"
+    (folder / "old").mkdir(parents=True)
+    (folder / "000_stale.png").write_bytes(b"x")
+    (folder / "old" / "a.txt").write_text("x")
+    assert empty_folder(folder) == folder and folder.is_dir() and not any(folder.iterdir())
+    assert empty_folder(tmp_path / "new" / "dataset").is_dir()  # made when missing
+    (tmp_path / "file").write_text("x")
+    assert empty_folder(tmp_path / "file").is_dir()  # a file in the way is replaced
