@@ -72,3 +72,24 @@ def test_empty_folder_leaves_nothing_of_an_earlier_run(tmp_path):
     assert empty_folder(tmp_path / "new" / "dataset").is_dir()  # made when missing
     (tmp_path / "file").write_text("x")
     assert empty_folder(tmp_path / "file").is_dir()  # a file in the way is replaced
+
+
+def test_files_of_an_emptied_folder_are_the_jobs_outputs_in_its_provenance(tmp_path, monkeypatch):
+    """A crop job declares manifest.tsv; the crop images beside it are its outputs too in the provenance record."""
+    from types import SimpleNamespace
+
+    from tifactory.fileio import empty_folder
+    from tifactory.provenance import write_job_provenance
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fileio, "OWNED_FOLDERS", [])
+    monkeypatch.setattr("tifactory.provenance.OWNED_FOLDERS", fileio.OWNED_FOLDERS)
+    (tmp_path / "logs").mkdir()
+    folder = empty_folder("results/eva/crops")
+    (folder / "manifest.tsv").write_text("source\n")
+    (folder / "000_a.png").write_bytes(b"png")
+    smk = SimpleNamespace(rule="crop", wildcards={"subject": "eva"}, params=SimpleNamespace(), input=[],
+                          output=["results/eva/crops/manifest.tsv"], log=["logs/eva.log"])
+    record = json.loads(write_job_provenance(smk).read_text())
+    assert record["outputs"] == {"results/eva/crops/000_a.png": hashlib.sha256(b"png").hexdigest(),
+                                 "results/eva/crops/manifest.tsv": hashlib.sha256(b"source\n").hexdigest()}

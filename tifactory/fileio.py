@@ -130,10 +130,16 @@ def read_tsv_rows(path: str | os.PathLike, what: str = "table", missing_ok: bool
         return [dict(row) for row in csv.DictReader(handle, delimiter="\t")]
 
 
+# The folders this process emptied with empty_folder: its job owns every file in them, so the job's
+# provenance record lists them all among its outputs (tifactory.provenance), declared by name or not.
+OWNED_FOLDERS: list[Path] = []
+
+
 def empty_folder(folder: str | os.PathLike) -> Path:
     """Make `folder` an empty folder and return it: what Snakemake does for a `directory()` output before its
     job runs, for stages that declare a few named files (a manifest, dataset.toml) beside files whose names
-    are data (crop images, the kohya image folder), so that nothing of an earlier run stays behind."""
+    are data (crop images, the kohya image folder), so that nothing of an earlier run stays behind. The
+    folder is recorded in OWNED_FOLDERS."""
     import shutil
 
     folder = Path(folder)
@@ -142,4 +148,5 @@ def empty_folder(folder: str | os.PathLike) -> Path:
     elif folder.is_dir():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    OWNED_FOLDERS.append(folder)
     return folder

@@ -15,7 +15,7 @@ import os
 import platform
 from pathlib import Path
 
-from tifactory.fileio import sha256_file, write_text_atomic
+from tifactory.fileio import OWNED_FOLDERS, sha256_file, write_text_atomic
 
 FORMAT = 1
 
@@ -70,11 +70,13 @@ def job_record(*, rule: str, wildcards: dict, params: dict, inputs: list[str], o
 
 
 def write_job_provenance(smk) -> Path:
-    """Write the sidecar of a finished Snakemake job (`smk` = the script's `snakemake` object)."""
+    """Write the sidecar of a finished Snakemake job (`smk` = the script's `snakemake` object). Its outputs are
+    the declared ones and every file in the folders the job emptied for itself (fileio.OWNED_FOLDERS: the crop
+    images beside the crop manifest, the kohya image folder beside dataset.toml)."""
     params = dict(smk.params.items()) if hasattr(smk.params, "items") else {}
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
     record = job_record(rule=smk.rule, wildcards=wildcards, params=params, inputs=[str(p) for p in smk.input],
-                        outputs=[str(p) for p in smk.output])
+                        outputs=[str(p) for p in smk.output] + [str(folder) for folder in OWNED_FOLDERS])
     target = sidecar_path(smk.log[0])
     write_text_atomic(target, json.dumps(record, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return target
