@@ -529,8 +529,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True
-    uses_cuda_graphs = (device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
-                        and params["compile_scope"] == "model")
+    uses_cuda_graphs = device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
     if compile_mode:
         options = dict(dynamic=False, mode=None if compile_mode is True else compile_mode)
         if params["compile_scope"] == "blocks":
