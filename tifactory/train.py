@@ -380,8 +380,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     # (needed only for the resume fingerprint and metadata) is computed meanwhile on a thread
     hasher = ThreadPoolExecutor(max_workers=1)
     imports_started = time.perf_counter()
-    import diffusers  # noqa: F401 - timed apart from reading the weights
-    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401 - timed apart from the weights
+    from transformers import CLIPTextModel  # noqa: F401
     stats["import_s"] = time.perf_counter() - imports_started
     if components is None:
         base_model_hash_future = hasher.submit(model_fingerprint, base_model)
