@@ -2,8 +2,8 @@
 
 `load_components` returns the five pieces textual-inversion training needs: by default on the CPU in
 float32; with `device` (and `unet_dtype`) the weights are read straight onto that device, the UNet in
-its compute dtype (no random initialisation, no CPU copy, no float32 UNet on the way). The base
-model may be
+its compute dtype (no random initialisation, no whole model built on the CPU first, no float32 UNet on
+the way). The base model may be
 
 * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/);
 * one `.safetensors` file in the original SD1.x (CompVis/LDM) layout;
