@@ -98,7 +98,7 @@ def test_bench_script_tiny_smoke(tmp_path):
                              "--rows", "3", "--repeat", "1", "--json", str(tmp_path / "t.json")],
                             capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "t.json").read_text())
+    [report] = json.loads((tmp_path / "t.json").read_text())  # one entry per --batch-size setting
     assert report["rows"] == 3 and report["columns"] == 8 and report["images"] == 24
     assert report["load_s"] > 0 and len(report["grid_s"]) == 1
     assert "load:" in result.stdout and "grid (3 steps x 8 images" in result.stdout

@@ -194,7 +194,7 @@ class Sampler:
         from tifactory.training.train import pick_device
 
         self.device = pick_device(device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = self.dtype_for(self.device)
         self.pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
             unet=components.unet, scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
@@ -202,6 +202,12 @@ class Sampler:
         ).to(self.device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder)
+
+    @staticmethod
+    def dtype_for(device):
+        import torch
+
+        return torch.float16 if device.type == "cuda" else torch.float32
 
     def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print) -> list:
         """jobs: dicts with cond, uncond ([1, 77, dim]), seed, steps, guidance_scale, width, height.
@@ -294,8 +300,11 @@ class Sampler:
 def load_sampler(*, base_model: str, base_model_config: str = "", vae: str = "", scheduler: str = "ddim",
                  device: str = "auto") -> Sampler:
     from tifactory.training.models import load_components
+    from tifactory.training.train import pick_device
 
-    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
+    target = pick_device(device)  # weights are read straight onto it, the UNet in the sampling dtype
+    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None,
+                                 device=target, unet_dtype=Sampler.dtype_for(target))
     return Sampler(components, scheduler=scheduler, device=device)
 
 
@@ -311,10 +320,13 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
     if not checkpoints:
         log(f"no checkpoints in {checkpoint_dir}: the grid has the step-0 row only")
     started = time.perf_counter()
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
+    from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
+    imported = time.perf_counter() - started
     sampler = load_sampler(base_model=base_model, base_model_config=base_model_config, vae=vae,
                            scheduler=scheduler, device=device)
-    log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s; "
-        f"scheduler {scheduler}")
+    log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s "
+        f"(of which {imported:.1f}s importing diffusers and transformers); scheduler {scheduler}")
     title = f"{subject} on {model_label or os.path.basename(str(base_model).rstrip('/'))} · {scheduler}"
     result = sampler.render_grid(
         subject=subject, init_word=init_word, checkpoints=checkpoints, prompts=prompts, seeds=seeds, steps=steps,

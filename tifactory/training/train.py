@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -93,6 +94,31 @@ def spread_init_ids(init_ids: list[int], num_vectors: int, log: Callable[[str], 
     log(f"warning: init word has {len(init_ids)} token(s) for {num_vectors} vector(s); "
         f"{'repeating' if len(init_ids) < num_vectors else 'truncating'} its tokens")
     return [init_ids[index % len(init_ids)] for index in range(num_vectors)]
+
+
+# ----------------------------------------------------------------------------- compilation
+
+# Blocks that repeat through a model, compiled one class at a time instead of the whole model as one graph
+# (less to trace and compile, a slower step): a diffusers model's own `_repeated_blocks` (the UNet's
+# BasicTransformerBlock) and CLIP's encoder layer.
+TEXT_ENCODER_REPEATED_BLOCKS = ("CLIPEncoderLayer",)
+
+
+def compile_repeated_blocks(models: list, **options) -> int:
+    """torch.compile every repeated block of `models` in place (`compile_scope: blocks`); returns the count."""
+    import torch._dynamo
+
+    # one compiled graph per distinct block shape (the UNet's transformer blocks come in 4 widths)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 16))
+    count = 0
+    for model in models:
+        names = set(getattr(model, "_repeated_blocks", None) or TEXT_ENCODER_REPEATED_BLOCKS)
+        for module in model.modules():
+            if type(module).__name__ in names:
+                module.compile(**options)
+                count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------- data
@@ -339,7 +365,9 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     # -- device, precision
     device = pick_device(params["device"])
     compute_dtype = pick_compute_dtype(device, params["mixed_precision"])
-    use_autocast = compute_dtype != torch.float32
+    # the UNet and text encoder hold their weights in the compute dtype; autocast on top of that only
+    # moves activations to fp32 and back around every norm (a third of the step's kernel time on an H200)
+    use_autocast = compute_dtype != torch.float32 and params["autocast"]
     if device.type == "cpu":  # bit-exact reruns and resumes (some CPU kernels otherwise vary with load)
         torch.use_deterministic_algorithms(True, warn_only=True)
     log(f"device {device}, compute dtype {compute_dtype} (asked: {params['mixed_precision']}), "
@@ -348,12 +376,19 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         log(f"CUDA device {torch.cuda.current_device()} of {torch.cuda.device_count()} visible: "
             f"{torch.cuda.get_device_name()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
-    # -- model
+    # -- model: weights read straight onto the device, the UNet in the compute dtype; the model's hash
+    # (needed only for the resume fingerprint and metadata) is computed meanwhile on a thread
+    hasher = ThreadPoolExecutor(max_workers=1)
+    imports_started = time.perf_counter()
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401 - timed apart from the weights
+    from transformers import CLIPTextModel  # noqa: F401
+    stats["import_s"] = time.perf_counter() - imports_started
     if components is None:
-        components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
-        base_model_hash = model_fingerprint(base_model)
+        base_model_hash_future = hasher.submit(model_fingerprint, base_model)
+        components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None,
+                                     device=device, unet_dtype=compute_dtype)
     else:
-        base_model_hash = "in-memory"
+        base_model_hash_future = hasher.submit(str, "in-memory")
     tokenizer, text_encoder, vae_model, unet = (components.tokenizer, components.text_encoder,
                                                 components.vae, components.unet)
     noise_scheduler = components.noise_scheduler
@@ -361,7 +396,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         module.requires_grad_(False)
         module.eval()
     stats["load_s"] = time.perf_counter() - started
-    log(f"loaded {base_model} in {stats['load_s']:.1f} s")
+    log(f"loaded {base_model} in {stats['load_s']:.1f} s (of which {stats['import_s']:.1f} s importing diffusers "
+        f"and transformers)")
 
     # -- placeholder tokens, initialised from the init word
     try:
@@ -403,7 +439,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
 
     # -- data: images, cached latents per bucket, tokenised prompts (all resident on the device)
     images, repeats = list_training_images(Path(dataset_toml), params)
-    dataset_hash = hashlib.sha256("".join(sha256_file(image.path) for image in images).encode()).hexdigest()
+    dataset_hash_future = hasher.submit(
+        lambda: hashlib.sha256("".join(sha256_file(image.path) for image in images).encode()).hexdigest())
     num_variants = 2 if params["flip_aug"] else 1
     prompt_token = " ".join(token_strings)
     if params["template"] == "caption":
@@ -448,6 +485,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     min_snr_gamma = params["min_snr_gamma"]
 
     # -- resume
+    dataset_hash, base_model_hash = dataset_hash_future.result(), base_model_hash_future.result()
+    hasher.shutdown()
     fingerprint = run_fingerprint(params, dataset_hash, base_model_hash)
     state = load_state(state_dir, fingerprint, log)
     loss_rows: list[tuple[int, float, float, float]] = []
@@ -493,13 +532,19 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         torch._dynamo.config.suppress_errors = True
     uses_cuda_graphs = device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
     if compile_mode:
-        predict_noise = torch.compile(predict_noise, dynamic=False,
-                                      mode=None if compile_mode is True else compile_mode)
+        options = dict(dynamic=False, mode=None if compile_mode is True else compile_mode)
+        if params["compile_scope"] == "blocks":
+            compiled = compile_repeated_blocks([unet, text_encoder], **options)
+            log(f"compiled {compiled} repeated blocks one by one (compile_scope: blocks)")
+        else:
+            predict_noise = torch.compile(predict_noise, **options)
 
     micro_batch = params["micro_batch_size"]
     log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
         f"{len(images)} image(s), repeats {repeats[0]}, {len(prompts)} prompt(s), tokens {token_strings}, "
-        f"init {params['init_word']!r}, compile {compile_mode} (asked: {params['compile']})")
+        f"init {params['init_word']!r}, compile {compile_mode} (asked: {params['compile']}, scope "
+        f"{params['compile_scope']}, cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'torch default'}), "
+        f"autocast {use_autocast}")
 
     def accumulate_step_gradient(step: int, micro_batch: int):
         """Forward + backward of every sample of one optimizer step; returns the step's mean loss."""
