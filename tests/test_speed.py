@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tifactory import models
+from tifactory.training import models
 from tifactory.jobs import COMPILE_CACHE_ENV, share_compile_cache
 from tifactory.training.models import load_components
 from tifactory.demo.tinymodel import save_single_file
