@@ -19,9 +19,9 @@ from PIL import Image, ImageOps
 
 torch = pytest.importorskip("torch")
 
-from tifactory.models import load_components  # noqa: E402
-from tifactory.templates import OBJECT_TEMPLATES, placeholder_tokens  # noqa: E402
-from tifactory.train import (  # noqa: E402
+from tifactory.training.models import load_components  # noqa: E402
+from tifactory.training.templates import OBJECT_TEMPLATES, placeholder_tokens  # noqa: E402
+from tifactory.training.train import (  # noqa: E402
     caption_prompts,
     denoising_loss,
     load_image_tensor,
