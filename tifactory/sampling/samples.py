@@ -209,12 +209,16 @@ class Sampler:
 
         return torch.float16 if device.type == "cuda" else torch.float32
 
-    def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print) -> list:
+    def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print,
+               progress_every_s: float | None = None) -> list:
         """jobs: dicts with cond, uncond ([1, 77, dim]), seed, steps, guidance_scale, width, height.
-        Returns one PIL image per job, in order. Jobs that share steps/CFG/size share batches."""
+        Returns one PIL image per job, in order. Jobs that share steps/CFG/size share batches. With
+        `progress_every_s`, a line (images done / total, ETA) that often and after the last batch."""
         import torch
 
         images: list = [None] * len(jobs)
+        started = last_line = time.perf_counter()
+        done = 0
         groups: dict = {}
         for index, job in enumerate(jobs):
             groups.setdefault((job["steps"], job["guidance_scale"], job["width"], job["height"]), []).append(index)
@@ -228,13 +232,19 @@ class Sampler:
                     num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
                 for i, image in zip(batch, output.images):
                     images[i] = image
+                done += len(batch)
+                now = time.perf_counter()
+                if progress_every_s and (now - last_line >= progress_every_s or done == len(jobs)):
+                    last_line = now
+                    log(f"sampled {done}/{len(jobs)} images in {now - started:.1f} s, "
+                        f"ETA {(now - started) / done * (len(jobs) - done):.0f} s")
         return images
 
     def render_grid(self, *, subject: str, init_word: str, checkpoints: list[tuple[int, Path]],
                     prompts: list[SamplePrompt], seeds: list[int], steps: int, guidance_scale: float,
                     width: int, height: int, batch_size: int, out_dir: str | os.PathLike,
                     extra_embeddings: dict[str, str] | None = None, title: str = "",
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, progress_every_s: float | None = None) -> dict:
         """Render step 0 and every checkpoint; write the images, images.tsv, grid.png, grid_preview.jpg.
         Returns timings (seconds) and paths."""
         out_dir = Path(out_dir)
@@ -262,7 +272,7 @@ class Sampler:
                                  steps=column.steps, guidance_scale=column.guidance_scale, width=column.width,
                                  height=column.height))
         encoded = time.perf_counter()
-        images = self.sample(jobs, batch_size, log)
+        images = self.sample(jobs, batch_size, log, progress_every_s)
         sampled = time.perf_counter()
 
         rows_table = ["\t".join(IMAGES_COLUMNS)]
@@ -313,7 +323,7 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
                        seeds: list[int], steps: int, guidance_scale: float, width: int, height: int,
                        scheduler: str, device: str, out_dir: str | os.PathLike, batch_size: int = 8,
                        extra_embeddings: dict[str, str] | None = None, model_label: str = "",
-                       log: Callable[[str], None] = print) -> Path:
+                       log: Callable[[str], None] = print, progress_every_s: float | None = None) -> Path:
     """The samples stage: read the prompts, load the model, render the grid of every checkpoint."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
@@ -331,5 +341,5 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
     result = sampler.render_grid(
         subject=subject, init_word=init_word, checkpoints=checkpoints, prompts=prompts, seeds=seeds, steps=steps,
         guidance_scale=guidance_scale, width=width, height=height, batch_size=batch_size, out_dir=out_dir,
-        extra_embeddings=extra_embeddings, title=title, log=log)
+        extra_embeddings=extra_embeddings, title=title, log=log, progress_every_s=progress_every_s)
     return result["grid"]
