@@ -8,7 +8,8 @@ def main(smk, log):
     render_sample_grid(
         subject=smk.wildcards.subject, checkpoint_dir=smk.input.checkpoints, prompts_file=smk.input.prompts,
         out_dir=Path(smk.output.grid).parent, extra_embeddings=dict(smk.params.embeddings),
-        model_label=smk.params.label, log=log, **dict(smk.params.samples), **dict(smk.params.model))
+        model_label=smk.params.label, log=log, progress_every_s=smk.config["progress_every_s"],
+        **dict(smk.params.samples), **dict(smk.params.model))
 
 
 run_job(snakemake, main)
