@@ -264,8 +264,8 @@ def caption_prompts(images: list[TrainingImage], subject: str, token_text: str,
         if not any(word.strip(",.;:!?()") == subject for word in caption.split()):
             missing.append(caption_path.name)
             caption = f"{subject}, {caption}" if caption else subject
-        prompts.append(" ".join(token_text if word.strip(",.;:!?()") == subject else word
-                                for word in caption.split()).replace(f"{subject},", f"{token_text},"))
+        prompts.append(" ".join(word.replace(subject, token_text, 1) if word.strip(",.;:!?()") == subject else word
+                                for word in caption.split()))  # punctuation around the word stays
     if missing:
         log(f"warning: the token {subject!r} is not in {len(missing)} caption(s) ({', '.join(missing[:5])}"
             f"{'…' if len(missing) > 5 else ''}); it was put in front, since a caption without it trains nothing")
@@ -309,6 +309,33 @@ def build_step_plan(first_step: int, last_step: int, samples_per_step: int, repe
 
     return StepPlan(groups=groups, positions=to_device(positions), latent_rows=to_device(latent_rows),
                     prompt_rows=to_device(prompt_rows))
+
+
+# ----------------------------------------------------------------------------- the loss of a batch
+
+def denoising_loss(predict_noise: Callable, latents, noise, timesteps, input_ids, alphas_cumprod, *,
+                   divisor: int, min_snr_gamma: float = 0.0, noise_offset: float = 0.0, offset_noise=None):
+    """The training loss of one batch: kohya's epsilon MSE, summed over the samples and divided by `divisor`.
+
+    `noise` is the per-sample Gaussian noise; with `noise_offset` the per-channel `offset_noise` [n, C, 1, 1]
+    is added to it (kohya's --noise_offset). The latents are noised to `timesteps` with the schedule's
+    `alphas_cumprod` (as DDPMScheduler.add_noise does) and `predict_noise(noisy_latents, timesteps,
+    input_ids)` is the text encoder + UNet. Each sample's mean squared error is weighted by
+    min(SNR, gamma) / SNR when `min_snr_gamma` is set. Called once per micro-batch with
+    divisor = batch size x gradient accumulation, the gradients add up to those of kohya's loop.
+    """
+    import torch
+
+    if noise_offset:
+        noise = noise + noise_offset * offset_noise
+    alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    noise_pred = predict_noise(noisy_latents, timesteps, input_ids)
+    per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / snr
+    return per_sample.sum() / divisor
 
 
 # ----------------------------------------------------------------------------- the training run
@@ -443,7 +470,6 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     max_steps, save_every = params["max_train_steps"], params["save_every_n_steps"]
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, dtype=torch.float32)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    snr = alphas_cumprod / (1 - alphas_cumprod)
     min_snr_gamma = params["min_snr_gamma"]
 
     # -- resume
@@ -495,6 +521,13 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         predict_noise = torch.compile(predict_noise, dynamic=False,
                                       mode=None if compile_mode is True else compile_mode)
 
+    def model_call(noisy_latents, timesteps, input_ids):
+        if device.type == "cuda":
+            noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
+        if uses_cuda_graphs:  # a new replay: the previous one's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        return predict_noise(noisy_latents, timesteps, input_ids)
+
     micro_batch = params["micro_batch_size"]
     log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
         f"{len(images)} image(s), repeats {repeats[0]}, {len(prompts)} prompt(s), tokens {token_strings}, "
@@ -511,26 +544,16 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
         for bucket_id, start, end in plan.groups[step - start_step]:
             group_latents = bucket_latents[bucket_id].index_select(0, plan.latent_rows[start:end])
             group_noise = torch.randn(group_latents.shape, generator=step_generator, device=device)
-            if params["noise_offset"]:
-                group_noise = group_noise + params["noise_offset"] * torch.randn(
-                    (end - start, group_latents.shape[1], 1, 1), generator=step_generator, device=device)
+            group_offset = torch.randn((end - start, group_latents.shape[1], 1, 1), generator=step_generator,
+                                       device=device) if params["noise_offset"] else None
             group_timesteps = timesteps.index_select(0, plan.positions[start:end])
             group_ids = prompt_ids.index_select(0, plan.prompt_rows[start:end])
             for chunk_start in range(0, end - start, micro_batch):
                 chunk = slice(chunk_start, chunk_start + micro_batch)
-                latents, noise, chunk_timesteps = group_latents[chunk], group_noise[chunk], group_timesteps[chunk]
-                alpha_bar = alphas_cumprod[chunk_timesteps].view(-1, 1, 1, 1)
-                noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-                if device.type == "cuda":
-                    noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
-                if uses_cuda_graphs:  # a new replay: the previous one's outputs are no longer read
-                    torch.compiler.cudagraph_mark_step_begin()
-                noise_pred = predict_noise(noisy_latents, chunk_timesteps, group_ids[chunk])
-                per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-                if min_snr_gamma:
-                    chunk_snr = snr[chunk_timesteps]
-                    per_sample = per_sample * torch.clamp(chunk_snr, max=min_snr_gamma) / chunk_snr
-                loss = per_sample.sum() / samples_per_step  # mean over the whole accumulated batch
+                loss = denoising_loss(  # summed over the chunk / samples_per_step: the accumulated batch's mean
+                    model_call, group_latents[chunk], group_noise[chunk], group_timesteps[chunk], group_ids[chunk],
+                    alphas_cumprod, divisor=samples_per_step, min_snr_gamma=min_snr_gamma,
+                    noise_offset=params["noise_offset"], offset_noise=None if group_offset is None else group_offset[chunk])
                 grad_scaler.scale(loss).backward()
                 step_loss += loss.detach()
         return step_loss
