@@ -26,11 +26,13 @@ include: "rules/roster.smk"
 include: "rules/demo.smk"
 include: "rules/collect.smk"
 include: "rules/crop.smk"
+include: "rules/prepared.smk"
 include: "rules/dataset.smk"
 include: "rules/train.smk"
 include: "rules/samples_functions.smk"
 include: "rules/samples.smk"
 include: "rules/report.smk"
+include: "rules/publish.smk"
 
 
 # small roster-wide and per-subject bookkeeping jobs run on the submitting host under a cluster executor

@@ -5,7 +5,7 @@ rule collect:
         "results/{subject}/raw/manifest.tsv",
     params:
         sources=lambda wildcards: split_sources(ROSTER[wildcards.subject]["sources"]),
-        collect=collect_params(),
+        collect=collect_params,
         network_keys=COLLECT_NETWORK_KEYS,
     threads: 2
     conda:

@@ -3,10 +3,12 @@
 import copy
 import functools
 import os
+import re
 import sys
 
 from tifactory.roster import (
     DEMO_MODEL_NAME,
+    RESERVED_SUBJECTS,
     RosterError,
     is_demo,
     list_source_files,
@@ -20,8 +22,6 @@ from tifactory.demo import DEMO_SUBJECTS
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"
-# results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
-RESERVED_SUBJECTS = ("summary", "report")
 
 
 class Roster(dict):
@@ -48,6 +48,8 @@ if set(RESERVED_SUBJECTS) & set(ROSTER):
     raise WorkflowError(f"roster {config['roster']}: subject names {RESERVED_SUBJECTS} are reserved (results/<name>/)")
 
 SUBJECTS = sorted(ROSTER)
+# subjects whose sources are prepared kohya datasets (tifactory.sources): rule prepared_crops replaces the crop
+PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
 
 
 # The subject pattern of the roster schema, not an alternation of every name: Snakemake copies the
@@ -58,13 +60,14 @@ wildcard_constraints:
 
 
 def all_targets():
-    return expand(
+    targets = expand(
         [
             "results/{subject}/{subject}-ti.safetensors",
             "results/{subject}/samples/grid.png",
         ],
         subject=SUBJECTS,
     ) + ["results/summary/roster_check.txt", "results/summary/crops.tsv"] + samples_targets()
+    return targets + publish_targets(targets)
 
 
 def demo_source_subject(source):
@@ -145,5 +148,23 @@ def crop_reference_files(wildcards):
 COLLECT_NETWORK_KEYS = ("url_cache", "max_download_mb", "timeout_s", "retries", "backoff_s")
 
 
-def collect_params():
-    return {key: value for key, value in config["collect"].items() if key not in COLLECT_NETWORK_KEYS}
+def collect_params(wildcards):
+    """The collect settings; `prepared: True` only for a prepared subject (raw subjects' params unchanged)."""
+    params = {key: value for key, value in config["collect"].items() if key not in COLLECT_NETWORK_KEYS}
+    if ROSTER[wildcards.subject]["prepared"] == "yes":
+        params["prepared"] = True
+    return params
+
+
+# optional `publish_dir`: rule publish (rules/publish.smk) copies the final embeddings there
+PUBLISH_DIR = os.path.expanduser(config.get("publish_dir") or "")
+
+
+def publish_targets(targets):
+    """Copies in `publish_dir` (made by the publish rule) of the embeddings among `targets`, that is each
+    final results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors; none when it is empty."""
+    if not PUBLISH_DIR:
+        return []
+    embedding = re.compile(rf"results/({subject_regex()})/\1(-ti|-ti-best)\.safetensors")
+    matches = (embedding.fullmatch(target) for target in targets)
+    return [os.path.join(PUBLISH_DIR, f"{m[1]}{m[2]}.safetensors") for m in matches if m]

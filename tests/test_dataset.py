@@ -36,11 +36,13 @@ def test_kohya_layout_and_toml(tmp_path, monkeypatch):
     assert config["general"]["enable_bucket"] is True and config["general"]["bucket_no_upscale"] is True
     assert config["general"]["min_bucket_reso"] == 256 and config["general"]["max_bucket_reso"] == 2048
     subset = config["datasets"][0]["subsets"][0]
-    assert subset == {"image_dir": "results/eva/dataset/100_eva woman", "num_repeats": 100,
-                      "class_tokens": "eva woman"}
+    # absolute: kohya, run from its own folder, resolves a relative image_dir against that folder
+    assert subset == {"image_dir": str(folder), "num_repeats": 100, "class_tokens": "eva woman"}
     assert config["datasets"][0]["resolution"] == 512
     parsed = read_dataset_toml(toml_path)
     assert parsed[0]["num_repeats"] == 100 and len(parsed[0]["images"]) == 2
+    monkeypatch.chdir(tmp_path.parent)  # as kohya would read it, from another working directory
+    assert len(read_dataset_toml(tmp_path / toml_path)[0]["images"]) == 2
 
 
 def test_all_rejected_is_a_clear_error(tmp_path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 from tifactory.fileio import sha256_file, write_tsv_atomic
-from tifactory.roster import expand_glob
+from tifactory.prepared import CAPTION, prepared_file_roles
+from tifactory.sources import expand_source, prepared_image_folders
 
 RAW_MANIFEST_COLUMNS = [
     "source",
@@ -27,7 +27,6 @@ RAW_MANIFEST_COLUMNS = [
     "phash",
 ]
 
-_GLOB_CHARS = set("*?[")
 _MAX_ERROR_CHARS = 120
 _HASH_SIDE = 256  # JPEGs are decoded at the smallest DCT scale with a long side >= this for hashing
 
@@ -59,75 +58,12 @@ def _short_error(exc: BaseException, path: str) -> str:
     return message
 
 
-def _entry_problem(path: str) -> str | None:
-    """Why a directory entry that is not a regular file cannot be a photo (None: it is a regular file).
-
-    Such entries become rejected rows instead of vanishing: broken symlinks, symlinks that point at
-    themselves or at a folder above them (loops), other symlinked folders (not followed: a loop could
-    never end and a link could lead anywhere; name the target in `sources`), FIFOs, sockets, devices
-    (opening a FIFO would block the job forever).
-    """
-    import errno
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as error:
-        if os.path.islink(path):
-            return "symlink loop" if error.errno == errno.ELOOP else "broken symlink"
-        return f"unreadable: {type(error).__name__}"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        target = os.path.realpath(path)
-        parent = os.path.realpath(os.path.dirname(path))
-        if os.path.commonpath([target, parent]) == target:  # the link leads to its own folder or above it
-            return "symlink loop (folder not followed)"
-        return "symlinked folder not followed (name its target in sources)"
-    return "not a regular file"
-
-
 def _expand_source(source: str) -> tuple[list[str], str | None, dict[str, str]]:
-    """Return (absolute file paths, problem, {absolute path: problem} of entries that are not photos)
-    for one source: a folder, a file, or a glob pattern."""
-    path = Path(source).expanduser()
-    entry_problems: dict[str, str] = {}
-    if path.is_dir():
-        files = []
-        for dirpath, dirnames, filenames in os.walk(path):  # symlinked folders are listed, not entered
-            for name in dirnames:
-                full = os.path.join(dirpath, name)
-                if not name.startswith(".") and os.path.islink(full):
-                    entry_problems[os.path.abspath(full)] = _entry_problem(full)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                full = os.path.join(dirpath, name)
-                problem = _entry_problem(full)
-                if problem is None:
-                    files.append(os.path.abspath(full))
-                else:
-                    entry_problems[os.path.abspath(full)] = problem
-        return sorted(files), None, entry_problems
-    if path.is_file():
-        return [os.path.abspath(path)], None, entry_problems
-    if _GLOB_CHARS & set(source):
-        matched = []
-        for hit in expand_glob(str(path)):
-            if Path(hit).name.startswith("."):
-                continue
-            problem = _entry_problem(hit)
-            if problem is None:
-                matched.append(os.path.abspath(hit))
-            elif not os.path.isdir(hit) or os.path.islink(hit):  # plain folders matched by a glob are fine
-                entry_problems[os.path.abspath(hit)] = problem
-        if not matched and not entry_problems:
-            return [], "no files matched", entry_problems
-        return sorted(matched), None, entry_problems
-    if os.path.islink(path):
-        return [], _entry_problem(str(path)), entry_problems
-    return [], "source not found", entry_problems
+    """(absolute file paths, problem, {absolute path: problem}) of one source: tifactory.sources' listing
+    with absolute paths (kept for the crop stage's reference photos)."""
+    listing = expand_source(source)
+    return ([os.path.abspath(path) for path in listing.files], listing.problem,
+            {os.path.abspath(path): why for path, why in listing.entry_problems.items()})
 
 
 def _empty_row(source: str) -> dict:
@@ -229,6 +165,7 @@ def collect_photos(
     retries: int = 2,
     backoff_s: float = 1.0,
     workers: int = 1,
+    prepared: bool = False,
 ):
     """Scan `sources`, decode every item, write the raw manifest TSV atomically, return it as a DataFrame.
 
@@ -243,6 +180,11 @@ def collect_photos(
     Columns: see RAW_MANIFEST_COLUMNS. `width`/`height` are EXIF-upright full-resolution sizes;
     `file` is the local file the crop stage reads (the cached download for URLs); `pixel_sha256` is
     filled where a full-pixel comparison was needed to tell an exact duplicate.
+
+    `prepared`: the sources are prepared kohya dataset folders (tifactory.sources.prepared_image_folders),
+    used as they are: only the image folders' own image files are items (other files are rejected rows;
+    caption files beside an image are no rows, they travel with it), URL lists are not read, and nothing
+    is rejected as a duplicate (only undecodable and too small images are).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -256,9 +198,13 @@ def collect_photos(
     rows: list[dict] = []
     all_files: set[str] = set()
     entry_problems: dict[str, str] = {}
+    image_folders: list[str] = []
     for source in sources:
         source = os.fspath(source)
         files, problem, problems = _expand_source(source)
+        if prepared:
+            image_folders += [os.path.abspath(folder.path)
+                              for folder in prepared_image_folders(source, force=True) or []]
         if problem is not None:
             row = _empty_row(os.path.abspath(os.path.expanduser(source)))
             row["reason"] = problem
@@ -267,6 +213,7 @@ def collect_photos(
         entry_problems.update(problems)
 
     manifest_abs = os.path.abspath(manifest_path)
+    roles = prepared_file_roles(sorted(all_files), image_folders) if prepared else {}
     items: list[dict] = []
     for file_path in sorted(all_files | set(entry_problems)):
         if file_path == manifest_abs:
@@ -274,6 +221,14 @@ def collect_photos(
         if file_path in entry_problems and file_path not in all_files:
             row = _empty_row(file_path)
             row["reason"] = entry_problems[file_path]
+            items.append(row)
+            continue
+        if prepared:
+            role = roles[file_path]
+            if role == CAPTION:
+                continue  # travels with its image (tifactory.prepared)
+            row = _empty_row(file_path)
+            row["file"], row["reason"] = ("", role) if role else (file_path, "")
             items.append(row)
             continue
         urls = read_url_list(file_path)
@@ -306,7 +261,11 @@ def collect_photos(
     else:
         results = [examine(row) for row in todo]
     candidates = [(row, *result) for row, result in zip(todo, results) if result is not None]
-    _deduplicate(candidates, near_duplicate_distance)
+    if prepared:  # used as they are: a trainer's deliberate near-copies stay
+        for row, *_ in candidates:
+            row["status"] = "kept"
+    else:
+        _deduplicate(candidates, near_duplicate_distance)
 
     frame = pd.DataFrame(rows, columns=RAW_MANIFEST_COLUMNS)
     for column in ("width", "height", "exif_orientation"):

@@ -13,6 +13,10 @@ import pandas as pd
 from tifactory.fileio import atomic_path, write_text_atomic
 
 
+# the caption file kohya's --dataset_config (caption_extension) and the caption template read beside an image
+CAPTION_EXTENSION = ".txt"
+
+
 class DatasetError(ValueError):
     """The subject has no usable images; the message carries the crop stage's rejection summary."""
 
@@ -38,7 +42,7 @@ def dataset_toml_text(*, image_dir: str, repeats: int, class_tokens: str, resolu
         f"bucket_reso_steps = {bucket['bucket_reso_steps']}",
         f"bucket_no_upscale = {str(bucket['bucket_no_upscale']).lower()}",
         "shuffle_caption = false",
-        'caption_extension = ".txt"',
+        f"caption_extension = {_toml_string(CAPTION_EXTENSION)}",
         "",
         "[[datasets]]",
         f"resolution = {resolution}",
@@ -68,8 +72,9 @@ def build_dataset(*, crops_manifest: str | os.PathLike, crops_dir: str | os.Path
                   resolution: int, bucket: dict) -> Path:
     """Copy kept crops into the kohya folder and write dataset.toml; return the toml path.
 
-    The toml's image_dir is written as given by `dataset_dir` (relative paths stay relative to the
-    workflow's working directory, where kohya would be run too).
+    The toml names its image folder by absolute path: kohya resolves a relative image_dir against its own
+    working directory (run from its own checkout it would find no images).
+    Captions (`<stem>.txt` beside a kept image in crops_dir, e.g. from a prepared dataset) are copied too.
     """
     manifest = pd.read_csv(crops_manifest, sep="\t", dtype=str, keep_default_na=False)
     kept = manifest[manifest["status"] == "kept"]
@@ -85,9 +90,13 @@ def build_dataset(*, crops_manifest: str | os.PathLike, crops_dir: str | os.Path
         source = Path(crops_dir) / name
         with atomic_path(image_dir / Path(name).name) as tmp_path:
             shutil.copyfile(source, tmp_path)
+        caption = source.with_suffix(CAPTION_EXTENSION)
+        if caption.is_file():
+            with atomic_path(image_dir / caption.name) as tmp_path:
+                shutil.copyfile(caption, tmp_path)
     toml_path = dataset_dir / "dataset.toml"
     write_text_atomic(toml_path, dataset_toml_text(
-        image_dir=str(image_dir), repeats=repeats, class_tokens=f"{subject} {class_word}",
+        image_dir=os.path.abspath(image_dir), repeats=repeats, class_tokens=f"{subject} {class_word}",
         resolution=resolution, bucket=bucket))
     return toml_path
 

@@ -57,6 +57,15 @@ def write_text_atomic(final_path: str | os.PathLike, text: str) -> None:
         tmp_path.write_text(text, encoding="utf-8")
 
 
+def copy_file_atomic(source: str | os.PathLike, final_path: str | os.PathLike) -> Path:
+    """Copy `source` to `final_path` (bytes and nothing else) through a temp file + rename."""
+    import shutil
+
+    with atomic_path(final_path) as tmp_path:
+        shutil.copyfile(source, tmp_path)
+    return Path(final_path)
+
+
 def write_tsv_atomic(final_path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame as TSV atomically (no index, empty string for missing values)."""
     with atomic_path(final_path) as tmp_path:

@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import copy
 import csv
-import glob
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+# source listing lives in tifactory.sources (one listing for the DAG and the collect job); re-exported here
+from tifactory.sources import (  # noqa: F401
+    SourceKindError,
+    class_word_of,
+    expand_glob,
+    is_glob,
+    list_source_files,
+    source_kind,
+    split_sources,
+)
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
 DEMO_MODEL_NAME = "demo-tiny"
+# results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
+RESERVED_SUBJECTS = ("summary", "report")
 INTEGER_COLUMNS = {"num_vectors", "max_train_steps", "gradient_accumulation_steps", "save_every_n_steps",
                    "seed", "repeats"}
 NUMBER_COLUMNS = {"learning_rate"}
@@ -28,6 +40,11 @@ class RosterError(ValueError):
 def _load_schema(name: str) -> dict:
     with open(SCHEMA_DIR / name, encoding="utf-8") as handle:
         return yaml.safe_load(handle)
+
+
+def roster_schema() -> dict:
+    """The roster's JSON schema (workflow/schemas/roster.schema.yaml): columns, subject pattern, class words."""
+    return _load_schema("roster.schema.yaml")
 
 
 def _convert_cell(column: str, text: str) -> Any:
@@ -106,63 +123,49 @@ def read_roster_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], lis
             else:
                 seen[subject] = row_number
         if len(problems) == problems_before:
-            subjects.append(record)
+            problem = resolve_sources(record, validator.schema["properties"]["class_word"]["enum"])
+            if problem:
+                problems.append(f"{label}{problem}")
+            else:
+                subjects.append(record)
     return subjects, problems
+
+
+def resolve_sources(record: dict[str, Any], class_words) -> str | None:
+    """Decide whether the row's sources are a prepared kohya dataset; fill what its folder names give.
+
+    Sets record["prepared"] to "yes" or "no"; for a prepared subject, `repeats` and `class_word` come
+    from the kohya folder names (`100_sks woman`) unless the row sets them. Returns None, or the problem
+    as `, column 'c': why` to append to the row's label.
+    """
+    try:
+        kind = source_kind(record["sources"], record.get("prepared", "auto"))
+    except SourceKindError as error:
+        return f", column 'sources': {error}"
+    record["prepared"] = "yes" if kind.prepared else "no"
+    names = ", ".join(repr(os.path.basename(os.path.normpath(f.path))) for f in kind.image_folders)
+    if kind.prepared and "repeats" not in record:
+        repeats = {folder.repeats for folder in kind.image_folders if folder.repeats is not None}
+        if len(repeats) > 1:
+            return f", column 'repeats': the prepared folders ({names}) name different repeats; set the column"
+        if repeats:
+            record["repeats"] = repeats.pop()
+    if "class_word" not in record:
+        found = {class_word_of(folder.class_tokens, class_words) for folder in kind.image_folders}
+        found.discard(None)
+        if len(found) != 1:
+            why = (f"the prepared folders ({names}) name different class words" if found else
+                   f"no prepared folder name (`100_name woman`) gives one" if kind.prepared else
+                   "the sources are raw photos, not a prepared kohya folder that names it")
+            return f", column 'class_word': required ({' | '.join(class_words)}): {why}"
+        record["class_word"] = found.pop()
+    return None
 
 
 def subject_regex() -> str:
     """The roster schema's subject pattern, unanchored: the Snakefile's `subject` wildcard constraint."""
     pattern = _load_schema("roster.schema.yaml")["properties"]["subject"]["pattern"]
     return pattern.removeprefix("^").removesuffix("$")
-
-
-def split_sources(sources: str) -> list[str]:
-    return [part.strip() for part in sources.split(";") if part.strip()]
-
-
-def is_glob(pattern: str) -> bool:
-    return any(char in pattern for char in "*?[")
-
-
-def expand_glob(pattern: str) -> list[str]:
-    """Paths matching a glob pattern (`**` = any depth), hidden entries skipped, sorted.
-
-    Unlike glob.glob(recursive=True), `**` never descends into symlinked folders: with a symlink loop
-    (`photos/loop -> .`) glob.glob walks loop/loop/loop/... and, with two loops, effectively forever.
-    """
-    parts = Path(pattern).parts
-    first_magic = next((i for i, part in enumerate(parts) if is_glob(part)), len(parts))
-    if "**" not in parts[first_magic:]:
-        return sorted(glob.glob(pattern))  # no recursion: nothing to loop over
-    root = Path(*parts[:first_magic]) if first_magic else Path(".")
-    relative = list(parts[first_magic:]) + (["*"] if parts[-1] == "**" else [])  # `a/**`: everything below a
-    try:  # pathlib's `**` does not follow symlinks (Python 3.11-3.13 default)
-        hits = list(root.glob("/".join(relative)))
-    except ValueError:  # e.g. "a**b": glob.glob reads it as a plain wildcard, without recursion
-        return sorted(glob.glob(pattern))
-    return sorted(str(hit) for hit in hits
-                  if not any(part.startswith(".") for part in hit.relative_to(root).parts))
-
-
-def list_source_files(sources: str) -> list[str]:
-    """Every existing file the sources name (folders recursively, globs expanded), sorted.
-
-    Missing folders and empty globs contribute nothing here; the collect stage reports them as rows.
-    Hidden files and folders are skipped; symlinked folders are not entered (so symlink loops end).
-    """
-    files: set[str] = set()
-    for source in split_sources(sources):
-        source = os.path.expanduser(source)  # as the collect stage reads it: `~/photos` is a home folder
-        if os.path.isdir(source):  # an existing folder wins, even with glob characters in its name
-            for root, dirnames, filenames in os.walk(source):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files.update(path for path in (os.path.join(root, f) for f in filenames if not f.startswith("."))
-                             if os.path.isfile(path))  # not broken symlinks, FIFOs...: collect reports them
-        elif os.path.isfile(source):
-            files.add(source)
-        elif is_glob(source):
-            files.update(p for p in expand_glob(source) if os.path.isfile(p))
-    return sorted(files)
 
 
 def is_demo(config: dict) -> bool:

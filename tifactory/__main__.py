@@ -1,0 +1,5 @@
+import sys
+
+from tifactory.cli import main
+
+sys.exit(main())
