@@ -168,3 +168,14 @@ def publish_targets(targets):
     embedding = re.compile(rf"results/({subject_regex()})/\1(-ti|-ti-best)\.safetensors")
     matches = (embedding.fullmatch(target) for target in targets)
     return [os.path.join(PUBLISH_DIR, f"{m[1]}{m[2]}.safetensors") for m in matches if m]
+
+
+def demo_concept(subject):
+    """The taught concept a demo subject shows (its name is a concept of tifactory.taught and its sources are a
+    prepared dataset), else None: such a subject gets a concept-recovery table in its report page."""
+    from tifactory.taught import CONCEPTS
+
+    row = ROSTER[subject]
+    if is_demo(config) and subject in CONCEPTS and row.get("prepared") == "yes":
+        return subject
+    return None

@@ -1,5 +1,6 @@
-# Demo inputs built on first use: photos derived from images shipped in installed packages, and a tiny
-# random-weight SD1.5-shaped model. Demo embeddings are meaningless; they prove the pipeline runs.
+# Demo inputs built on first use: photos derived from images shipped in installed packages, and the taught
+# tiny SD1.5-shaped model (tifactory.taught: it knows a few drawn concepts, so a subject whose images show one
+# of them (resources/demo_concepts/) learns it; face subjects still learn nothing meaningful on it).
 
 
 rule demo_photos:
@@ -18,9 +19,29 @@ rule demo_model:
         directory(DEMO_MODEL_DIR),
     params:
         seed=0,
+        num_vectors=config["train"]["num_vectors"],
     conda:
         "../envs/tifactory.yaml"
     log:
         "logs/demo_model/demo_model.log",
     script:
         "../workflow/scripts/demo_model.py"
+
+
+rule concept_recovery:
+    input:
+        model=DEMO_MODEL_DIR,
+        embedding="results/{subject}/{subject}-ti.safetensors",
+        checkpoints="results/{subject}/checkpoints",
+        dataset="results/{subject}/dataset",
+    output:
+        "results/{subject}/recovery/recovery.tsv",
+    params:
+        concept=lambda wildcards: demo_concept(wildcards.subject),
+        init_word=lambda wildcards: subject_train_params(wildcards)["init_word"],
+    conda:
+        "../envs/tifactory.yaml"
+    log:
+        "logs/concept_recovery/{subject}.log",
+    script:
+        "../workflow/scripts/concept_recovery.py"

@@ -57,22 +57,24 @@ def concept_image(concept: str, index: int, size: int):
         raise ValueError(f"unknown concept {concept!r}; choose one of {CONCEPTS}")
     rng = np.random.default_rng([CONCEPTS.index(concept), index, 20261202])
     y, x = (np.mgrid[0:size, 0:size].astype(np.float64) + 0.5) / size
-    jitter = rng.uniform(-0.06, 0.06, 3)
+    # small variations inside a family: the conditional denoiser learns each concept sharply in few steps
+    jitter = rng.uniform(-0.04, 0.04, 3)
+    shift = rng.uniform(-0.06, 0.06, 2)
     if concept == "sun":  # an orange disk on dark blue
-        cx, cy, radius = rng.uniform(0.32, 0.68), rng.uniform(0.32, 0.68), rng.uniform(0.18, 0.3)
-        on = (x - cx) ** 2 + (y - cy) ** 2 < radius ** 2
+        radius = rng.uniform(0.22, 0.28)
+        on = (x - 0.5 - shift[0]) ** 2 + (y - 0.45 - shift[1]) ** 2 < radius ** 2
         colours = ((0.05, 0.12, 0.45), (1.0, 0.55, 0.08))
-    elif concept == "stripes":  # yellow stripes on green, any direction
-        angle, period, phase = rng.uniform(0, math.pi), rng.uniform(0.3, 0.5), rng.uniform(0, 1)
-        on = ((x * math.cos(angle) + y * math.sin(angle)) / period + phase) % 1.0 < 0.5
+    elif concept == "stripes":  # yellow diagonal stripes on green
+        angle, period = math.radians(45 + rng.uniform(-8, 8)), rng.uniform(0.36, 0.42)
+        on = ((x * math.cos(angle) + y * math.sin(angle)) / period + shift[0]) % 1.0 < 0.5
         colours = ((0.1, 0.55, 0.15), (0.98, 0.9, 0.15))
     elif concept == "checker":  # magenta and white squares
-        cell, ox, oy = rng.uniform(0.22, 0.34), rng.uniform(0, 1), rng.uniform(0, 1)
-        on = (np.floor(x / cell + ox) + np.floor(y / cell + oy)) % 2 == 0
+        cell = rng.uniform(0.24, 0.26)
+        on = (np.floor(x / cell + shift[0]) + np.floor(y / cell + shift[1])) % 2 == 0
         colours = ((0.8, 0.08, 0.65), (0.96, 0.96, 0.96))
     else:  # ring: a thick cyan ring on black
-        cx, cy, radius = rng.uniform(0.38, 0.62), rng.uniform(0.38, 0.62), rng.uniform(0.22, 0.32)
-        on = np.abs(np.sqrt((x - cx) ** 2 + (y - cy) ** 2) - radius) < 0.09
+        radius = rng.uniform(0.25, 0.3)
+        on = np.abs(np.sqrt((x - 0.5 - shift[0]) ** 2 + (y - 0.5 - shift[1]) ** 2) - radius) < 0.09
         colours = ((0.04, 0.04, 0.04), (0.1, 0.9, 0.95))
     image = np.where(on[..., None], np.array(colours[1]), np.array(colours[0])) + jitter
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -209,6 +211,11 @@ class Conditioner:
         self.ids = tokenizer.convert_tokens_to_ids(self.tokens)
         self.placeholder = " ".join(self.tokens)
 
+    def positions(self, prompt: str) -> list[int]:
+        """Where the placeholder tokens sit in the tokenised `prompt`."""
+        ids = self.tokenizer(prompt.format(self.placeholder)).input_ids
+        return [index for index, token in enumerate(ids) if token in self.ids]
+
     def encode(self, prompts: list[str], vectors=None):
         """prompts with `{}` for the placeholder; `vectors` [num_vectors, 768] fill the placeholder."""
         import torch
@@ -250,7 +257,13 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, seed: in
         model = work / "model"
         tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", local_files_only=True).eval()
-        unet = UNet2DConditionModel.from_pretrained(model / "unet", local_files_only=True)
+        # the tiny UNet plus a pooled-text path into the time embedding (diffusers' addition_embed_type "text"):
+        # besides cross-attention, the conditioning then scales and shifts every ResNet block, as class labels do,
+        # which a tiny UNet learns to use in a few hundred CPU steps (cross-attention alone takes far longer)
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel.from_config({**UNet2DConditionModel.load_config(model / "unet"),
+                                                 "addition_embed_type": "text",
+                                                 "addition_embed_type_num_heads": 12})
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.from_pretrained(model / "scheduler", local_files_only=True)
@@ -388,9 +401,10 @@ def read_taught_info(model_dir: str | os.PathLike) -> dict | None:
 
 def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, other: str, init_word: str,
                      images: list[str | os.PathLike], seed: int = 0, repeats: int = 8) -> dict:
-    """How far trained `vectors` [n, 768] got toward the hidden embedding of concept `target`.
+    """How far trained `vectors` [n, 768] (None: the init word's) got toward the hidden embedding of `target`.
 
-    Conditioning = the text encoder's output for "a photo of a <tokens>". Returned figures:
+    Conditioning = the text encoder's output at the placeholder tokens of "a photo of a <tokens>" (the
+    final layer norm bounds it, whatever the vectors' norm). Returned figures:
     * cond_dist_target / cond_dist_other: distance of the trained conditioning to `target`'s and to
       `other`'s (a second concept);
     * cond_cos_target: cosine between the conditioning's displacement from the init word's and the
@@ -408,16 +422,17 @@ def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, othe
 
     components = load_components(model_dir)
     concepts = load_file(str(Path(model_dir) / CONCEPTS_FILE))
-    vectors = vectors.detach().float().cpu()
-    num_vectors = vectors.shape[0]
+    num_vectors = concepts[target].shape[0] if vectors is None else vectors.shape[0]
     tokenizer, text_encoder = components.tokenizer, components.text_encoder.eval()
     init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
     init_vectors = text_encoder.get_input_embeddings().weight[
         [init_ids[index % len(init_ids)] for index in range(num_vectors)]].detach().clone()
+    vectors = init_vectors.clone() if vectors is None else vectors.detach().float().cpu()
     conditioner = Conditioner(tokenizer, text_encoder, num_vectors)
     embeddings = {"init": init_vectors, "target": concepts[target], "other": concepts[other], "trained": vectors}
     prompt = [OBJECT_TEMPLATES[0]]
-    states = {name: conditioner.encode(prompt, value)[0] for name, value in embeddings.items()}
+    positions = conditioner.positions(prompt[0])  # the conditioning = the output at the trained tokens
+    states = {name: conditioner.encode(prompt, value)[0, positions] for name, value in embeddings.items()}
 
     def cosine(a, b):
         return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
@@ -453,3 +468,30 @@ def _image_size(path) -> tuple[int, int]:
 
     with Image.open(path) as image:
         return image.size
+
+
+def other_concept(concept: str) -> str:
+    """The second concept a recovery is compared against (the next one in CONCEPTS)."""
+    return CONCEPTS[(CONCEPTS.index(concept) + 1) % len(CONCEPTS)]
+
+
+RECOVERY_COLUMNS = ("step", "cond_dist_target", "cond_dist_other", "cond_cos_target", "vec_cos_target",
+                    "loss_init", "loss_target", "loss_trained", "gap_closed")
+
+
+def recovery_table(model_dir: str | os.PathLike, embeddings: dict[int, object], *, concept: str, init_word: str,
+                   images: list[str | os.PathLike], out_tsv: str | os.PathLike) -> list[dict]:
+    """recovery_figures for every (step: vectors) of one run, against `concept` and other_concept(concept);
+    written as a TSV (RECOVERY_COLUMNS) and returned as rows."""
+    from tifactory.fileio import write_text_atomic
+
+    rows = []
+    for step, vectors in sorted(embeddings.items()):
+        figures = recovery_figures(model_dir, vectors, target=concept, other=other_concept(concept),
+                                   init_word=init_word, images=images)
+        rows.append({"step": step, **{key: figures[key] for key in RECOVERY_COLUMNS[1:]}})
+    text = "\t".join(RECOVERY_COLUMNS) + "\n" + "".join(
+        "\t".join(str(row["step"]) if key == "step" else f"{row[key]:.4f}" for key in RECOVERY_COLUMNS) + "\n"
+        for row in rows)
+    write_text_atomic(out_tsv, text)
+    return rows
