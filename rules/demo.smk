@@ -20,6 +20,7 @@ rule demo_model:
     params:
         seed=0,
         num_vectors=config["train"]["num_vectors"],
+        teach_steps=config["demo_model"]["teach_steps"],
     conda:
         "../envs/tifactory.yaml"
     log:

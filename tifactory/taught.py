@@ -231,9 +231,9 @@ class Conditioner:
 
 # ----------------------------------------------------------------------------- teaching
 
-def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, seed: int = 0, image_size: int = 64,
-                       teach_images: int = 48, steps: int = 1500, batch_size: int = 32,
-                       learning_rate: float = 2e-3, high_t_share: float = 0.7, log: Callable[[str], None] = print) -> Path:
+def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: int, seed: int = 0,
+                       image_size: int = 64, teach_images: int = 48, batch_size: int = 32,
+                       learning_rate: float = 3e-3, high_t_share: float = 0.7, log: Callable[[str], None] = print) -> Path:
     """Build the tiny model, teach it the concepts (see the module docstring), write a diffusers folder.
 
     Besides the usual folders, `out_dir` holds `concepts.safetensors` (the hidden embedding of every
@@ -400,7 +400,8 @@ def read_taught_info(model_dir: str | os.PathLike) -> dict | None:
 
 
 def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, other: str, init_word: str,
-                     images: list[str | os.PathLike], seed: int = 0, repeats: int = 8) -> dict:
+                     images: list[str | os.PathLike], seed: int = 0, repeats: int = 8,
+                     min_timestep: int = 0) -> dict:
     """How far trained `vectors` [n, 768] (None: the init word's) got toward the hidden embedding of `target`.
 
     Conditioning = the text encoder's output at the placeholder tokens of "a photo of a <tokens>" (the
@@ -451,7 +452,7 @@ def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, othe
         latents = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).repeat(repeats, 1, 1, 1)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (len(latents),),
+    timesteps = torch.randint(min_timestep, components.noise_scheduler.config.num_train_timesteps, (len(latents),),
                               generator=generator)
     alphas_cumprod = components.noise_scheduler.alphas_cumprod.float()
     templates = [OBJECT_TEMPLATES[index % len(OBJECT_TEMPLATES)] for index in range(len(latents))]
