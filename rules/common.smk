@@ -223,3 +223,14 @@ def roster_run_summary(since):
     from tifactory.run_summary import run_summary
 
     return run_summary(SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR)
+
+
+def demo_concept(subject):
+    """The taught concept a demo subject shows (its name is a concept of tifactory.demo.taught and its sources are a
+    prepared dataset), else None: such a subject gets a concept-recovery table in its report page."""
+    from tifactory.demo.taught import CONCEPTS
+
+    row = ROSTER[subject]
+    if is_demo(config) and subject in CONCEPTS and row.get("prepared") == "yes":
+        return subject
+    return None

@@ -14,6 +14,11 @@ rule subject_summary:
                 "scores": f"results/{wildcards.subject}/samples/scores.tsv",
                 "embedding": f"results/{wildcards.subject}/{wildcards.subject}-ti.safetensors",
                 **{f"grid_{name}": path for name, path in subject_grids(wildcards).items()},
+                **(
+                    {"recovery": f"results/{wildcards.subject}/recovery/recovery.tsv"}
+                    if demo_concept(wildcards.subject)
+                    else {}
+                ),
             }
         ),
     output:

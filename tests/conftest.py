@@ -19,8 +19,12 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def repo_config() -> dict:
+    """config.yaml, except that the demo model is taught only a few steps: workflow tests build it in many work
+    folders (test_concept_recovery builds it with config.yaml's own teach_steps)."""
     with open(REPO_ROOT / "config.yaml", encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        config = yaml.safe_load(handle)
+    config["demo_model"]["teach_steps"] = 2
+    return config
 
 
 @pytest.fixture(scope="session")

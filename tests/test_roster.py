@@ -14,8 +14,10 @@ def write_roster(tmp_path, text):
 
 def test_demo_roster_is_valid(repo_root):
     rows = read_roster(repo_root / "resources" / "roster.tsv")
-    assert [row["subject"] for row in rows] == ["astronaut", "t1person"]
+    assert [row["subject"] for row in rows] == ["astronaut", "t1person", "sun"]
     assert {row["class_word"] for row in rows} <= {"woman", "man", "person"}
+    by_subject = {row["subject"]: row for row in rows}
+    assert by_subject["sun"]["prepared"] == "yes" and by_subject["astronaut"]["prepared"] == "no"
 
 
 @pytest.mark.parametrize("row, expected", [

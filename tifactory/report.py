@@ -78,8 +78,9 @@ def likeness_text(summary: dict) -> str:
 def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: str | os.PathLike,
                     crops_dir: str | os.PathLike, loss_png: str | os.PathLike, grids: dict[str, str],
                     likeness_json: str | os.PathLike, likeness_png: str | os.PathLike, scores_tsv: str | os.PathLike,
-                    embedding: str | os.PathLike, recipe: dict, samples: dict, model: dict) -> Path:
-    """Write one subject's self-contained summary page."""
+                    embedding: str | os.PathLike, recipe: dict, samples: dict, model: dict,
+                    recovery_tsv: str | os.PathLike | None = None) -> Path:
+    """Write one subject's self-contained summary page (with the concept-recovery table when given)."""
     raw = manifest_counts(raw_manifest)
     crops = manifest_counts(Path(crops_dir) / "manifest.tsv")
     likeness = likeness_summary(likeness_json)
@@ -107,6 +108,8 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
         header = list(scores[0])
         parts.append(_table([[html.escape(row[c]) for c in header] for row in scores], header))
     parts.append(image_tag(likeness_png, "likeness vs step"))
+    if recovery_tsv:
+        parts.append(recovery_section(recovery_tsv))
     parts.append("<h2>Sample grids</h2>")
     for name, path in grids.items():
         parts.append(f"<h3>{html.escape(name)}</h3>" + image_tag(path, f"grid on {name}"))
@@ -123,6 +126,28 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
     parts.append("</body></html>")
     write_text_atomic(out_html, "\n".join(parts))
     return Path(out_html)
+
+
+def recovery_section(recovery_tsv: str | os.PathLike) -> str:
+    """The taught demo model's proof of learning: per step, how close the embedding got to the hidden concept."""
+    rows = read_tsv(recovery_tsv)
+    if not rows:
+        return "<h2>Concept recovery</h2><p class='bad'>no recovery table</p>"
+    last = rows[-1]
+    closed = float(last["gap_closed"])
+    verdict = "good" if closed >= 0.5 and float(last["cond_dist_target"]) < float(last["cond_dist_other"]) else "bad"
+    text = (f"<p class='{verdict}'>After step {html.escape(last['step'])} the embedding closed "
+            f"{100 * closed:.0f}% of the loss gap from the init word to the hidden concept's own embedding on these "
+            f"images; its conditioning lies {float(last['cond_dist_target']):.2f} from the concept's and "
+            f"{float(last['cond_dist_other']):.2f} from a second concept's (cosine of its move with the way to the "
+            f"concept: {float(last['cond_cos_target']):.2f}).</p><p>The demo model is taught a few drawn concepts "
+            "(tifactory.demo.taught), each with a hidden embedding; this subject's images are held-out images of one. "
+            "Columns: conditioning (text encoder output at the trained tokens) distance to the concept's and to a "
+            "second concept's, cosine of its displacement from the init word's with the direction to the "
+            "concept's (in conditioning and in vector space), denoising loss on the images with the init word, "
+            "the concept's embedding and the trained one, and the share of the gap closed.</p>")
+    header = list(rows[0])
+    return "<h2>Concept recovery</h2>" + text + _table([[html.escape(row[c]) for c in header] for row in rows], header)
 
 
 def roster_overview(*, out_html: str | os.PathLike, subjects: list[dict]) -> Path:

@@ -1,11 +1,12 @@
 from tifactory.jobs import run_job
-from tifactory.demo.tinymodel import build_tiny_model
+from tifactory.demo.taught import build_taught_model
 
 
 def main(smk, log):
-    build_tiny_model(smk.output[0], seed=smk.params.seed)
-    log(f"built the demo-tiny model in {smk.output[0]}: random weights, SD1.5-shaped. Embeddings trained "
-        "on it are MEANINGLESS; set base_model in config.yaml to a real SD1.5 checkpoint for real ones.")
+    build_taught_model(smk.output[0], num_vectors=smk.params.num_vectors, steps=smk.params.teach_steps,
+                       seed=smk.params.seed, log=log)
+    log(f"built the taught demo model in {smk.output[0]}: tiny and SD1.5-shaped, it knows only a few drawn "
+        "concepts (tifactory.demo.taught). Set base_model in config.yaml to a real SD1.5 checkpoint for real embeddings.")
 
 
 run_job(snakemake, main)

@@ -11,7 +11,8 @@ def main(smk, log):
                     crops_dir=Path(smk.input.crops).parent, loss_png=smk.input.loss, grids=grids,
                     likeness_json=smk.input.likeness, likeness_png=smk.input.likeness_plot,
                     scores_tsv=smk.input.scores, embedding=smk.input.embedding, recipe=dict(smk.params.recipe),
-                    samples=dict(smk.params.samples), model=dict(smk.params.model))
+                    samples=dict(smk.params.samples), model=dict(smk.params.model),
+                    recovery_tsv=smk.input.get("recovery"))
     log(f"wrote {smk.output[0]}")
 
 

@@ -1,0 +1,53 @@
+"""Fast unit tests of the taught tiny model's pieces: concept images, the closed-form VAE, the demo dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tifactory.demo.taught import CONCEPTS, HELD_OUT_START, concept_image, other_concept
+
+torch = pytest.importorskip("torch")
+
+
+def test_concept_images_are_deterministic_families():
+    for concept in CONCEPTS:
+        first = concept_image(concept, 0, 64)
+        assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+        assert np.array_equal(first, concept_image(concept, 0, 64))
+        assert not np.array_equal(first, concept_image(concept, 1, 64))  # a family, not one picture
+    means = [concept_image(c, 0, 64).reshape(-1, 3).mean(0) for c in CONCEPTS]
+    assert min(np.abs(a - b).max() for i, a in enumerate(means) for b in means[i + 1:]) > 40  # distinct palettes
+    with pytest.raises(ValueError):
+        concept_image("dog", 0, 64)
+    assert other_concept(CONCEPTS[-1]) == CONCEPTS[0]
+
+
+def test_demo_concept_dataset_is_held_out_images_of_sun(repo_root):
+    """resources/demo_concepts/sun is the prepared demo dataset: exactly the held-out sun images."""
+    folder = repo_root / "resources" / "demo_concepts" / "sun" / "10_sun person"
+    paths = sorted(folder.glob("*.png"))
+    assert len(paths) == 6
+    for number, path in enumerate(paths):
+        with Image.open(path) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), concept_image("sun", HELD_OUT_START + number, 64))
+
+
+def test_closed_form_vae_encodes_block_colours_exactly():
+    from tifactory.demo.taught import _block_means, _closed_form_vae, _pixels
+
+    images = [concept_image(c, i, 64) for c in CONCEPTS for i in range(6)]
+    pixels = _pixels(images)
+    raw = _block_means(pixels)
+    mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
+    vae = _closed_form_vae(mean, std, 0.18215)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean * vae.config.scaling_factor
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    assert posterior.std.max() < 1e-6  # deterministic posterior
+    torch.testing.assert_close(latents.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(latents.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-3, rtol=0)
+    blocks = torch.nn.functional.interpolate(raw[:, :3], scale_factor=8, mode="nearest")
+    torch.testing.assert_close(decoded, blocks, atol=1e-3, rtol=0)  # paints the 8x8 block colours back
