@@ -23,12 +23,14 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tifactory.errors import TifactoryError
+
 ATTENTION_STEP = 1.1
 OPTION_FLAGS = {"n": "negative", "d": "seed", "s": "steps", "l": "guidance_scale", "w": "width", "h": "height"}
 _OPTION_SPLIT = re.compile(r"\s+--(?=[ndslwh](?:\s|$))")
 
 
-class PromptError(ValueError):
+class PromptError(TifactoryError, ValueError):
     """The sample prompts file (or one prompt in it) is unusable."""
 
 

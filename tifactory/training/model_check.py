@@ -31,6 +31,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tifactory.errors import TifactoryError
+
 SAFETENSORS_SUFFIXES = frozenset({".safetensors"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth"})
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors caps its header at 100 MB too
@@ -56,7 +58,7 @@ _SAFE_BUILTINS = frozenset({"set", "frozenset", "dict", "list", "tuple", "int", 
 _INERT_PICKLE_GLOBALS = frozenset({"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"})
 
 
-class ModelCheckError(ValueError):
+class ModelCheckError(TifactoryError, ValueError):
     """A file cannot be inspected (unreadable header, truncated archive, ...)."""
 
 

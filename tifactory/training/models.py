@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tifactory.fileio import sha256_file
+from tifactory.errors import TifactoryError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ _CONFIG_DIR_REQUIRED = (
 )
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(TifactoryError):
     """The base model, VAE or config folder is missing, unreadable, unsafe or of the wrong shape."""
 
 
@@ -246,7 +247,7 @@ def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bo
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = _resolve_config_dir(config_dir, path)  # before reading a multi-GB file
+    cfg = resolve_config_dir(config_dir, path)  # before reading a multi-GB file
     unet_config = _guarded("UNet config", cfg / "unet", lambda: dict(UNet2DConditionModel.load_config(cfg / "unet")))
     vae_config = _guarded("VAE config", cfg / "vae", lambda: dict(AutoencoderKL.load_config(cfg / "vae")))
     text_config = _guarded(
@@ -372,7 +373,7 @@ def _check_sd1_layout(checkpoint: dict, path: Path, *, need_vae: bool) -> None:
         raise ModelLoadError(f"{path} has no VAE weights (first_stage_model.*); pass a separate vae")
 
 
-def _resolve_config_dir(config_dir: str | Path | None, checkpoint_path: Path) -> Path:
+def resolve_config_dir(config_dir: str | Path | None, checkpoint_path: Path) -> Path:
     """`config_dir` (config key base_model_config) when given, else the shipped SD1.5 configs."""
     from tifactory.training import sd15
 

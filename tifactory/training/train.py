@@ -21,11 +21,12 @@ from tifactory.photos.dataset import read_dataset_toml
 from tifactory.training.embedding import build_metadata, reproducible_date, save_embedding
 from tifactory.fileio import atomic_path, sha256_file, write_text_atomic
 from tifactory.training.templates import TEMPLATES, training_tokens
+from tifactory.errors import TifactoryError
 
 STATE_FORMAT_VERSION = 1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(TifactoryError, RuntimeError):
     """A training problem the user must act on (bad token, NaN loss, no images...)."""
 
 
