@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from tifactory.photos.dataset import build_dataset
-from tifactory.training.embedding import load_embedding
-from tifactory.training.train import TrainingError, checkpoint_name, train_embedding
+from tifactory.training.embedding import checkpoint_name, load_embedding
+from tifactory.training.train import TrainingError, train_embedding
 
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
           "bucket_no_upscale": True}

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tifactory.errors import TifactoryError
+from tifactory.training.embedding import looks_like_embedding
 
 SAFETENSORS_SUFFIXES = frozenset({".safetensors"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth"})
@@ -247,7 +248,7 @@ def non_model_kind(shapes: dict) -> str | None:
     lowered = [key.lower() for key in keys]
     if _has(shapes, UNET):
         return None
-    if any(k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in keys):
+    if looks_like_embedding(keys):
         return "a textual-inversion embedding"
     if any("lora" in k or ".hada_" in k or "lokr" in k or k.startswith("lycoris_") for k in lowered):
         return "a LoRA/LyCORIS network"

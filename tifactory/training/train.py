@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.photos.dataset import read_dataset_toml
-from tifactory.training.embedding import build_metadata, reproducible_date, save_embedding
+from tifactory.device import pick_device
+from tifactory.training.embedding import build_metadata, checkpoint_name, reproducible_date, save_embedding
 from tifactory.fileio import atomic_path, sha256_file, write_text_atomic
 from tifactory.training.templates import TEMPLATES, training_tokens
 from tifactory.errors import TifactoryError
@@ -30,22 +31,7 @@ class TrainingError(TifactoryError, RuntimeError):
     """A training problem the user must act on (bad token, NaN loss, no images...)."""
 
 
-def checkpoint_name(subject: str, step: int) -> str:
-    return f"{subject}-ti-step{step:08d}.safetensors"
-
-
-# ----------------------------------------------------------------------------- device and precision
-
-def pick_device(requested: str):
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {requested!r} asked for, but no CUDA device is available")
-    return device
-
+# ----------------------------------------------------------------------------- precision
 
 def pick_compute_dtype(device, mixed_precision: str):
     """bf16 where supported, fp16 (with loss scaling) where bf16 is missing, fp32 on CPU."""
