@@ -117,6 +117,36 @@ def load_image_tensor(path: Path, bucket: tuple[int, int]):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def encode_latents(vae, pixels, generator):
+    """One sample of the VAE's latent distribution of `pixels` [n, 3, H, W], scaled for the UNet; the noise
+    comes from `generator` (drawn on its device)."""
+    import torch
+
+    distribution = vae.encode(pixels).latent_dist
+    noise = torch.randn(distribution.mean.shape, generator=generator, device=generator.device).to(pixels.device)
+    return (distribution.mean + distribution.std * noise) * vae.config.scaling_factor
+
+
+@dataclass
+class BucketLatents:
+    """The latents of each bucket's images (× flip variants): `rows[bucket]` holds them cached
+    (train.cache_latents: true, the recipe), or holds the images' pixels and `vae` encodes the rows a step
+    takes, a fresh sample each time (cache_latents: false, as kohya without --cache_latents)."""
+
+    rows: list
+    vae: object = None
+
+    def take(self, bucket_id: int, row_indices, generator, chunk: int):
+        chosen = self.rows[bucket_id].index_select(0, row_indices)
+        if self.vae is None:
+            return chosen
+        import torch
+
+        with torch.no_grad():  # in chunks of the micro-batch: the out-of-memory fallback shrinks both
+            return torch.cat([encode_latents(self.vae, chosen[start:start + chunk], generator)
+                              for start in range(0, len(chosen), chunk)]).float()
+
+
 @dataclass
 class TrainingImage:
     path: Path
@@ -378,7 +408,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     unet.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
     embedding.vectors.data = embedding.vectors.data.float()  # the trained vectors stay fp32
-    vae_model.to(device, dtype=torch.float32)  # the VAE only caches latents, in fp32 (no_half_vae)
+    vae_model.to(device, dtype=torch.float32)  # the VAE only encodes latents, in fp32 (no_half_vae)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     if params["attention"] == "xformers":
@@ -388,7 +418,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
             raise TrainingError(f"attention: xformers asked for but unusable here ({error}); "
                                 "use attention: sdpa") from None
 
-    # -- data: images, cached latents per bucket, tokenised prompts (all resident on the device)
+    # -- data: images, latents per bucket (cached or encoded per step), tokenised prompts (on the device)
     images, repeats = list_training_images(Path(dataset_toml), params)
     dataset_hash = hashlib.sha256("".join(sha256_file(image.path) for image in images).encode()).hexdigest()
     num_variants = 2 if params["flip_aug"] else 1
@@ -413,14 +443,17 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
             image_slots.append((bucket_id, len(latents_per_bucket[bucket_id]) // num_variants))
             pixels = load_image_tensor(image.path, image.bucket)
             batch = torch.stack([pixels, pixels.flip(-1)][:num_variants]).to(device, dtype=torch.float32)
-            distribution = vae_model.encode(batch).latent_dist
-            noise = torch.randn(distribution.mean.shape, generator=latent_generator).to(device)
-            latents = (distribution.mean + distribution.std * noise) * vae_model.config.scaling_factor
-            latents_per_bucket[bucket_id].extend(latents)
-    bucket_latents = [torch.stack(rows).float().contiguous() for rows in latents_per_bucket]
-    vae_model.to("cpu")
+            if params["cache_latents"]:
+                batch = encode_latents(vae_model, batch, latent_generator)
+            latents_per_bucket[bucket_id].extend(batch)
+    if params["cache_latents"]:
+        bucket_latents = BucketLatents([torch.stack(rows).float().contiguous() for rows in latents_per_bucket])
+        vae_model.to("cpu")
+    else:  # pixels stay on the device with the VAE; every step encodes the rows it takes
+        bucket_latents = BucketLatents([torch.stack(rows).contiguous() for rows in latents_per_bucket], vae_model)
     stats["cache_latents_s"] = time.perf_counter() - cache_started
-    log(f"cached latents of {len(images)} image(s) x {num_variants} variant(s) in {len(buckets)} bucket(s) "
+    log(f"{'cached latents' if params['cache_latents'] else 'loaded pixels (cache_latents: false)'} of "
+        f"{len(images)} image(s) x {num_variants} variant(s) in {len(buckets)} bucket(s) "
         f"{buckets} in {stats['cache_latents_s']:.1f} s")
 
     # -- optimizer and schedule
@@ -497,7 +530,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
                                   device=device)
         step_loss = torch.zeros((), device=device)
         for bucket_id, start, end in plan.groups[step - start_step]:
-            group_latents = bucket_latents[bucket_id].index_select(0, plan.latent_rows[start:end])
+            group_latents = bucket_latents.take(bucket_id, plan.latent_rows[start:end], step_generator, micro_batch)
             group_noise = torch.randn(group_latents.shape, generator=step_generator, device=device)
             if params["noise_offset"]:
                 group_noise = group_noise + params["noise_offset"] * torch.randn(
