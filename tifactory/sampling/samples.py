@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.fileio import atomic_path, write_text_atomic
-from tifactory.sampling.prompts import SamplePrompt, read_prompts
+from tifactory.sampling.prompts import PromptError, SamplePrompt, read_prompts
 from tifactory.training.embedding import list_checkpoints, read_embedding
 
 SCHEDULERS = ("ddim", "euler_a", "dpmpp_2m")
