@@ -5,6 +5,9 @@ Full size (GPU):  python bench/bench_samples.py --device cuda
     renders a grid of 6 steps (step 0 + 5 checkpoints) x 8 images (4 prompts x 2 seeds) at 512 px, 30 steps,
     CFG 7.5, and prints load time and grid time separately. Target on an H200: grid <= 10 s after load.
 Smoke test (CPU): python bench/bench_samples.py --tiny --device cpu
+The default grid (2 prompts x 2 seeds x 6 rows = 24 images) at three batch settings, one process:
+    python bench/bench_samples.py --device cuda --prompts 2 --batch-size 8,24,24cl
+    (`cl`: the UNet in channels_last memory layout)
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ PROMPTS = ["a photo of {token}", "portrait of {token}, studio lighting", "(photo
            "a close up photo of {token} smiling --n blurry, dark"]
 
 
-def full_size_components(workdir: Path, seed: int = 0):
+def full_size_components(workdir: Path, seed: int = 0, device: str = "cpu"):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -43,11 +46,12 @@ def full_size_components(workdir: Path, seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(workdir / "tokenizer"))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id)).eval()
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
-    vae = AutoencoderKL(**SD15_VAE).eval()
+    with torch.device(device):  # random init where the model will run (fast on a GPU)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id,
+                                                    pad_token_id=tokenizer.pad_token_id)).eval()
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        vae = AutoencoderKL(**SD15_VAE).eval()
     scheduler = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items()
                                            if k not in ("skip_prk_steps",)})
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler)
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=6, help="grid rows: step 0 + rows-1 checkpoints")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--batch-size", default="48", help="comma-separated; suffix cl = UNet channels_last")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "euler_a", "dpmpp_2m"])
     parser.add_argument("--repeat", type=int, default=2, help="grids to render (the first warms up)")
     parser.add_argument("--out", default="", help="output folder (default: a temporary one)")
@@ -98,36 +103,44 @@ def main(argv=None) -> int:
 
             components = load_components(build_tiny_model(tmp / "tiny", seed=0))
         else:
-            components = full_size_components(tmp)
+            components = full_size_components(tmp, device="cuda" if args.device.startswith("cuda") else "cpu")
         sampler = Sampler(components, scheduler=args.scheduler, device=args.device)
         if sampler.device.type == "cuda":
             torch.cuda.synchronize()
         load_s = time.perf_counter() - started
         write_checkpoints(tmp / "checkpoints", "subj", [200 * i for i in range(1, args.rows)])
-        prompts = [parse_prompt_line(p) for p in PROMPTS]
-        results = []
-        for _ in range(max(1, args.repeat)):
-            t0 = time.perf_counter()
-            result = sampler.render_grid(
-                subject="subj", init_word="woman", checkpoints=list_checkpoints(tmp / "checkpoints"), prompts=prompts,
-                seeds=[1, 2], steps=steps, guidance_scale=7.5, width=size, height=size,
-                batch_size=args.batch_size, out_dir=out, log=lambda message: print(message, flush=True))
-            if sampler.device.type == "cuda":
-                torch.cuda.synchronize()
-            results.append(time.perf_counter() - t0)
-        images = len(result["rows"]) * result["columns"]
-        report = {"device": str(sampler.device), "gpu": torch.cuda.get_device_name(sampler.device)
-                  if sampler.device.type == "cuda" else "", "dtype": str(sampler.dtype), "tiny": args.tiny,
-                  "rows": len(result["rows"]), "columns": result["columns"], "images": images, "steps": steps,
-                  "size": size, "batch_size": args.batch_size, "scheduler": args.scheduler, "load_s": round(load_s, 2),
-                  "grid_s": [round(r, 2) for r in results],
-                  "last_grid_phases_s": {k: round(result[k], 2) for k in ("encode_s", "sample_s", "write_s")}}
+        prompts = [parse_prompt_line(p) for p in PROMPTS[:args.prompts]]
+        reports = []
+        for setting in args.batch_size.split(","):
+            channels_last = setting.endswith("cl")
+            batch_size = int(setting.removesuffix("cl"))
+            sampler.pipe.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            results = []
+            for _ in range(max(1, args.repeat)):
+                t0 = time.perf_counter()
+                result = sampler.render_grid(
+                    subject="subj", init_word="woman", checkpoints=list_checkpoints(tmp / "checkpoints"),
+                    prompts=prompts, seeds=[1, 2], steps=steps, guidance_scale=7.5, width=size, height=size,
+                    batch_size=batch_size, out_dir=out, log=lambda message: print(message, flush=True))
+                if sampler.device.type == "cuda":
+                    torch.cuda.synchronize()
+                results.append(time.perf_counter() - t0)
+            images = len(result["rows"]) * result["columns"]
+            report = {"device": str(sampler.device), "gpu": torch.cuda.get_device_name(sampler.device)
+                      if sampler.device.type == "cuda" else "", "dtype": str(sampler.dtype), "tiny": args.tiny,
+                      "rows": len(result["rows"]), "columns": result["columns"], "images": images, "steps": steps,
+                      "size": size, "batch_size": batch_size, "channels_last": channels_last,
+                      "scheduler": args.scheduler, "load_s": round(load_s, 2), "grid_s": [round(r, 2) for r in results],
+                      "last_grid_phases_s": {k: round(result[k], 2) for k in ("encode_s", "sample_s", "write_s")},
+                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                      if sampler.device.type == "cuda" else None}
+            reports.append(report)
+            print(f"grid ({len(result['rows'])} steps x {result['columns']} images = {images}, {steps} steps, {size} px,"
+                  f" batch {setting}): " + ", ".join(f"{r:.2f} s" for r in results) + " (first includes warm-up)")
+            print(json.dumps(report), flush=True)
         print(f"load: {load_s:.2f} s")
-        print(f"grid ({len(result['rows'])} steps x {result['columns']} images = {images}, {steps} steps, {size} px): "
-              + ", ".join(f"{r:.2f} s" for r in results) + " (first includes warm-up)")
-        print(json.dumps(report))
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
         assert (out / "grid.png").is_file()
     return 0
 

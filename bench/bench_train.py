@@ -4,7 +4,15 @@ No weights can be downloaded, so the model is built with SD1.5's architecture an
 target device. The published recipe: 15 samples per optimizer step at 512 px, bf16.
 
     python bench/bench_train.py --device cuda --steps 40 --variants eager1,eager15,compile15,cudagraph15
+    python bench/bench_train.py --device cuda --steps 40 \
+        --variants eager15-autocast,eager15,compile15-autocast,compile15@a,compile15@a,blocks15@b,blocks15@b
     python bench/bench_train.py --tiny --device cpu --steps 4 --variants eager15   # CPU smoke test
+
+Variant = <kind><micro-batch>[-autocast][@cache]: kind eager (no compile), compile (torch.compile, the whole
+model call), cudagraph (+ CUDA graphs), autotune (max-autotune-no-cudagraphs), blocks (`compile_scope:
+blocks`: each repeated block compiled alone); `-autocast` runs the bf16 model under torch.autocast as
+kohya does (`train.autocast: true`); variants naming the same `@cache` share one torch.compile cache folder
+(the second one finds it warm), any other variant starts with an empty one (cold).
 
 Prints one JSON line per variant and a table: ms per optimizer step, samples/s, TFLOP/s (1.36 TFLOP per
 sample at 512 px: UNet forward + input-gradient backward + CLIP), peak GPU memory, and start-up costs
@@ -29,7 +37,18 @@ TFLOP_PER_SAMPLE_512 = 1.36
 RECIPE_STEPS = 1000
 # variant = <name><micro-batch>: eager15, compile15 (torch.compile), cudagraph15 (compile + CUDA graphs), ...
 COMPILE_MODES = {"eager": False, "compile": True, "cudagraph": "reduce-overhead",
-                 "autotune": "max-autotune-no-cudagraphs"}
+                 "autotune": "max-autotune-no-cudagraphs", "blocks": True}
+
+
+def parse_variant(variant: str) -> dict:
+    """'compile15-autocast@a' -> kind, micro-batch, autocast flag and cache tag."""
+    name, _, cache = variant.partition("@")
+    name, _, flag = name.partition("-")
+    kind = name.rstrip("0123456789")
+    if kind not in COMPILE_MODES or flag not in ("", "autocast"):
+        raise SystemExit(f"unknown variant {variant!r}")
+    return {"kind": kind, "micro_batch": int(name[len(kind):] or 15), "autocast": flag == "autocast",
+            "cache": cache}
 
 
 def build_random_sd15(device: str, tiny: bool, workdir: Path):
@@ -89,12 +108,13 @@ def run_variant(variant: str, args) -> dict:
 
     from tifactory.training.train import train_embedding
 
-    micro_batch = int("".join(ch for ch in variant if ch.isdigit()) or 15)
+    spec = parse_variant(variant)
     with open(REPO / "config.yaml", encoding="utf-8") as handle:
         params = dict(yaml.safe_load(handle)["train"])
     params.update(init_word="woman", max_train_steps=args.steps, save_every_n_steps=args.steps,
-                  micro_batch_size=micro_batch, compile=COMPILE_MODES[variant.rstrip("0123456789")], device=args.device,
-                  resolution=args.resolution)
+                  micro_batch_size=spec["micro_batch"], compile=COMPILE_MODES[spec["kind"]], device=args.device,
+                  resolution=args.resolution, autocast=spec["autocast"],
+                  compile_scope="blocks" if spec["kind"] == "blocks" else "model")
     workdir = Path(tempfile.mkdtemp(prefix="tifactory-bench-"))
     built = time.perf_counter()
     components = build_random_sd15(args.device, args.tiny, workdir)
@@ -106,7 +126,8 @@ def run_variant(variant: str, args) -> dict:
                              state_dir=workdir / "state", log=lambda message: print(f"  [{variant}] {message}",
                                                                                    file=sys.stderr),
                              components=components)
-    stats = dict(result.stats, variant=variant, build_model_s=build_s)
+    stats = dict(result.stats, variant=variant, build_model_s=build_s,
+                 compile_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
     step_ms = stats.get("steady_ms_per_step")
     if step_ms:
         samples_per_step = stats["samples_per_step"]
@@ -161,6 +182,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--variants", default="eager15,eager5,compile15,compile15")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model (CPU smoke test)")
+    parser.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds")
+    parser.add_argument("--cache-root", default="", help="folder for the variants' torch.compile caches "
+                                                          "(default: a new temporary folder, i.e. cold)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant in this process
     parser.add_argument("--json-out", help="append each variant's JSON line to this file")
     parser.add_argument("--profile-out", help="profile the first variant's run with torch.profiler and write "
@@ -174,14 +198,24 @@ def main() -> None:
         print("RESULT " + json.dumps(run_variant(args.one, args)), flush=True)
         return
     rows = []
-    for variant in args.variants.split(","):
+    bench_started = time.perf_counter()
+    cache_root = Path(args.cache_root or tempfile.mkdtemp(prefix="tifactory-compile-cache-"))
+    for number, variant in enumerate(args.variants.split(",")):
+        tag = parse_variant(variant)["cache"] or f"cold{number}"  # untagged: a cache of its own, empty
+        if args.budget_s and time.perf_counter() - bench_started > args.budget_s:
+            rows.append({"variant": variant, "error": f"skipped: the {args.budget_s:.0f} s budget is spent"})
+            continue
         # each variant in a fresh process: compile caches are then tested across processes, like jobs
         command = [sys.executable, __file__, "--one", variant] + [
             f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
             if key in ("device", "steps", "images", "resolution")] + (["--tiny"] if args.tiny else [])
         started = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_root / tag))
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - started
+        if args.json_out:  # the variant's own log (train_embedding's messages, warnings), for the record
+            with open(args.json_out + ".log", "a", encoding="utf-8") as handle:
+                handle.write(f"==== {variant} (exit {completed.returncode}, {wall:.1f} s)\n{completed.stderr}\n")
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         if completed.returncode != 0 or not lines:
             print(completed.stderr[-3000:], file=sys.stderr)
@@ -194,13 +228,13 @@ def main() -> None:
         if args.json_out:
             with open(args.json_out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
-    print(f"\n{'variant':<12}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'peak GiB':>10}{'load s':>8}"
+    print(f"\n{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'peak GiB':>10}{'load s':>8}"
           f"{'cache s':>9}{'1st step s':>11}{'recipe s':>10}")
     for row in rows:
         if "error" in row:
-            print(f"{row['variant']:<12} {row['error']}")
+            print(f"{row['variant']:<22} {row['error']}")
             continue
-        print(f"{row['variant']:<12}{row.get('steady_ms_per_step', float('nan')):>9.1f}"
+        print(f"{row['variant']:<22}{row.get('steady_ms_per_step', float('nan')):>9.1f}"
               f"{row.get('samples_per_s', float('nan')):>11.1f}{row.get('tflops', float('nan')):>9.1f}"
               f"{row.get('peak_memory_gib', float('nan')):>10.2f}{row['load_s']:>8.1f}"
               f"{row['cache_latents_s']:>9.1f}{row['first_step_s']:>11.1f}"

@@ -21,6 +21,11 @@ from tifactory.roster import (
 from tifactory.demo.photos import DEMO_SUBJECTS
 from tifactory.training.model_check import check_models, check_subject_tokens, tokenizer_folder
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
+from tifactory.jobs import share_compile_cache
+
+# every GPU job this run starts (and, on a cluster, every job that re-parses this file) compiles into
+# one cache folder: only a roster's first job compiles from scratch
+share_compile_cache(config["compile_cache"])
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"

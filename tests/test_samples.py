@@ -50,8 +50,16 @@ def rendered(tmp_path_factory, tiny_model_dir):
                   prompts_file=prompts, seeds=[1, 2], steps=2, guidance_scale=7.5, width=64, height=64,
                   scheduler="euler_a", device="cpu")
     render_sample_grid(out_dir=root / "a", batch_size=16, **kwargs)
-    render_sample_grid(out_dir=root / "b", batch_size=1, **kwargs)
+    messages = []
+    render_sample_grid(out_dir=root / "b", batch_size=1, log=messages.append, progress_every_s=1e-9, **kwargs)
+    (root / "b.log").write_text("\n".join(messages))
     return root
+
+
+def test_sampling_progress_counts_images_with_eta(rendered):
+    lines = [line for line in (rendered / "b.log").read_text().splitlines() if line.startswith("sampled ")]
+    assert [line.split()[1] for line in lines] == [f"{done}/9" for done in range(1, 10)]
+    assert all("ETA" in line for line in lines) and lines[-1].endswith("ETA 0 s")
 
 
 def test_grid_images_and_table(rendered):
@@ -106,7 +114,7 @@ def test_bench_script_tiny_smoke(tmp_path):
                              "--rows", "3", "--repeat", "1", "--json", str(tmp_path / "t.json")],
                             capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "t.json").read_text())
+    [report] = json.loads((tmp_path / "t.json").read_text())  # one entry per --batch-size setting
     assert report["rows"] == 3 and report["columns"] == 8 and report["images"] == 24
     assert report["load_s"] > 0 and len(report["grid_s"]) == 1
     assert "load:" in result.stdout and "grid (3 steps x 8 images" in result.stdout

@@ -181,3 +181,27 @@ def test_subject_named_like_a_word_trains_under_a_derived_token(tmp_path, datase
     assert metadata["modelspec.title"] == "photo-ti"
     assert any("'photo' is already a word of the tokenizer" in m and "'photo-ti'" in m for m in messages)
     assert any("tokens ['photo-ti', 'photo-ti1'" in m for m in messages)
+
+
+def test_progress_lines_and_loss_table_as_training_goes(tmp_path, dataset_toml, tiny_model_dir, params):
+    """A person watching the log sees steps, rate, loss and ETA, and loss.tsv grows during the run."""
+    params = dict(params, max_train_steps=20, save_every_n_steps=20)
+    out = tmp_path / "p"
+    seen_rows = []
+    messages = []
+
+    def log(message):
+        messages.append(message)
+        if message.startswith("step ") and (out / "loss.tsv").exists():
+            seen_rows.append(len((out / "loss.tsv").read_text().splitlines()) - 1)
+
+    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="eva", params=params,
+                    final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
+                    loss_tsv=out / "loss.tsv", state_dir=out / "state", log=log, progress_every_s=1e-6)
+    progress = [m for m in messages if m.startswith("step ")]
+    # a line at every loss read-back (every 10 steps and the first), each with rate, loss and ETA
+    assert [m.split()[1] for m in progress][:2] == ["1/20:", "10/20:"]
+    assert all("samples/s" in m and "loss" in m and "ETA" in m for m in progress)
+    # loss.tsv was on disk and growing while training ran, before the final write
+    assert seen_rows[:2] == [1, 10]
+    assert len((out / "loss.tsv").read_text().splitlines()) == 21

@@ -6,6 +6,7 @@ stage code can import torch and initialise CUDA.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -17,6 +18,19 @@ from tifactory.provenance import sidecar_path, write_job_provenance
 # Errors that mean "the input, the config or the environment is wrong": the job fails with the message and
 # no traceback. FileNotFoundError too: the stages raise it with the missing file (or package) named.
 USER_ERRORS = (TifactoryError, FileNotFoundError)
+
+
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's graphs; Triton's kernels go under <it>/triton
+
+
+def share_compile_cache(path: str, environ=None) -> str:
+    """Point torch.compile's on-disk caches at `path` (config `compile_cache`, made absolute) for this
+    process and every job it starts; returns the folder. The config decides, not an inherited variable:
+    importing diffusers sets TORCHINDUCTOR_CACHE_DIR to torch's per-user default in any process that does
+    it, so a parent that did would otherwise leak that default into every job."""
+    environ = os.environ if environ is None else environ
+    environ[COMPILE_CACHE_ENV] = os.path.abspath(os.path.expanduser(path))
+    return environ[COMPILE_CACHE_ENV]
 
 
 def declared_gpus(smk) -> int:

@@ -184,7 +184,7 @@ class Sampler:
         from tifactory.device import pick_device
 
         self.device = pick_device(device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = self.dtype_for(self.device)
         self.pipe = StableDiffusionPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
             unet=components.unet, scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
@@ -193,12 +193,22 @@ class Sampler:
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder)
 
-    def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print) -> list:
+    @staticmethod
+    def dtype_for(device):
+        import torch
+
+        return torch.float16 if device.type == "cuda" else torch.float32
+
+    def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print,
+               progress_every_s: float | None = None) -> list:
         """jobs: dicts with cond, uncond ([1, 77, dim]), seed, steps, guidance_scale, width, height.
-        Returns one PIL image per job, in order. Jobs that share steps/CFG/size share batches."""
+        Returns one PIL image per job, in order. Jobs that share steps/CFG/size share batches. With
+        `progress_every_s`, a line (images done / total, ETA) that often and after the last batch."""
         import torch
 
         images: list = [None] * len(jobs)
+        started = last_line = time.perf_counter()
+        done = 0
         groups: dict = {}
         for index, job in enumerate(jobs):
             groups.setdefault((job["steps"], job["guidance_scale"], job["width"], job["height"]), []).append(index)
@@ -212,13 +222,19 @@ class Sampler:
                     num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
                 for i, image in zip(batch, output.images):
                     images[i] = image
+                done += len(batch)
+                now = time.perf_counter()
+                if progress_every_s and (now - last_line >= progress_every_s or done == len(jobs)):
+                    last_line = now
+                    log(f"sampled {done}/{len(jobs)} images in {now - started:.1f} s, "
+                        f"ETA {(now - started) / done * (len(jobs) - done):.0f} s")
         return images
 
     def render_grid(self, *, subject: str, init_word: str, checkpoints: list[tuple[int, Path]],
                     prompts: list[SamplePrompt], seeds: list[int], steps: int, guidance_scale: float,
                     width: int, height: int, batch_size: int, out_dir: str | os.PathLike,
                     extra_embeddings: dict[str, str] | None = None, title: str = "",
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, progress_every_s: float | None = None) -> dict:
         """Render step 0 and every checkpoint; write the images, images.tsv, grid.png, grid_preview.jpg.
         Returns timings (seconds) and paths."""
         out_dir = Path(out_dir)
@@ -246,7 +262,7 @@ class Sampler:
                                  steps=column.steps, guidance_scale=column.guidance_scale, width=column.width,
                                  height=column.height))
         encoded = time.perf_counter()
-        images = self.sample(jobs, batch_size, log)
+        images = self.sample(jobs, batch_size, log, progress_every_s)
         sampled = time.perf_counter()
 
         rows_table = ["\t".join(IMAGES_COLUMNS)]
@@ -284,8 +300,11 @@ class Sampler:
 def load_sampler(*, base_model: str, base_model_config: str = "", vae: str = "", scheduler: str = "ddim",
                  device: str = "auto") -> Sampler:
     from tifactory.training.models import load_components
+    from tifactory.device import pick_device
 
-    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
+    target = pick_device(device)  # weights are read straight onto it, the UNet in the sampling dtype
+    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None,
+                                 device=target, unet_dtype=Sampler.dtype_for(target))
     return Sampler(components, scheduler=scheduler, device=device)
 
 
@@ -294,20 +313,23 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
                        seeds: list[int], steps: int, guidance_scale: float, width: int, height: int,
                        scheduler: str, device: str, out_dir: str | os.PathLike, batch_size: int = 8,
                        extra_embeddings: dict[str, str] | None = None, model_label: str = "",
-                       log: Callable[[str], None] = print) -> Path:
+                       log: Callable[[str], None] = print, progress_every_s: float | None = None) -> Path:
     """The samples stage: read the prompts, load the model, render the grid of every checkpoint."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
         log(f"no checkpoints in {checkpoint_dir}: the grid has the step-0 row only")
     started = time.perf_counter()
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
+    from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
+    imported = time.perf_counter() - started
     sampler = load_sampler(base_model=base_model, base_model_config=base_model_config, vae=vae,
                            scheduler=scheduler, device=device)
-    log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s; "
-        f"scheduler {scheduler}")
+    log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s "
+        f"(of which {imported:.1f}s importing diffusers and transformers); scheduler {scheduler}")
     title = f"{subject} on {model_label or os.path.basename(str(base_model).rstrip('/'))} · {scheduler}"
     result = sampler.render_grid(
         subject=subject, init_word=init_word, checkpoints=checkpoints, prompts=prompts, seeds=seeds, steps=steps,
         guidance_scale=guidance_scale, width=width, height=height, batch_size=batch_size, out_dir=out_dir,
-        extra_embeddings=extra_embeddings, title=title, log=log)
+        extra_embeddings=extra_embeddings, title=title, log=log, progress_every_s=progress_every_s)
     return result["grid"]

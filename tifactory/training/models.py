@@ -1,7 +1,9 @@
 """Load a Stable Diffusion 1.5 base model (diffusers folder or original single file), offline.
 
-`load_components` returns the five pieces textual-inversion training needs, on the CPU in float32
-(the caller moves and casts them). The base model may be
+`load_components` returns the five pieces textual-inversion training needs: by default on the CPU in
+float32; with `device` (and `unet_dtype`) the weights are read straight onto that device, the UNet in
+its compute dtype (no random initialisation, no whole model built on the CPU first, no float32 UNet on
+the way). The base model may be
 
 * a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/);
 * one `.safetensors` file in the original SD1.x (CompVis/LDM) layout;
@@ -85,8 +87,15 @@ def load_components(
     *,
     vae: str | Path | None = None,
     config_dir: str | Path | None = None,
+    device: Any = None,
+    unet_dtype: Any = None,
 ) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler, offline, CPU, float32.
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler, offline.
+
+    `device` (a torch.device or its name; default: the CPU) is where every weight is placed as it is
+    read; `unet_dtype` (default float32) is the UNet's dtype. The text encoder and the VAE are always
+    float32 (small: the caller casts them where it wants), so the text encoder's token embeddings, from
+    which new tokens are initialised, keep the file's precision.
 
     `vae` optionally replaces the base model's VAE: a diffusers AutoencoderKL folder (or a
     pipeline folder with vae/), or a single original-layout VAE file (e.g.
@@ -97,15 +106,16 @@ def load_components(
     base = Path(base_model)
     if not base.exists():
         raise ModelLoadError(f"base model not found: {base}")
+    place = Placement.of(device, unet_dtype)
     if base.is_dir():
-        loaded = _load_folder(base, skip_vae=vae is not None)
+        loaded = load_folder(base, skip_vae=vae is not None, place=place)
     elif base.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        loaded = _load_single_file(base, config_dir, skip_vae=vae is not None)
+        loaded = _load_single_file(base, config_dir, skip_vae=vae is not None, place=place)
     else:
         raise ModelLoadError(_unknown_extension_message(base, "base model"))
 
     if vae is not None:
-        loaded["vae"] = _load_vae_override(Path(vae), loaded["vae_config"])
+        loaded["vae"] = _load_vae_override(Path(vae), loaded["vae_config"], place=place)
     return Components(
         tokenizer=loaded["tokenizer"],
         text_encoder=loaded["text_encoder"],
@@ -139,12 +149,37 @@ def model_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where loaded weights go: `device` (None = the CPU, the libraries' default path) and the UNet's dtype."""
+
+    device: Any
+    unet_dtype: Any
+
+    @classmethod
+    def of(cls, device, unet_dtype) -> "Placement":
+        import torch
+
+        device = None if device is None else torch.device(device)
+        if device is not None and device.type == "cpu":
+            device = None
+        return cls(device=device, unet_dtype=unet_dtype or torch.float32)
+
+    def device_map(self):
+        """from_pretrained's device_map: every weight is materialised on the device as it is read."""
+        return None if self.device is None else {"": self.device}
+
+    @property
+    def map_location(self):
+        return "cpu" if self.device is None else self.device
+
+
 # ---------------------------------------------------------------------------------------------
 # Diffusers folder
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_folder(base: Path, *, skip_vae: bool) -> dict:
+def load_folder(base: Path, *, skip_vae: bool, place: Placement) -> dict:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -166,6 +201,7 @@ def _load_folder(base: Path, *, skip_vae: bool) -> dict:
             local_files_only=True,
             dtype=torch.float32,
             variant=_variant(base / "text_encoder", "model"),
+            device_map=place.device_map(),
         ),
     )
     out["unet"] = _guarded(
@@ -175,15 +211,16 @@ def _load_folder(base: Path, *, skip_vae: bool) -> dict:
             base,
             subfolder="unet",
             local_files_only=True,
-            torch_dtype=torch.float32,
+            torch_dtype=place.unet_dtype,
             variant=_variant(base / "unet", "diffusion_pytorch_model"),
+            device_map=place.device_map(),
         ),
     )
     if (base / "vae" / "config.json").is_file():
         out["vae_config"] = dict(AutoencoderKL.load_config(base / "vae", local_files_only=True))
     else:
         out["vae_config"] = None
-    out["vae"] = None if skip_vae else _load_vae_folder(base / "vae")
+    out["vae"] = None if skip_vae else _load_vae_folder(base / "vae", place)
     out["scheduler_config"] = _read_json(base / "scheduler" / "scheduler_config.json")
     for module in (out["text_encoder"], out["unet"]):
         module.eval()
@@ -200,7 +237,7 @@ def _load_tokenizer(folder: Path):
     )
 
 
-def _load_vae_folder(folder: Path):
+def _load_vae_folder(folder: Path, place: Placement):
     import torch
     from diffusers import AutoencoderKL
 
@@ -212,6 +249,7 @@ def _load_vae_folder(folder: Path):
             local_files_only=True,
             torch_dtype=torch.float32,
             variant=_variant(folder, "diffusion_pytorch_model"),
+            device_map=place.device_map(),
         ),
     )
     return vae.eval()
@@ -242,7 +280,9 @@ def _guarded(what: str, where: Path, load):
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bool) -> dict:
+def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bool, place: Placement) -> dict:
+    import torch
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -257,7 +297,7 @@ def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bo
     )
     tokenizer = _load_tokenizer(cfg)
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, device=place.map_location)  # conversion runs where the weights go
     _check_sd1_layout(checkpoint, path, need_vae=not skip_vae)
     described_by = f"the configs in {cfg}"
     out: dict = {"tokenizer": tokenizer, "vae_config": vae_config}
@@ -267,6 +307,8 @@ def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bo
         "UNet",
         path,
         described_by,
+        place.device,
+        place.unet_dtype,
     )
     out["text_encoder"] = _instantiate(
         lambda: CLIPTextModel(text_config),
@@ -274,6 +316,8 @@ def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bo
         "text encoder",
         path,
         described_by,
+        place.device,
+        torch.float32,
     )
     out["vae"] = None
     if not skip_vae:
@@ -283,13 +327,15 @@ def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bo
             "VAE",
             path,
             described_by,
+            place.device,
+            torch.float32,
         )
     out["scheduler_config"] = _read_json(cfg / "scheduler" / "scheduler_config.json")
     return out
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Read a single-file checkpoint into a flat {key: tensor} dict on the CPU.
+def read_checkpoint(path: str | Path, device: Any = "cpu") -> dict:
+    """Read a single-file checkpoint into a flat {key: tensor} dict on `device` (default the CPU).
 
     `.safetensors` is read with safetensors; `.ckpt`/`.pt`/`.pth` with `torch.load(weights_only=True)`
     (a pickle asking for anything beyond tensors and plain containers is refused). A nested
@@ -303,11 +349,11 @@ def read_checkpoint(path: str | Path) -> dict:
         from safetensors.torch import load_file
 
         try:
-            data = load_file(str(path), device="cpu")
+            data = load_file(str(path), device=str(device))
         except Exception as error:
             raise ModelLoadError(f"cannot read safetensors file {path}: {error}") from error
     elif suffix in PICKLE_SUFFIXES:
-        data = _torch_load_weights_only(path)
+        data = _torch_load_weights_only(path, device)
     else:
         raise ModelLoadError(_unknown_extension_message(path, "checkpoint"))
 
@@ -323,7 +369,7 @@ def read_checkpoint(path: str | Path) -> dict:
     return tensors
 
 
-def _torch_load_weights_only(path: Path):
+def _torch_load_weights_only(path: Path, device: Any = "cpu"):
     import pickle
 
     import torch
@@ -337,7 +383,7 @@ def _torch_load_weights_only(path: Path):
     allowed = [(_InertPickleGlobal, name) for name in _INERT_PICKLE_GLOBALS]
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise ModelLoadError(
             f"refusing to load {path}: it cannot be unpickled as weights only ({_unpickling_reason(error)}). "
@@ -423,8 +469,10 @@ def _clip_state_dict(checkpoint: dict, wrapped: bool) -> dict:
     return out
 
 
-def _instantiate(build, weights, what: str, source: Path, described_by: str):
-    """Build a model with empty (meta) parameters from its config, then assign the file's weights.
+def _instantiate(build, weights, what: str, source: Path, described_by: str, device=None, dtype=None):
+    """Build a model with empty (meta) parameters from its config, then assign the file's weights,
+    cast to `dtype` (default float32) on `device` (default: where the weights are), so the model
+    is never initialised at random nor copied twice.
 
     `weights` is a {key: tensor} dict in the model's own key spelling, or a callable that makes
     one from the built model. Keys and shapes are checked first so a mismatch is a clear error.
@@ -460,8 +508,10 @@ def _instantiate(build, weights, what: str, source: Path, described_by: str):
             + "; ".join(problems)
             + ". Pass a config_dir whose configs belong to this checkpoint's architecture."
         )
+    dtype = dtype or torch.float32
     tensors = {
-        k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device)).contiguous()
+        for k, v in state_dict.items()
     }
     model.load_state_dict(tensors, strict=True, assign=True)
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
@@ -477,14 +527,16 @@ def _instantiate(build, weights, what: str, source: Path, described_by: str):
 _VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-def _load_vae_override(vae_path: Path, base_vae_config: dict | None):
+def _load_vae_override(vae_path: Path, base_vae_config: dict | None, place: Placement):
+    import torch
+
     if not vae_path.exists():
         raise ModelLoadError(f"VAE not found: {vae_path}")
     if vae_path.is_dir():
         if (vae_path / "config.json").is_file():
-            return _load_vae_folder(vae_path)
+            return _load_vae_folder(vae_path, place)
         if (vae_path / "vae" / "config.json").is_file():
-            return _load_vae_folder(vae_path / "vae")
+            return _load_vae_folder(vae_path / "vae", place)
         raise ModelLoadError(f"{vae_path} is not a diffusers AutoencoderKL folder (no config.json or vae/config.json)")
     if vae_path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(_unknown_extension_message(vae_path, "VAE"))
@@ -495,13 +547,14 @@ def _load_vae_override(vae_path: Path, base_vae_config: dict | None):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    checkpoint = _vae_state_dict(read_checkpoint(vae_path), vae_path)
+    checkpoint = _vae_state_dict(read_checkpoint(vae_path, device=place.map_location), vae_path)
     if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in checkpoint):
         converted = checkpoint  # already diffusers-format (e.g. diffusion_pytorch_model.safetensors)
     else:
         converted = _convert(lambda: convert_ldm_vae_checkpoint(checkpoint, base_vae_config), "VAE", vae_path)
     return _instantiate(
-        lambda: AutoencoderKL.from_config(base_vae_config), converted, "VAE", vae_path, "the base model's VAE config"
+        lambda: AutoencoderKL.from_config(base_vae_config), converted, "VAE", vae_path, "the base model's VAE config",
+        place.device, torch.float32,
     )
 
 

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -80,6 +82,31 @@ def spread_init_ids(init_ids: list[int], num_vectors: int, log: Callable[[str], 
     log(f"warning: init word has {len(init_ids)} token(s) for {num_vectors} vector(s); "
         f"{'repeating' if len(init_ids) < num_vectors else 'truncating'} its tokens")
     return [init_ids[index % len(init_ids)] for index in range(num_vectors)]
+
+
+# ----------------------------------------------------------------------------- compilation
+
+# Blocks that repeat through a model, compiled one class at a time instead of the whole model as one graph
+# (less to trace and compile, a slower step): a diffusers model's own `_repeated_blocks` (the UNet's
+# BasicTransformerBlock) and CLIP's encoder layer.
+TEXT_ENCODER_REPEATED_BLOCKS = ("CLIPEncoderLayer",)
+
+
+def compile_repeated_blocks(models: list, **options) -> int:
+    """torch.compile every repeated block of `models` in place (`compile_scope: blocks`); returns the count."""
+    import torch._dynamo
+
+    # one compiled graph per distinct block shape (the UNet's transformer blocks come in 4 widths)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 16))
+    count = 0
+    for model in models:
+        names = set(getattr(model, "_repeated_blocks", None) or TEXT_ENCODER_REPEATED_BLOCKS)
+        for module in model.modules():
+            if type(module).__name__ in names:
+                module.compile(**options)
+                count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------- data
@@ -281,8 +308,8 @@ def caption_prompts(images: list[TrainingImage], subject: str, token_text: str,
         if not any(word.strip(",.;:!?()") == subject for word in caption.split()):
             missing.append(caption_path.name)
             caption = f"{subject}, {caption}" if caption else subject
-        prompts.append(" ".join(token_text if word.strip(",.;:!?()") == subject else word
-                                for word in caption.split()).replace(f"{subject},", f"{token_text},"))
+        prompts.append(" ".join(word.replace(subject, token_text, 1) if word.strip(",.;:!?()") == subject else word
+                                for word in caption.split()))  # punctuation around the word stays
     if missing:
         log(f"warning: the token {subject!r} is not in {len(missing)} caption(s) ({', '.join(missing[:5])}"
             f"{'…' if len(missing) > 5 else ''}); it was put in front, since a caption without it trains nothing")
@@ -328,7 +355,34 @@ def build_step_plan(first_step: int, last_step: int, samples_per_step: int, repe
                     prompt_rows=to_device(prompt_rows))
 
 
-# ----------------------------------------------------------------------------- the training run
+# ----------------------------------------------------------------------------- the loss of a batch
+
+def denoising_loss(predict_noise: Callable, latents, noise, timesteps, input_ids, alphas_cumprod, *,
+                   divisor: int, min_snr_gamma: float = 0.0, noise_offset: float = 0.0, offset_noise=None):
+    """The training loss of one batch: kohya's epsilon MSE, summed over the samples and divided by `divisor`.
+
+    `noise` is the per-sample Gaussian noise; with `noise_offset` the per-channel `offset_noise` [n, C, 1, 1]
+    is added to it (kohya's --noise_offset). The latents are noised to `timesteps` with the schedule's
+    `alphas_cumprod` (as DDPMScheduler.add_noise does) and `predict_noise(noisy_latents, timesteps,
+    input_ids)` is the text encoder + UNet. Each sample's mean squared error is weighted by
+    min(SNR, gamma) / SNR when `min_snr_gamma` is set. Called once per micro-batch with
+    divisor = batch size x gradient accumulation, the gradients add up to those of kohya's loop.
+    """
+    import torch
+
+    if noise_offset:
+        noise = noise + noise_offset * offset_noise
+    alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    noise_pred = predict_noise(noisy_latents, timesteps, input_ids)
+    per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / snr
+    return per_sample.sum() / divisor
+
+
+# ----------------------------------------------------------------------------- the training run, by phase
 
 @dataclass
 class TrainingResult:
@@ -336,27 +390,19 @@ class TrainingResult:
     stats: dict
 
 
-def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_model_config: str = "",
-                    vae: str = "", subject: str, params: dict, final_path: str | os.PathLike,
-                    checkpoint_dir: str | os.PathLike, loss_tsv: str | os.PathLike,
-                    state_dir: str | os.PathLike, log: Callable[[str], None] = print,
-                    components=None) -> TrainingResult:
-    """Train one subject's embedding. `components` (preloaded models) is for benchmarks; else loaded."""
+@dataclass
+class Precision:
+    device: object
+    compute_dtype: object  # the UNet's and text encoder's weights and activations
+    autocast: bool  # autocast on top (moves activations to fp32 and back around every norm)
+
+
+def choose_precision(params: dict, log: Callable[[str], None]) -> Precision:
+    """Phase 1: the device and the dtype the frozen models run in."""
     import torch
 
-    from tifactory.training.models import load_components, model_fingerprint
-
-    started = time.perf_counter()
-    stats: dict = {}
-    final_path, checkpoint_dir, state_dir = Path(final_path), Path(checkpoint_dir), Path(state_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    seed = params["seed"]
-    torch.manual_seed(seed)
-
-    # -- device, precision
     device = pick_device(params["device"])
     compute_dtype = pick_compute_dtype(device, params["mixed_precision"])
-    use_autocast = compute_dtype != torch.float32
     if device.type == "cpu":  # bit-exact reruns and resumes (some CPU kernels otherwise vary with load)
         torch.use_deterministic_algorithms(True, warn_only=True)
     log(f"device {device}, compute dtype {compute_dtype} (asked: {params['mixed_precision']}), "
@@ -364,23 +410,35 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     if device.type == "cuda":  # which physical GPU this job got (see tifactory.gpu_slots)
         log(f"CUDA device {torch.cuda.current_device()} of {torch.cuda.device_count()} visible: "
             f"{torch.cuda.get_device_name()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return Precision(device, compute_dtype, compute_dtype != torch.float32 and params["autocast"])
 
-    # -- model
+
+def load_frozen_models(base_model: str, base_model_config: str, vae: str, precision: Precision, components,
+                       stats: dict, log: Callable[[str], None]):
+    """Phase 2a: the base model's parts, frozen; weights read straight onto the device, the UNet in the
+    compute dtype. `components` (preloaded models) is for benchmarks."""
+    from tifactory.training.models import load_components
+
+    started = time.perf_counter()
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401 - timed apart from the weights
+    from transformers import CLIPTextModel  # noqa: F401
+    stats["import_s"] = time.perf_counter() - started
     if components is None:
-        components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None)
-        base_model_hash = model_fingerprint(base_model)
-    else:
-        base_model_hash = "in-memory"
-    tokenizer, text_encoder, vae_model, unet = (components.tokenizer, components.text_encoder,
-                                                components.vae, components.unet)
-    noise_scheduler = components.noise_scheduler
-    for module in (text_encoder, vae_model, unet):
+        components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None,
+                                     device=precision.device, unet_dtype=precision.compute_dtype)
+    for module in (components.text_encoder, components.vae, components.unet):
         module.requires_grad_(False)
         module.eval()
     stats["load_s"] = time.perf_counter() - started
-    log(f"loaded {base_model} in {stats['load_s']:.1f} s")
+    log(f"loaded {base_model} in {stats['load_s']:.1f} s (of which {stats['import_s']:.1f} s importing diffusers "
+        f"and transformers)")
+    return components
 
-    # -- placeholder tokens, initialised from the init word
+
+def add_placeholder_tokens(components, subject: str, params: dict, log: Callable[[str], None]):
+    """Phase 2b: the subject's new tokens, their vectors initialised from the init word.
+    Returns (token strings, the trainable fp32 vectors)."""
+    tokenizer, text_encoder = components.tokenizer, components.text_encoder
     try:
         token_strings, token_note = training_tokens(subject, params["num_vectors"], tokenizer.get_vocab())
     except ValueError as error:
@@ -401,26 +459,49 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     initial_vectors = base_embedding.weight[init_ids].detach().clone().float()
     embedding = make_placeholder_embedding(base_embedding, placeholder_ids[0], initial_vectors)
     text_encoder.set_input_embeddings(embedding)
-    del base_embedding
-    trainable_vectors = embedding.vectors
+    return token_strings, embedding.vectors
 
-    weight_dtype = compute_dtype
-    unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    embedding.vectors.data = embedding.vectors.data.float()  # the trained vectors stay fp32
-    vae_model.to(device, dtype=torch.float32)  # the VAE only encodes latents, in fp32 (no_half_vae)
+
+def place_models(components, precision: Precision, params: dict) -> None:
+    """Phase 2c: frozen weights in the compute dtype on the device; the trained vectors stay fp32."""
+    import torch
+
+    device, dtype = precision.device, precision.compute_dtype
+    components.unet.to(device, dtype=dtype)
+    vectors = components.text_encoder.get_input_embeddings().vectors
+    components.text_encoder.to(device, dtype=dtype)
+    vectors.data = vectors.data.float()
+    components.vae.to(device, dtype=torch.float32)  # the VAE only encodes latents, in fp32 (no_half_vae)
     if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
+        components.unet.to(memory_format=torch.channels_last)
     if params["attention"] == "xformers":
         try:
-            unet.enable_xformers_memory_efficient_attention()
+            components.unet.enable_xformers_memory_efficient_attention()
         except Exception as error:  # noqa: BLE001 - report the library's reason plainly
             raise TrainingError(f"attention: xformers asked for but unusable here ({error}); "
                                 "use attention: sdpa") from None
 
-    # -- data: images, latents per bucket (cached or encoded per step), tokenised prompts (on the device)
-    images, repeats = list_training_images(Path(dataset_toml), params)
-    dataset_hash = hashlib.sha256("".join(sha256_file(image.path) for image in images).encode()).hexdigest()
+
+@dataclass
+class TrainingData:
+    """Everything the loop reads, resident on the device."""
+    images: list[TrainingImage]
+    repeats: list[int]
+    prompts: list[str]
+    prompt_ids: object  # [prompts, 77] token ids
+    prompt_for_sample: Callable[[int, int], int]  # (image index, random pick) -> prompt row
+    num_variants: int  # 2 with flip_aug (the mirrored image is a second latent)
+    image_slots: list[tuple[int, int]]  # (bucket id, index inside the bucket) per image
+    bucket_latents: BucketLatents  # per bucket: [images x variants, 4, h, w] (or their pixels, uncached)
+
+
+def prepare_data(dataset_toml: Path, params: dict, subject: str, token_strings: list[str], components,
+                 device, stats: dict, log: Callable[[str], None]) -> TrainingData:
+    """Phase 3: images, their latents encoded once per bucket (or, with cache_latents false, their pixels),
+    and the tokenised prompts."""
+    import torch
+
+    images, repeats = list_training_images(dataset_toml, params)
     num_variants = 2 if params["flip_aug"] else 1
     prompt_token = " ".join(token_strings)
     if params["template"] == "caption":
@@ -429,14 +510,16 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     else:
         prompts = [template.format(prompt_token) for template in TEMPLATES[params["template"]]]
         prompt_for_sample = lambda image_index, random_pick: random_pick % len(prompts)  # noqa: E731
+    tokenizer = components.tokenizer
     prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt").input_ids.to(device)
 
-    cache_started = time.perf_counter()
+    started = time.perf_counter()
+    vae = components.vae
     buckets = sorted({image.bucket for image in images})
-    image_slots: list[tuple[int, int]] = []  # (bucket id, index inside the bucket) per image
+    image_slots: list[tuple[int, int]] = []
     latents_per_bucket: list[list] = [[] for _ in buckets]
-    latent_generator = torch.Generator(device="cpu").manual_seed(seed)
+    latent_generator = torch.Generator(device="cpu").manual_seed(params["seed"])
     with torch.no_grad():
         for image in images:
             bucket_id = buckets.index(image.bucket)
@@ -444,141 +527,278 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
             pixels = load_image_tensor(image.path, image.bucket)
             batch = torch.stack([pixels, pixels.flip(-1)][:num_variants]).to(device, dtype=torch.float32)
             if params["cache_latents"]:
-                batch = encode_latents(vae_model, batch, latent_generator)
+                batch = encode_latents(vae, batch, latent_generator)
             latents_per_bucket[bucket_id].extend(batch)
     if params["cache_latents"]:
         bucket_latents = BucketLatents([torch.stack(rows).float().contiguous() for rows in latents_per_bucket])
-        vae_model.to("cpu")
+        vae.to("cpu")
     else:  # pixels stay on the device with the VAE; every step encodes the rows it takes
-        bucket_latents = BucketLatents([torch.stack(rows).contiguous() for rows in latents_per_bucket], vae_model)
-    stats["cache_latents_s"] = time.perf_counter() - cache_started
+        bucket_latents = BucketLatents([torch.stack(rows).contiguous() for rows in latents_per_bucket], vae)
+    stats["cache_latents_s"] = time.perf_counter() - started
     log(f"{'cached latents' if params['cache_latents'] else 'loaded pixels (cache_latents: false)'} of "
         f"{len(images)} image(s) x {num_variants} variant(s) in {len(buckets)} bucket(s) "
         f"{buckets} in {stats['cache_latents_s']:.1f} s")
+    return TrainingData(images, repeats, prompts, prompt_ids, prompt_for_sample, num_variants, image_slots,
+                        bucket_latents)
 
-    # -- optimizer and schedule
-    optimizer = make_optimizer(params, [trainable_vectors])
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(params))
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
-    samples_per_step = params["train_batch_size"] * params["gradient_accumulation_steps"]
-    max_steps, save_every = params["max_train_steps"], params["save_every_n_steps"]
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device, dtype=torch.float32)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    min_snr_gamma = params["min_snr_gamma"]
 
-    # -- resume
-    fingerprint = run_fingerprint(params, dataset_hash, base_model_hash)
-    state = load_state(state_dir, fingerprint, log)
-    loss_rows: list[tuple[int, float, float, float]] = []
-    saved_vectors: dict[int, object] = {}
-    date = reproducible_date()
-    start_step = 0
-    if state is not None:
-        trainable_vectors.data.copy_(state["vectors"].to(device))
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        grad_scaler.load_state_dict(state["grad_scaler"])
-        loss_rows = [tuple(row) for row in state["loss_rows"]]
-        saved_vectors = dict(state["saved_vectors"])
-        date, start_step = state["date"], state["step"]
-        log(f"resuming from step {start_step} (state in {state_dir})")
+def dataset_fingerprint(images: list[TrainingImage]) -> str:
+    return hashlib.sha256("".join(sha256_file(image.path) for image in images).encode()).hexdigest()
 
-    def metadata_for(step: int) -> dict[str, str]:
-        return build_metadata(subject=subject, step=step, resolution=params["resolution"], date=date,
-                              recipe=params, base_model=base_model, base_model_hash=base_model_hash,
-                              dataset_hash=dataset_hash, tokens=token_strings)
 
-    for step, vectors in sorted(saved_vectors.items()):  # Snakemake cleared the checkpoint folder
-        save_embedding(checkpoint_dir / checkpoint_name(subject, step), vectors, metadata_for(step),
-                       params["save_precision"])
+def make_model_call(components, precision: Precision, params: dict) -> tuple[Callable, str]:
+    """Phase 4a: text encoder + UNet as one call, compiled on CUDA (inductor caches compiled graphs on disk).
+    Returns (call, a description of the compile setting)."""
+    import torch
 
-    plan = build_step_plan(start_step, max_steps, samples_per_step, repeats, seed, num_variants, images,
-                           image_slots, prompt_for_sample, device)
+    device, dtype = precision.device, precision.compute_dtype
+    text_encoder, unet = components.text_encoder, components.unet
 
-    # -- the model call: text encoder + UNet, optionally compiled (inductor caches compiled graphs on disk)
     def predict_noise(noisy_latents, timesteps, input_ids):
-        with torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast):
+        with torch.autocast(device.type, dtype=dtype, enabled=precision.autocast):
             encoder_hidden_states = text_encoder(input_ids)[0]
-            return unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states).sample
+            return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states).sample
 
     compile_mode = params["compile"]  # auto | false | true | a torch.compile mode name
     if compile_mode == "auto":
-        # on CUDA compiling pays off from the first subject of a roster on (inductor caches graphs on disk:
-        # later jobs start in seconds); on CPU it costs more than it saves. A compile failure falls back to
-        # eager with a warning instead of failing the job.
+        # on CUDA compiling pays off from the first subject of a roster on (later jobs load the cached
+        # graphs); on CPU it costs more than it saves. A compile failure falls back to eager.
         compile_mode = device.type == "cuda"
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True
     uses_cuda_graphs = device.type == "cuda" and compile_mode in ("reduce-overhead", "max-autotune")
     if compile_mode:
-        predict_noise = torch.compile(predict_noise, dynamic=False,
-                                      mode=None if compile_mode is True else compile_mode)
+        options = dict(dynamic=False, mode=None if compile_mode is True else compile_mode)
+        if params["compile_scope"] == "blocks":
+            compile_mode = f"{compile_mode}: {compile_repeated_blocks([unet, text_encoder], **options)} blocks"
+        else:
+            predict_noise = torch.compile(predict_noise, **options)
 
-    micro_batch = params["micro_batch_size"]
-    log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
-        f"{len(images)} image(s), repeats {repeats[0]}, {len(prompts)} prompt(s), tokens {token_strings}, "
-        f"init {params['init_word']!r}, compile {compile_mode} (asked: {params['compile']})")
+    def model_call(noisy_latents, timesteps, input_ids):
+        if device.type == "cuda":
+            noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
+        if uses_cuda_graphs:  # a new replay: the previous one's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        return predict_noise(noisy_latents, timesteps, input_ids)
 
-    def accumulate_step_gradient(step: int, micro_batch: int):
-        """Forward + backward of every sample of one optimizer step; returns the step's mean loss."""
-        step_generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-        # noise and timesteps are drawn per bucket group before chunking: any micro-batch size sees the
-        # same samples, so sequential (1) and fused (15) micro-batches compute the same gradient
-        timesteps = torch.randint(0, num_train_timesteps, (samples_per_step,), generator=step_generator,
-                                  device=device)
-        step_loss = torch.zeros((), device=device)
-        for bucket_id, start, end in plan.groups[step - start_step]:
-            group_latents = bucket_latents.take(bucket_id, plan.latent_rows[start:end], step_generator, micro_batch)
-            group_noise = torch.randn(group_latents.shape, generator=step_generator, device=device)
-            if params["noise_offset"]:
-                group_noise = group_noise + params["noise_offset"] * torch.randn(
-                    (end - start, group_latents.shape[1], 1, 1), generator=step_generator, device=device)
-            group_timesteps = timesteps.index_select(0, plan.positions[start:end])
-            group_ids = prompt_ids.index_select(0, plan.prompt_rows[start:end])
-            for chunk_start in range(0, end - start, micro_batch):
-                chunk = slice(chunk_start, chunk_start + micro_batch)
-                latents, noise, chunk_timesteps = group_latents[chunk], group_noise[chunk], group_timesteps[chunk]
-                alpha_bar = alphas_cumprod[chunk_timesteps].view(-1, 1, 1, 1)
-                noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-                if device.type == "cuda":
-                    noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
-                if uses_cuda_graphs:  # a new replay: the previous one's outputs are no longer read
-                    torch.compiler.cudagraph_mark_step_begin()
-                noise_pred = predict_noise(noisy_latents, chunk_timesteps, group_ids[chunk])
-                per_sample = ((noise_pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-                if min_snr_gamma:
-                    chunk_snr = snr[chunk_timesteps]
-                    per_sample = per_sample * torch.clamp(chunk_snr, max=min_snr_gamma) / chunk_snr
-                loss = per_sample.sum() / samples_per_step  # mean over the whole accumulated batch
-                grad_scaler.scale(loss).backward()
-                step_loss += loss.detach()
-        return step_loss
+    described = (f"compile {compile_mode} (asked: {params['compile']}, scope {params['compile_scope']}, cache "
+                 f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'torch default'}), autocast {precision.autocast}")
+    return model_call, described
 
-    pending_losses: list = []  # device tensors, read back in one sync every few steps
-    flush_times: list[tuple[int, float]] = []
-    loop_started = time.perf_counter() - (loss_rows[-1][3] if loss_rows else 0.0)
 
-    def flush_losses(up_to_step: int) -> None:
-        if not pending_losses:
+@dataclass
+class RunState:
+    """What a resumed run continues from (also what `save_state` writes)."""
+    step: int
+    date: str
+    loss_rows: list  # (step, loss, lr, seconds since the loop began)
+    saved_vectors: dict  # step -> the checkpoint's vectors (CPU, fp32)
+
+
+def make_optimization(params: dict, vectors, precision: Precision):
+    """Phase 4b: AdamW (or 8-bit), the lr schedule, and loss scaling for fp16."""
+    import torch
+
+    optimizer = make_optimizer(params, [vectors])
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(params))
+    grad_scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.compute_dtype == torch.float16)
+    return optimizer, lr_scheduler, grad_scaler
+
+
+def resume_or_start(state_dir: Path, fingerprint: str, vectors, optimization, log: Callable[[str], None]) -> RunState:
+    """Phase 4c: continue from the saved state when it belongs to this very run, else start at step 0."""
+    state = load_state(state_dir, fingerprint, log)
+    if state is None:
+        return RunState(step=0, date=reproducible_date(), loss_rows=[], saved_vectors={})
+    optimizer, lr_scheduler, grad_scaler = optimization
+    vectors.data.copy_(state["vectors"].to(vectors.device))
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    grad_scaler.load_state_dict(state["grad_scaler"])
+    log(f"resuming from step {state['step']} (state in {state_dir})")
+    return RunState(step=state["step"], date=state["date"], loss_rows=[tuple(row) for row in state["loss_rows"]],
+                    saved_vectors=dict(state["saved_vectors"]))
+
+
+def accumulate_step_gradient(step: int, plan_groups, plan: StepPlan, data: TrainingData, model_call: Callable,
+                             alphas_cumprod, grad_scaler, params: dict, device, micro_batch: int):
+    """Forward + backward of every sample of one optimizer step; returns the step's mean loss (on device)."""
+    import torch
+
+    samples_per_step = params["train_batch_size"] * params["gradient_accumulation_steps"]
+    step_generator = torch.Generator(device=device).manual_seed(params["seed"] * 1_000_003 + step)
+    # noise and timesteps are drawn per bucket group before chunking: any micro-batch size sees the same
+    # samples, so sequential (1) and fused (15) micro-batches compute the same gradient
+    timesteps = torch.randint(0, len(alphas_cumprod), (samples_per_step,), generator=step_generator, device=device)
+    step_loss = torch.zeros((), device=device)
+    for bucket_id, start, end in plan_groups:
+        latents = data.bucket_latents.take(bucket_id, plan.latent_rows[start:end], step_generator, micro_batch)
+        noise = torch.randn(latents.shape, generator=step_generator, device=device)
+        offset = torch.randn((end - start, latents.shape[1], 1, 1), generator=step_generator,
+                             device=device) if params["noise_offset"] else None
+        group_timesteps = timesteps.index_select(0, plan.positions[start:end])
+        group_ids = data.prompt_ids.index_select(0, plan.prompt_rows[start:end])
+        for chunk_start in range(0, end - start, micro_batch):
+            chunk = slice(chunk_start, chunk_start + micro_batch)
+            loss = denoising_loss(  # summed over the chunk / samples_per_step: the accumulated batch's mean
+                model_call, latents[chunk], noise[chunk], group_timesteps[chunk], group_ids[chunk], alphas_cumprod,
+                divisor=samples_per_step, min_snr_gamma=params["min_snr_gamma"], noise_offset=params["noise_offset"],
+                offset_noise=None if offset is None else offset[chunk])
+            grad_scaler.scale(loss).backward()
+            step_loss += loss.detach()
+    return step_loss
+
+
+class LossLog:
+    """The loss per step, read back from the device in one sync every few steps; `loss.tsv` rewritten as it
+    grows (atomically), and a progress line every `progress_every_s` seconds (steps, samples/s, loss, ETA)
+    plus a tqdm bar when stderr is a terminal."""
+
+    def __init__(self, run: RunState, *, max_steps: int, samples_per_step: int, loss_tsv: Path, lr_scheduler,
+                 progress_every_s: float | None, log: Callable[[str], None]):
+        self.rows, self.max_steps, self.samples_per_step = run.loss_rows, max_steps, samples_per_step
+        self.loss_tsv, self.lr_scheduler, self.log = loss_tsv, lr_scheduler, log
+        self.progress_every_s = progress_every_s
+        self.pending: list = []
+        self.flush_times: list[tuple[int, float]] = []
+        self.resumed_at_s = self.rows[-1][3] if self.rows else 0.0  # seconds the run had before this process
+        self.started = time.perf_counter() - self.resumed_at_s
+        self.first_step = run.step
+        self.last_progress = time.perf_counter()
+        self.bar = None
+        if progress_every_s and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=run.step, unit="step", file=sys.stderr)
+
+    def add(self, step_loss) -> None:
+        self.pending.append(step_loss)
+
+    def flush(self, up_to_step: int) -> None:
+        """Read the pending losses (the loop's only host sync); stop on a non-finite loss."""
+        if not self.pending:
             return
-        values = torch.stack(pending_losses).float().tolist()  # the loop's only host sync
-        first_step = up_to_step - len(values) + 1
-        seconds = time.perf_counter() - loop_started
-        flush_times.append((up_to_step, time.perf_counter()))
+        import torch
+
+        values = torch.stack(self.pending).float().tolist()
+        seconds = time.perf_counter() - self.started
+        self.flush_times.append((up_to_step, time.perf_counter()))
         for offset, value in enumerate(values):
-            step_number = first_step + offset
+            step_number = up_to_step - len(values) + 1 + offset
             if not math.isfinite(value):
                 raise TrainingError(f"loss became {value} at step {step_number}; stopping "
                                     "(no final embedding written). Lower the learning rate or check the data.")
-            loss_rows.append((step_number, value, lr_scheduler.get_last_lr()[0], round(seconds, 3)))
-        pending_losses.clear()
+            self.rows.append((step_number, value, self.lr_scheduler.get_last_lr()[0], round(seconds, 3)))
+        self.pending.clear()
+        if self.bar is not None:
+            self.bar.update(up_to_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{self.rows[-1][1]:.4f}")
+        if self.progress_every_s and time.perf_counter() - self.last_progress >= self.progress_every_s:
+            self.progress(up_to_step)
 
-    for step in range(start_step, max_steps):
+    def progress(self, done: int) -> None:
+        """One line a person can watch, and loss.tsv as it stands (for the loss plot)."""
+        self.last_progress = time.perf_counter()
+        elapsed = time.perf_counter() - self.started
+        steps_here = done - self.first_step
+        rate = steps_here / max(elapsed - self.resumed_at_s, 1e-9)  # steps per second in this process
+        recent = [row[1] for row in self.rows[-10:]]
+        eta = (self.max_steps - done) / rate if rate > 0 else float("inf")
+        self.log(f"step {done}/{self.max_steps}: {rate * self.samples_per_step:.1f} samples/s, loss "
+                 f"{sum(recent) / len(recent):.4f} (mean of last {len(recent)}), lr {self.rows[-1][2]:.2e}, "
+                 f"{elapsed:.0f} s, ETA {eta:.0f} s")
+        self.write()
+
+    def write(self) -> None:
+        write_text_atomic(self.loss_tsv, "step\tloss\tlr\tseconds\n" + "".join(
+            f"{step}\t{loss:.6g}\t{lr:.6g}\t{seconds:.3f}\n" for step, loss, lr, seconds in self.rows))
+
+    def close(self) -> None:
+        self.write()
+        if self.bar is not None:
+            self.bar.close()
+
+    def steady_ms_per_step(self) -> float | None:
+        """Milliseconds per step after the first flush (which includes compilation)."""
+        if len(self.flush_times) >= 2:
+            (first_step, first_time), (last_step, last_time) = self.flush_times[1], self.flush_times[-1]
+            if last_step > first_step:
+                return 1000 * (last_time - first_time) / (last_step - first_step)
+        return None
+
+
+def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_model_config: str = "",
+                    vae: str = "", subject: str, params: dict, final_path: str | os.PathLike,
+                    checkpoint_dir: str | os.PathLike, loss_tsv: str | os.PathLike,
+                    state_dir: str | os.PathLike, log: Callable[[str], None] = print,
+                    progress_every_s: float | None = None, components=None) -> TrainingResult:
+    """Train one subject's embedding, phase by phase. `progress_every_s`: a progress line (and loss.tsv
+    rewritten) this often; None = only at checkpoints. `components` (preloaded models) is for benchmarks."""
+    import torch
+
+    from tifactory.training.models import model_fingerprint
+
+    started = time.perf_counter()
+    stats: dict = {}
+    final_path, checkpoint_dir, state_dir = Path(final_path), Path(checkpoint_dir), Path(state_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(params["seed"])
+
+    # -- 1. device and precision
+    precision = choose_precision(params, log)
+    device = precision.device
+
+    # -- 2. model and tokens (the model's hash, needed only for resume and metadata, on a thread meanwhile)
+    hasher = ThreadPoolExecutor(max_workers=1)
+    base_model_hash = hasher.submit(model_fingerprint, base_model) if components is None else None
+    components = load_frozen_models(base_model, base_model_config, vae, precision, components, stats, log)
+    token_strings, vectors = add_placeholder_tokens(components, subject, params, log)
+    place_models(components, precision, params)
+
+    # -- 3. data and latent cache
+    data = prepare_data(Path(dataset_toml), params, subject, token_strings, components, device, stats, log)
+    dataset_hash = hasher.submit(dataset_fingerprint, data.images)
+
+    # -- 4. model call, optimizer, resume
+    model_call, compile_note = make_model_call(components, precision, params)
+    optimization = make_optimization(params, vectors, precision)
+    optimizer, lr_scheduler, grad_scaler = optimization
+    dataset_hash = dataset_hash.result()
+    base_model_hash = base_model_hash.result() if base_model_hash is not None else "in-memory"
+    hasher.shutdown()
+    fingerprint = run_fingerprint(params, dataset_hash, base_model_hash)
+    run = resume_or_start(state_dir, fingerprint, vectors, optimization, log)
+
+    def metadata_for(step: int) -> dict[str, str]:
+        return build_metadata(subject=subject, step=step, resolution=params["resolution"], date=run.date,
+                              recipe=params, base_model=base_model, base_model_hash=base_model_hash,
+                              dataset_hash=dataset_hash, tokens=token_strings)
+
+    def save_checkpoint(step: int, step_vectors) -> None:
+        save_embedding(checkpoint_dir / checkpoint_name(subject, step), step_vectors, metadata_for(step),
+                       params["save_precision"])
+
+    for step, step_vectors in sorted(run.saved_vectors.items()):  # Snakemake cleared the checkpoint folder
+        save_checkpoint(step, step_vectors)
+
+    # -- 5. the loop
+    samples_per_step = params["train_batch_size"] * params["gradient_accumulation_steps"]
+    max_steps, save_every, micro_batch = params["max_train_steps"], params["save_every_n_steps"], params["micro_batch_size"]
+    plan = build_step_plan(run.step, max_steps, samples_per_step, data.repeats, params["seed"], data.num_variants,
+                           data.images, data.image_slots, data.prompt_for_sample, device)
+    alphas_cumprod = components.noise_scheduler.alphas_cumprod.to(device, dtype=torch.float32)
+    losses = LossLog(run, max_steps=max_steps, samples_per_step=samples_per_step, loss_tsv=Path(loss_tsv),
+                     lr_scheduler=lr_scheduler, progress_every_s=progress_every_s, log=log)
+    log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
+        f"{len(data.images)} image(s), repeats {data.repeats[0]}, {len(data.prompts)} prompt(s), tokens "
+        f"{token_strings}, init {params['init_word']!r}, {compile_note}")
+    loop_started = time.perf_counter()
+    for step in range(run.step, max_steps):
         while True:
             try:
-                step_loss = accumulate_step_gradient(step, micro_batch)
+                step_loss = accumulate_step_gradient(step, plan.groups[step - run.step], plan, data, model_call,
+                                                     alphas_cumprod, grad_scaler, params, device, micro_batch)
                 break
             except torch.OutOfMemoryError:
                 if micro_batch == 1:
@@ -590,48 +810,40 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
                     f"micro-batches of {micro_batch} (same gradient, less memory)")
         if params["max_grad_norm"]:
             grad_scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([trainable_vectors], params["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_([vectors], params["max_grad_norm"])
         grad_scaler.step(optimizer)
         grad_scaler.update()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        pending_losses.append(step_loss)
+        losses.add(step_loss)
 
         done = step + 1
-        if done == start_step + 1:  # first step: includes compilation and kernel autotuning
-            flush_losses(done)
+        if done == run.step + 1:  # first step: includes compilation and kernel autotuning
+            losses.flush(done)
             stats["first_step_s"] = time.perf_counter() - loop_started
         if done % 10 == 0 or done % save_every == 0 or done == max_steps:
-            flush_losses(done)
-            if not torch.isfinite(trainable_vectors).all():
+            losses.flush(done)
+            if not torch.isfinite(vectors).all():
                 raise TrainingError(f"embedding vectors became non-finite by step {done}; stopping")
         if done % save_every == 0 or done == max_steps:
             if done % save_every == 0:
-                saved_vectors[done] = trainable_vectors.detach().float().cpu().clone()
-                save_embedding(checkpoint_dir / checkpoint_name(subject, done), saved_vectors[done],
-                               metadata_for(done), params["save_precision"])
+                run.saved_vectors[done] = vectors.detach().float().cpu().clone()
+                save_checkpoint(done, run.saved_vectors[done])
             save_state(state_dir, {
-                "fingerprint": fingerprint, "step": done, "date": date,
-                "vectors": trainable_vectors.detach().float().cpu().clone(),
-                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "grad_scaler": grad_scaler.state_dict(), "loss_rows": loss_rows,
-                "saved_vectors": saved_vectors})
-            last = loss_rows[-1]
-            log(f"step {done}/{max_steps}: loss {last[1]:.4f}, lr {last[2]:.2e}, {last[3]:.1f} s")
+                "fingerprint": fingerprint, "step": done, "date": run.date,
+                "vectors": vectors.detach().float().cpu().clone(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": grad_scaler.state_dict(),
+                "loss_rows": run.loss_rows, "saved_vectors": run.saved_vectors})
+            losses.progress(done)
 
-    # -- outputs: loss table, final embedding; then the resume state is no longer needed
-    table = "step\tloss\tlr\tseconds\n" + "".join(
-        f"{step}\t{loss:.6g}\t{lr:.6g}\t{seconds:.3f}\n" for step, loss, lr, seconds in loss_rows)
-    write_text_atomic(loss_tsv, table)
-    save_embedding(final_path, trainable_vectors.detach().float().cpu(), metadata_for(max_steps),
-                   params["save_precision"])
+    # -- 6. outputs: loss table, final embedding; then the resume state is no longer needed
+    losses.close()
+    save_embedding(final_path, vectors.detach().float().cpu(), metadata_for(max_steps), params["save_precision"])
     (state_dir / "state.pt").unlink(missing_ok=True)
-    if len(flush_times) >= 2:
-        (first_step, first_time), (last_step, last_time) = flush_times[1], flush_times[-1]
-        if last_step > first_step:
-            stats["steady_ms_per_step"] = 1000 * (last_time - first_time) / (last_step - first_step)
+    if (steady := losses.steady_ms_per_step()) is not None:
+        stats["steady_ms_per_step"] = steady
     stats.update(total_s=time.perf_counter() - started, micro_batch_size=micro_batch,
-                 samples_per_step=samples_per_step, steps=max_steps - start_step)
+                 samples_per_step=samples_per_step, steps=max_steps - run.step)
     if device.type == "cuda":
         stats["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     log(f"wrote {final_path} after {stats['total_s']:.1f} s; stats {json.dumps(stats)}")

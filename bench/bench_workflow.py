@@ -1,0 +1,258 @@
+"""Workflow-level benchmark: the real Snakemake `train` and `samples` rules on a random full-size SD1.5.
+
+Two halves, because the CPU stages (collect, crop, dataset) need photos and detectors the GPU machine lacks:
+
+    # 1. here (CPU): a roster of N subjects from the demo photos, built up to results/<s>/dataset
+    python bench/bench_workflow.py prepare --subjects 3
+    # 2. on the GPU machine (snakemake, diffusers wheels installed; results/ and resources/demo_photos/ carried):
+    python bench/bench_workflow.py run --subjects 3 --out OUTDIR --budget-s 560
+
+`run` writes SD1.5's architecture with random weights as a diffusers folder (fp32 safetensors, ~4 GB, like a
+downloaded SD1.5), marks the CPU stages up to date (`snakemake --touch`), then runs, one subject after the
+other, `snakemake results/<s>/samples/grid.png --allowed-rules train samples` with the recipe's defaults
+(1000 steps x 15 samples, the default grid) and an empty torch.compile cache for the first subject (the
+later ones find it warm, as a roster's later subjects do). It stops starting subjects once `--budget-s`
+would be exceeded. The phase table is read from the jobs' own logs and Snakemake benchmark files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+ROSTER = REPO / "results" / "bench_workflow" / "roster.tsv"
+PHOTOS = ("astronaut", "t1person")  # demo photo sets, used in turn
+LOG_LINE = re.compile(r"^\[\s*([0-9.]+)s\] (.*)$")
+
+
+def subjects(count: int) -> list[str]:
+    return [f"wf{index + 1}{PHOTOS[index % len(PHOTOS)][:5]}" for index in range(count)]
+
+
+def snakemake(*args: str, log: Path | None = None) -> float:
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(REPO), *args]
+    started = time.perf_counter()
+    with open(log, "a", encoding="utf-8") if log else open(os.devnull, "w") as handle:
+        completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+    if completed.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:] if log else ""
+        raise SystemExit(f"snakemake {' '.join(args)} failed (exit {completed.returncode}); {log} ends:\n{tail}")
+    return time.perf_counter() - started
+
+
+def prepare(args) -> None:
+    names = subjects(args.subjects)
+    ROSTER.parent.mkdir(parents=True, exist_ok=True)
+    classes = {"astronaut": "woman", "t1person": "person"}
+    rows = ["subject\tclass_word\tsources"] + [
+        f"{name}\t{classes[PHOTOS[index % len(PHOTOS)]]}\tresources/demo_photos/{PHOTOS[index % len(PHOTOS)]}"
+        for index, name in enumerate(names)]
+    ROSTER.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    seconds = snakemake("--cores", str(args.cores), "--config", f"roster={ROSTER.relative_to(REPO)}", "--",
+                        *[f"results/{name}/dataset" for name in names], log=ROSTER.parent / "prepare.log")
+    print(f"datasets of {names} built in {seconds:.1f} s")
+
+
+def write_random_sd15(folder: Path) -> dict:
+    """SD1.5's architecture with random weights, saved as a diffusers folder in fp32."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from bench_samples import SD15_TEXT, SD15_UNET, SD15_VAE
+    from tifactory.demo.tinymodel import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
+
+    started = time.perf_counter()
+    shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder / "tokenizer")))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id,
+                                                    pad_token_id=tokenizer.pad_token_id))
+    built = time.perf_counter()
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    scheduler = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"})
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    del unet, vae, text_encoder
+    return {"build_s": built - started, "write_s": time.perf_counter() - built, "bytes": size}
+
+
+def read_log(path: Path) -> list[tuple[float, str]]:
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = LOG_LINE.match(line)
+        if match:
+            lines.append((float(match.group(1)), match.group(2)))
+    return lines
+
+
+def first(lines, prefix: str, default=None):
+    return next((t for t, message in lines if message.startswith(prefix)), default)
+
+
+def last(lines, prefix: str, default=None):
+    return next((t for t, message in reversed(lines) if message.startswith(prefix)), default)
+
+
+def benchmark_seconds(path: Path) -> float:
+    with open(path, encoding="utf-8") as handle:
+        return float(next(csv.DictReader(handle, delimiter="\t"))["s"])
+
+
+def phases(subject: str) -> dict:
+    """Seconds per phase of one subject, from its train/samples job logs and Snakemake benchmark files."""
+    train = read_log(REPO / "logs" / "train" / f"{subject}.log")
+    stats = next(json.loads(message.split("stats ", 1)[1]) for _, message in train if " stats {" in message)
+    train_wall = benchmark_seconds(REPO / "benchmarks" / "train" / f"{subject}.tsv")
+    train_outside_log = train_wall - last(train, "done")  # interpreter start, imports, exit
+    loaded = first(train, "loaded ")
+    started_loop = first(train, "training ")
+    last_step = last(train, "step ")
+    samples = read_log(REPO / "logs" / "samples" / f"{subject}.log")
+    samples_wall = benchmark_seconds(REPO / "benchmarks" / "samples" / f"{subject}.tsv")
+    samples_outside_log = samples_wall - last(samples, "done")
+    grid_message = next(message for _, message in samples if message.startswith("wrote ") and "grid" in message)
+    timings = dict(re.findall(r"(encode|sample|write) ([0-9.]+)s", grid_message))
+    row = {
+        "train: job start + model load": train_outside_log + loaded,
+        "train: model load (in the job)": stats["load_s"],
+        "train:   of which importing diffusers": stats.get("import_s"),
+        "train: latents + token set-up": started_loop - loaded,
+        "train: first step incl. torch.compile": stats["first_step_s"],
+        "train: other steps": last_step - started_loop - stats["first_step_s"],
+        "train: steady ms/step": stats.get("steady_ms_per_step"),
+        "train: save + provenance + exit": last(train, "done") - last_step,
+        "train job (Snakemake benchmark)": train_wall,
+        "samples: job start + model load": samples_outside_log + first(samples, "loaded "),
+        "samples:   of which importing diffusers": next((float(match.group(1)) for _, message in samples
+                                                       if (match := re.search(r"of which ([0-9.]+)s importing",
+                                                                              message))), None),
+        "samples: grid (encode+sample+write)": last(samples, "wrote ") - first(samples, "loaded "),
+        "samples: sampling alone": float(timings.get("sample", "nan")),
+        "samples: provenance + exit": last(samples, "done") - last(samples, "wrote "),
+        "samples job (Snakemake benchmark)": samples_wall,
+        "peak GPU GiB (train)": stats.get("peak_memory_gib"),
+    }
+    row["per subject, train + samples jobs"] = train_wall + samples_wall
+    return row
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    names = subjects(args.subjects)
+    model = Path(args.model_dir)
+    if args.tiny:  # CPU smoke test of the bench itself: the tiny model, a few steps
+        from tifactory.demo.tinymodel import build_tiny_model
+
+        shutil.rmtree(model, ignore_errors=True)
+        build_tiny_model(model)
+        made = {"build_s": 0.0, "write_s": 0.0, "bytes": sum(p.stat().st_size for p in model.rglob("*") if p.is_file())}
+    else:
+        made = write_random_sd15(model)
+    print(f"random SD1.5 written to {model}: {made['bytes'] / 1e9:.2f} GB, built in {made['build_s']:.1f} s, "
+          f"written in {made['write_s']:.1f} s", flush=True)
+    cache = Path(args.compile_cache)
+    shutil.rmtree(cache, ignore_errors=True)  # the first subject compiles from scratch
+    config = ["--config", f"roster={ROSTER.relative_to(REPO)}", f"base_model={model}", f"compile_cache={cache}"]
+    if args.tiny:
+        overrides = out / "tiny-overrides.yaml"
+        overrides.write_text("train: {max_train_steps: 4, save_every_n_steps: 2, compile: false}\n"
+                             "samples: {steps: 2, width: 64, height: 64}\n")
+        config = ["--configfile", str(REPO / "config.yaml"), str(overrides)] + config
+    log = out / "snakemake.log"
+    snakemake("--cores", "4", "--touch", "--allowed-rules", "demo_photos", "collect", "crop", "dataset", *config,
+              "--", *[f"results/{name}/dataset" for name in names], log=log)
+    for name in names:
+        for folder in ("checkpoints", "train", "train_state", "samples"):
+            shutil.rmtree(REPO / "results" / name / folder, ignore_errors=True)
+        (REPO / "results" / name / f"{name}-ti.safetensors").unlink(missing_ok=True)
+    table, walls = {}, {}
+    try:
+        for index, name in enumerate(names):
+            elapsed = time.perf_counter() - started
+            if index and elapsed + args.warm_estimate_s > args.budget_s:
+                print(f"stopping before {name}: {elapsed:.0f} s used of the {args.budget_s:.0f} s budget", flush=True)
+                break
+            walls[name] = snakemake("--cores", "16", "--resources", "gpu=1", "--allowed-rules", "train", "samples",
+                                    *config, "--", f"results/{name}/samples/grid.png", log=log)
+            table[name] = dict(phases(name), **{"snakemake wall (DAG + both jobs)": walls[name]})
+            print(f"{name}: snakemake {walls[name]:.1f} s; " + json.dumps(table[name]), flush=True)
+            (out / "workflow.json").write_text(json.dumps({"model": made, "subjects": table}, indent=1) + "\n")
+    finally:
+        save_logs(out, names)
+    print_table(table, started)
+
+
+def save_logs(out: Path, names: list[str]) -> None:
+    """The jobs' logs, benchmark files, loss tables and the first grid's preview, in one archive."""
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        for name in names:
+            for folder in ("logs/train", "logs/samples", "benchmarks/train", "benchmarks/samples"):
+                for path in sorted((REPO / folder).glob(f"{name}*")):
+                    tar.add(path, arcname=str(path.relative_to(REPO)))
+            loss = REPO / "results" / name / "train" / "loss.tsv"
+            if loss.is_file():
+                tar.add(loss, arcname=f"results/{name}/loss.tsv")
+        preview = REPO / "results" / names[0] / "samples" / "grid_preview.jpg"
+        if preview.is_file():
+            tar.add(preview, arcname="grid_preview.jpg")
+
+
+def print_table(table: dict, started: float) -> None:
+    if not table:
+        return
+    columns = list(table)
+    print(f"\n{'phase (s)':<40}" + "".join(f"{name:>14}" for name in columns))
+    for key in next(iter(table.values())):
+        cells = "".join(f"{table[name][key]:>14.1f}" if isinstance(table[name][key], (int, float)) else f"{'-':>14}"
+                        for name in columns)
+        print(f"{key:<40}{cells}")
+    print(f"(first column: empty torch.compile cache; the others: warm. Total {time.perf_counter() - started:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--subjects", type=int, default=3)
+    p.add_argument("--cores", type=int, default=2)
+    r = sub.add_parser("run")
+    r.add_argument("--subjects", type=int, default=3)
+    r.add_argument("--out", required=True)
+    r.add_argument("--model-dir", default="/tmp/tifactory-bench/sd15-random")
+    r.add_argument("--compile-cache", default="/tmp/tifactory-bench/torch_compile")
+    r.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 4 steps, 64 px grid")
+    r.add_argument("--budget-s", type=float, default=560, help="start no subject that would end past this")
+    r.add_argument("--warm-estimate-s", type=float, default=175, help="a warm subject's expected seconds "
+                                                                         "(171 s measured on an H200)")
+    args = parser.parse_args()
+    prepare(args) if args.command == "prepare" else run(args)
+
+
+if __name__ == "__main__":
+    main()
