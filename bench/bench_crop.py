@@ -34,11 +34,11 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     import numpy as np
     from PIL import Image, ImageFilter
 
-    from tifactory.demo.photos import _package_file
+    from tifactory.demo.photos import package_file
 
-    with Image.open(_package_file("skimage", "data/astronaut.png")) as opened:
+    with Image.open(package_file("skimage", "data/astronaut.png")) as opened:
         face = opened.convert("RGB")
-    with Image.open(_package_file("skimage", "data/coffee.png")) as opened:
+    with Image.open(package_file("skimage", "data/coffee.png")) as opened:
         texture = opened.convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 6, (3000, 4000, 3))

@@ -26,11 +26,11 @@ def make_inputs(root: Path, steps: int, images: int, crops: int) -> None:
     import numpy as np
     from PIL import Image, ImageEnhance
 
-    from tifactory.demo.photos import _package_file
+    from tifactory.demo.photos import package_file
 
-    with Image.open(_package_file("skimage", "data/astronaut.png")) as opened:
+    with Image.open(package_file("skimage", "data/astronaut.png")) as opened:
         astronaut = opened.convert("RGB")
-    with Image.open(_package_file("insightface", "data/images/t1.jpg")) as opened:
+    with Image.open(package_file("insightface", "data/images/t1.jpg")) as opened:
         t1 = opened.convert("RGB")
     people = [t1.crop(box).resize((512, 512), Image.Resampling.BICUBIC)
               for box in [(10, 180, 260, 430), (380, 180, 640, 440), (200, 60, 420, 280), (680, 270, 920, 510)]]

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     import torch
 
     from tifactory.sampling.prompts import parse_prompt_line
-    from tifactory.sampling.samples import Sampler, list_checkpoints
+    from tifactory.sampling.samples import Sampler
+    from tifactory.training.embedding import list_checkpoints
 
     steps = args.steps or (2 if args.tiny else 30)
     size = args.size or (64 if args.tiny else 512)

@@ -39,16 +39,16 @@ _GEOMETRY = {
 def astronaut():
     from PIL import Image
 
-    from tifactory.demo.photos import _package_file
+    from tifactory.demo.photos import package_file
 
-    with Image.open(_package_file("skimage", "data/astronaut.png")) as image:
+    with Image.open(package_file("skimage", "data/astronaut.png")) as image:
         return image.convert("RGB")
 
 
 def composition(key: str):
     from PIL import Image
 
-    from tifactory.demo.photos import _extend
+    from tifactory.demo.photos import extend_canvas
 
     flip, box, (left, top, right, bottom), scale = _GEOMETRY[key]
     image = astronaut().crop(box)
@@ -57,7 +57,7 @@ def composition(key: str):
     if scale != 1.0:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
     if left or top or right or bottom:
-        image = _extend(image, left, top, right, bottom)
+        image = extend_canvas(image, left, top, right, bottom)
     return image
 
 
@@ -108,7 +108,7 @@ def make_messy_folder(folder: str | os.PathLike) -> Path:
     import numpy as np
     from PIL import Image
 
-    from tifactory.demo.photos import _package_file
+    from tifactory.demo.photos import package_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def make_messy_folder(folder: str | os.PathLike) -> Path:
     (folder / "bomb.png").write_bytes(bomb_png())
     regular.resize((40, 40), Image.Resampling.LANCZOS).save(folder / "tiny_40.jpg", quality=90)
     astronaut().crop((0, 330, 512, 512)).save(folder / "noface.jpg", quality=90)  # space suit, no face
-    with Image.open(_package_file("insightface", "data/images/t1.jpg")) as group:
+    with Image.open(package_file("insightface", "data/images/t1.jpg")) as group:
         group.convert("RGB").save(folder / "group.jpg", quality=90)  # six people
     (folder / "zz_exact_copy.jpg").write_bytes((folder / "regular.jpg").read_bytes())
     regular.resize((400, 400), Image.Resampling.LANCZOS).save(folder / "zz_near_copy.jpg", quality=60)

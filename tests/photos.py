@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from PIL import Image
 
-from tifactory.demo.photos import _package_file
+from tifactory.demo.photos import package_file
 
 
 def package_photo(package: str, relative: str) -> Image.Image:
     """An RGB copy of `relative` inside installed `package` (e.g. "skimage", "data/astronaut.png")."""
-    with Image.open(_package_file(package, relative)) as image:
+    with Image.open(package_file(package, relative)) as image:
         return image.convert("RGB")
 
 

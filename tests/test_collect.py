@@ -18,12 +18,12 @@ from tifactory.photos.collect import (
     pixel_sha256,
     read_raw_manifest,
 )
-from tifactory.demo.photos import _package_file
+from tifactory.demo.photos import package_file
 
 
 @pytest.fixture(scope="module")
 def astronaut() -> Image.Image:
-    with Image.open(_package_file("skimage", "data/astronaut.png")) as image:
+    with Image.open(package_file("skimage", "data/astronaut.png")) as image:
         return image.convert("RGB")
 
 

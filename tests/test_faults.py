@@ -231,8 +231,7 @@ def _train(out: Path, dataset_toml, tiny_model_dir, params, log=lambda message: 
 
 def test_disk_full_while_saving_a_checkpoint_leaves_no_truncated_file(tmp_path, monkeypatch, dataset_toml,
                                                                       tiny_model_dir, repo_config):
-    from tifactory.training.embedding import load_embedding
-    from tifactory.training.train import checkpoint_name
+    from tifactory.training.embedding import checkpoint_name, load_embedding
 
     params = dict(repo_config["train"], init_word="woman", max_train_steps=6, save_every_n_steps=2,
                   gradient_accumulation_steps=2, micro_batch_size=2, resolution=256, device="cpu")

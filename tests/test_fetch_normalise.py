@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 
 from tifactory.photos.collect import collect_photos, load_upright_rgb
-from tifactory.demo.photos import _package_file
+from tifactory.demo.photos import package_file
 from tifactory.photos.fetch import cache_path, read_url_list
 
 
 @pytest.fixture(scope="module")
 def astronaut() -> Image.Image:
-    with Image.open(_package_file("skimage", "data/astronaut.png")) as image:
+    with Image.open(package_file("skimage", "data/astronaut.png")) as image:
         return image.convert("RGB")
 
 

@@ -131,7 +131,7 @@ def test_single_file_without_config_is_described_by_the_shipped_sd15_configs(sin
     with pytest.raises(ModelLoadError, match="do not match the architecture described by the configs in") as info:
         load_components(single_files[".safetensors"])
     assert str(sd15.SD15_DIR) in str(info.value)
-    assert models._resolve_config_dir(None, single_files[".ckpt"]) == sd15.SD15_DIR
+    assert models.resolve_config_dir(None, single_files[".ckpt"]) == sd15.SD15_DIR
     monkeypatch.setattr(sd15, "SD15_DIR", tmp_path / "nowhere")  # an install without resources/
     with pytest.raises(ModelLoadError, match="shipped SD1.5 configs are incomplete"):
         load_components(single_files[".safetensors"])

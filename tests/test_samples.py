@@ -28,6 +28,14 @@ def test_columns_take_line_options_over_config():
         (0, 1, 2, 64, 64), (0, 2, 2, 64, 64), (1, 9, 3, 96, 64)]
 
 
+def test_unknown_scheduler_is_a_prompt_error():
+    from tifactory.sampling.prompts import PromptError
+    from tifactory.sampling.samples import make_scheduler
+
+    with pytest.raises(PromptError, match="unknown scheduler 'plms'"):
+        make_scheduler("plms", {})
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("samples")

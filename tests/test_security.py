@@ -76,12 +76,12 @@ def test_crafted_base_model_file_is_refused(tmp_path, tiny_model_dir, name):
 @pytest.mark.parametrize("name", ["extra.pt", "extra.safetensors"])
 def test_crafted_extra_embedding_is_refused(tmp_path, name):
     """samples.embeddings files: only safetensors are read, and a disguised pickle is not unpickled."""
-    from tifactory.sampling.prompts import PromptError, load_embedding_vectors
+    from tifactory.training.embedding import EmbeddingError, read_embedding
 
     marker = tmp_path / "pwned"
     path = _evil_pickle(tmp_path / name, marker)
-    with pytest.raises(PromptError, match="only .safetensors|not a readable safetensors"):
-        load_embedding_vectors(path)
+    with pytest.raises(EmbeddingError, match="only .safetensors|not a readable safetensors"):
+        read_embedding(path)
     assert not marker.exists()
 
 

@@ -35,8 +35,8 @@ def assert_loaded(components, reference, unet_dtype):
 
 def test_folder_loads_unet_in_its_dtype_through_the_device_path(tiny_model_dir, reference):
     # the path a GPU job takes (device_map: each weight materialised where it goes), here with the CPU as device
-    place = models._Placement(device=torch.device("cpu"), unet_dtype=torch.bfloat16)
-    loaded = models._load_folder(tiny_model_dir, skip_vae=False, place=place)
+    place = models.Placement(device=torch.device("cpu"), unet_dtype=torch.bfloat16)
+    loaded = models.load_folder(tiny_model_dir, skip_vae=False, place=place)
     components = models.Components(tokenizer=loaded["tokenizer"], text_encoder=loaded["text_encoder"],
                                    vae=loaded["vae"], unet=loaded["unet"], noise_scheduler=None)
     assert_loaded(components, reference, torch.bfloat16)

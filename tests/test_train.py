@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from tifactory.photos.dataset import build_dataset
-from tifactory.training.embedding import load_embedding
-from tifactory.training.train import TrainingError, checkpoint_name, train_embedding
+from tifactory.training.embedding import checkpoint_name, load_embedding
+from tifactory.training.train import TrainingError, train_embedding
 
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
           "bucket_no_upscale": True}
@@ -113,6 +113,32 @@ def test_sequential_and_fused_batches_match(tmp_path, dataset_toml, tiny_model_d
     fused_vectors, _ = load_embedding(fused)
     sequential_vectors, _ = load_embedding(sequential)
     torch.testing.assert_close(fused_vectors.float(), sequential_vectors.float(), atol=2e-2, rtol=0)
+
+
+def test_uncached_latents_are_encoded_at_every_step(tmp_path, dataset_toml, tiny_model_dir, params, monkeypatch):
+    """cache_latents: false -> the VAE encodes the images the step takes (a fresh latent sample each time),
+    not once per image: it trains, reruns give the same bytes, and the vectors differ from the cached run."""
+    from diffusers import AutoencoderKL
+
+    encoded: list[int] = []  # images per VAE encode call
+    original = AutoencoderKL.encode
+
+    def counting_encode(self, pixels, *args, **kwargs):
+        encoded.append(pixels.shape[0])
+        return original(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    _, cached = run(tmp_path, "cached", dataset_toml, tiny_model_dir, params)
+    assert encoded == [1, 1]  # the two images, once each, at cache time
+    encoded.clear()
+    uncached_params = dict(params, cache_latents=False)
+    _, first = run(tmp_path, "uncached-a", dataset_toml, tiny_model_dir, uncached_params)
+    samples = params["train_batch_size"] * params["gradient_accumulation_steps"]
+    assert sum(encoded) == params["max_train_steps"] * samples  # every sample of every step, encoded then
+    _, second = run(tmp_path, "uncached-b", dataset_toml, tiny_model_dir, uncached_params)
+    assert first.read_bytes() == second.read_bytes()
+    uncached_vectors, cached_vectors = load_embedding(first)[0], load_embedding(cached)[0]
+    assert torch.isfinite(uncached_vectors.float()).all() and not torch.equal(uncached_vectors, cached_vectors)
 
 
 def test_nan_loss_stops_with_step_and_no_final(tmp_path, dataset_toml, tiny_model_dir, params):

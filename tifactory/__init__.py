@@ -2,8 +2,9 @@
 
 All logic lives in this package, laid out by stage: `photos/` (sources, collect, crop, dataset), `faces/`
 (detection, recognition), `training/` (models, the loop, the embedding format), `sampling/` (grids,
-likeness, plots) and `demo/`; the workflow plumbing (roster, jobs, provenance, GPU slots, file helpers,
-report) sits at this level. The Snakemake rules are thin adapters.
+likeness, plots) and `demo/`; the workflow plumbing (roster, jobs, provenance, GPU slots, device choice,
+file helpers, report, and `errors`: TifactoryError, the base of every error a user can act on) sits at
+this level. The Snakemake rules are thin adapters.
 Importing the package is cheap (no torch): heavy imports happen inside the stage functions.
 """
 

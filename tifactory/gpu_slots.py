@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tifactory.errors import TifactoryError
+
 DEVICES_ENV = "TIFACTORY_GPUS"
 LOCK_DIR_ENV = "TIFACTORY_GPU_LOCK_DIR"
 _NVIDIA_SMI_LINE = re.compile(r"^GPU (\d+):", re.MULTILINE)
 
 
-class GpuSlotError(RuntimeError):
+class GpuSlotError(TifactoryError, RuntimeError):
     """A GPU slot could not be claimed (bad device list, unusable lock directory, timeout)."""
 
 

@@ -12,11 +12,12 @@ import time
 import traceback
 from typing import Callable
 
+from tifactory.errors import TifactoryError
 from tifactory.provenance import sidecar_path, write_job_provenance
 
-# Errors that mean "the input or the config is wrong": the job fails with the message, no traceback.
-USER_ERROR_NAMES = {"RosterError", "DatasetError", "TrainingError", "ModelLoadError", "CollectError",
-                    "CropError", "PromptError", "FileNotFoundError", "GpuSlotError"}
+# Errors that mean "the input, the config or the environment is wrong": the job fails with the message and
+# no traceback. FileNotFoundError too: the stages raise it with the missing file (or package) named.
+USER_ERRORS = (TifactoryError, FileNotFoundError)
 
 
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's graphs; Triton's kernels go under <it>/triton
@@ -72,7 +73,7 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
         gpu_claim = claim_job_gpu(smk, log)  # held (flock) until released below or this process ends
         main(smk, log)
     except Exception as error:  # noqa: BLE001 - the job boundary: report and fail
-        if type(error).__name__ in USER_ERROR_NAMES:
+        if isinstance(error, USER_ERRORS):
             message = f"ERROR in {smk.rule} {wildcards}: {error}"
         else:
             traceback.print_exc(file=log_file)

@@ -24,6 +24,7 @@ from tifactory.photos.sources import (  # noqa: F401
     source_kind,
     split_sources,
 )
+from tifactory.errors import TifactoryError
 
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 DEMO_MODEL_NAME = "demo-tiny"
@@ -34,7 +35,7 @@ INTEGER_COLUMNS = {"num_vectors", "max_train_steps", "gradient_accumulation_step
 NUMBER_COLUMNS = {"learning_rate"}
 
 
-class RosterError(ValueError):
+class RosterError(TifactoryError, ValueError):
     """A roster problem; the message names the file, row and column."""
 
 

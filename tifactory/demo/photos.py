@@ -44,7 +44,7 @@ _LARGE_LONG_SIDE = 1600
 _SMALL_LONG_SIDE = 300
 
 
-def _package_file(package: str, relative: str) -> Path:
+def package_file(package: str, relative: str) -> Path:
     """Locate a data file inside an installed package without importing it.
 
     (importlib.resources.files would import the package; `insightface` takes ~0.5 s to import.)
@@ -67,7 +67,7 @@ def _resize_long_side(image, long_side: int):
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def _extend(image, left: int, top: int, right: int, bottom: int, blur_radius: float = 24.0):
+def extend_canvas(image, left: int, top: int, right: int, bottom: int, blur_radius: float = 24.0):
     """Put `image` on a larger canvas whose new borders continue its edge pixels, heavily blurred."""
     import numpy as np
     from PIL import Image, ImageFilter
@@ -108,7 +108,7 @@ def make_demo_photos(subject: str, out_dir: str | os.PathLike) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with Image.open(_package_file(spec["package"], spec["file"])) as opened:
+    with Image.open(package_file(spec["package"], spec["file"])) as opened:
         source = opened.convert("RGB")
     base = source.crop(spec["base_box"])
     fx, fy, fw, fh = spec["face"]
@@ -133,7 +133,7 @@ def make_demo_photos(subject: str, out_dir: str | os.PathLike) -> list[Path]:
     # 04: face off-centre, half a face width from the left border, on an extended canvas
     trim = max(0, fx - round(0.5 * fw))
     trimmed = base.crop((trim, 0, width, height))
-    offcentre = _extend(trimmed, left=0, top=round(0.3 * height), right=round(0.9 * width), bottom=0)
+    offcentre = extend_canvas(trimmed, left=0, top=round(0.3 * height), right=round(0.9 * width), bottom=0)
     _save(offcentre, out("04_offcentre.jpg"), "JPEG", quality=90)
 
     # 05: stored rotated with an EXIF orientation tag (a camera held sideways)

@@ -172,7 +172,8 @@ class Detector:
 YuNetDetector.name = "yunet"
 
 
-def _as_bgr(rgb):
+def as_bgr(rgb):
+    """An RGB (or grey) image array as the contiguous uint8 BGR array OpenCV's models read."""
     import numpy as np
 
     image = np.asarray(rgb)
@@ -215,7 +216,7 @@ class InsightFaceDetector(Detector):
         self._det.prepare(ctx_id=-1, det_thresh=self.score_threshold, input_size=(self.max_side, self.max_side))
 
     def detect(self, rgb) -> list[Face]:
-        bgr = _as_bgr(rgb)
+        bgr = as_bgr(rgb)
         if min(bgr.shape[:2]) < 2:
             return []
         small, sx, sy = _downscaled(bgr, self.max_side)
@@ -253,7 +254,7 @@ class HaarDetector(Detector):
     def detect(self, rgb) -> list[Face]:
         import cv2
 
-        bgr = _as_bgr(rgb)
+        bgr = as_bgr(rgb)
         if min(bgr.shape[:2]) < 24:
             return []
         small, sx, sy = _downscaled(bgr, self.max_side)

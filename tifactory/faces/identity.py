@@ -90,15 +90,15 @@ def reference_photo_embeddings(sources, detector, recogniser, say: Callable[[str
     globs. Photos that cannot be read or show no face are skipped, and `say` names them."""
     import numpy as np
 
-    from tifactory.photos.collect import _expand_source
+    from tifactory.photos.sources import expand_source
     from tifactory.faces import load_rgb, short_error
 
     files: list[str] = []
     for source in sources:
-        found, problem, *_ = _expand_source(os.fspath(source))
-        if problem:
-            say(f"reference {source}: {problem}")
-        files.extend(f for f in found if f not in files)
+        listing = expand_source(os.fspath(source)).absolute()
+        if listing.problem:
+            say(f"reference {source}: {listing.problem}")
+        files.extend(f for f in listing.files if f not in files)
     embeddings = []
     for path in files:
         name = Path(path).name

@@ -12,11 +12,13 @@ import importlib.util
 import threading
 from dataclasses import dataclass, fields
 
+from tifactory.errors import TifactoryError
+
 DETECTORS = ("auto", "yunet", "insightface", "haar")
 RECOGNISERS = ("auto", "dlib", "arcface")
 
 
-class FaceModelError(ValueError):
+class FaceModelError(TifactoryError, ValueError):
     """A face-model setting that cannot work here (named before any job runs)."""
 
 

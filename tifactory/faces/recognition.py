@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tifactory.faces.detection import Face, _as_bgr
+from tifactory.faces.detection import Face, as_bgr
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class ArcFaceRecogniser(Recogniser):
 
         if len(face.landmarks) != 5:
             raise ValueError("ArcFace needs the 5 face landmarks (the haar detector has none)")
-        aligned = face_align.norm_crop(_as_bgr(rgb), landmark=np.asarray(face.landmarks, dtype=np.float32),
+        aligned = face_align.norm_crop(as_bgr(rgb), landmark=np.asarray(face.landmarks, dtype=np.float32),
                                        image_size=112)
         vector = np.asarray(self._model.get_feat(aligned), dtype=np.float64).ravel()
         return vector / (np.linalg.norm(vector) or 1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from tifactory.errors import TifactoryError
 from tifactory.fileio import sha256_file, write_tsv_atomic
 from tifactory.photos.prepared import CAPTION, prepared_file_roles
 from tifactory.photos.sources import expand_source, prepared_image_folders
@@ -29,6 +30,10 @@ RAW_MANIFEST_COLUMNS = [
 
 _MAX_ERROR_CHARS = 120
 _HASH_SIDE = 256  # JPEGs are decoded at the smallest DCT scale with a long side >= this for hashing
+
+
+class CollectError(TifactoryError, ValueError):
+    """A raw manifest that is not one (a stale or hand-edited file)."""
 
 
 def load_upright_rgb(path: str | os.PathLike):
@@ -56,14 +61,6 @@ def _short_error(exc: BaseException, path: str) -> str:
     if len(message) > _MAX_ERROR_CHARS:
         message = message[: _MAX_ERROR_CHARS - 3] + "..."
     return message
-
-
-def _expand_source(source: str) -> tuple[list[str], str | None, dict[str, str]]:
-    """(absolute file paths, problem, {absolute path: problem}) of one source: tifactory.photos.sources' listing
-    with absolute paths (kept for the crop stage's reference photos)."""
-    listing = expand_source(source)
-    return ([os.path.abspath(path) for path in listing.files], listing.problem,
-            {os.path.abspath(path): why for path, why in listing.entry_problems.items()})
 
 
 def _empty_row(source: str) -> dict:
@@ -201,7 +198,8 @@ def collect_photos(
     image_folders: list[str] = []
     for source in sources:
         source = os.fspath(source)
-        files, problem, problems = _expand_source(source)
+        listing = expand_source(source).absolute()
+        files, problem, problems = listing.files, listing.problem, listing.entry_problems
         if prepared:
             image_folders += [os.path.abspath(folder.path)
                               for folder in prepared_image_folders(source, force=True) or []]
@@ -284,7 +282,7 @@ def read_raw_manifest(manifest_path: str | os.PathLike):
     frame = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
     missing = [c for c in RAW_MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{manifest_path}: not a raw manifest (missing columns {missing})")
+        raise CollectError(f"{manifest_path}: not a raw manifest (missing columns {missing})")
     for column in ("width", "height", "exif_orientation"):
         text = frame[column].astype(object)
         frame[column] = pd.to_numeric(text.where(text != "", None)).astype("Int64")

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from tifactory.errors import TifactoryError
 from tifactory.faces import short_error
 from tifactory.faces.models import FaceModels, FaceSettings
 from tifactory.fileio import atomic_path, write_text_atomic, write_tsv_atomic
@@ -56,6 +57,10 @@ UPSCALE_POLICIES = ("reject", "flag")
 SHARPNESS_SIDE = 128  # the face region is resampled to this side before measuring blur (scale-free)
 _CROP_NAME = re.compile(r"^\d{3,}_[A-Za-z0-9._-]+\.png$")
 _MAX_STEM_CHARS = 80
+
+
+class CropError(TifactoryError, ValueError):
+    """A crop setting is out of range or unknown (config.yaml's `crop:` section, a roster override, --config)."""
 
 
 def sanitize_stem(stem: str) -> str:
@@ -275,7 +280,7 @@ class CropSettings:
                    f"identity_majority must be in [0, 1), got {self.identity_majority}")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"crop.{message}")
+                raise CropError(f"bad crop setting: crop.{message} (config.yaml's crop section or its override)")
 
     @classmethod
     def from_config(cls, config: dict, **overrides) -> "CropSettings":
@@ -286,7 +291,7 @@ class CropSettings:
         names = {f.name for f in fields(cls)} - {"faces"}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"crop: unknown setting(s) {unknown}")
+            raise CropError(f"unknown crop setting(s) {unknown}; the crop section knows {sorted(names)}")
         return cls(faces=faces, **{name: values[name] for name in names if name in values})
 
     @property

@@ -11,13 +11,14 @@ from pathlib import Path
 import pandas as pd
 
 from tifactory.fileio import atomic_path, write_text_atomic
+from tifactory.errors import TifactoryError
 
 
 # the caption file kohya's --dataset_config (caption_extension) and the caption template read beside an image
 CAPTION_EXTENSION = ".txt"
 
 
-class DatasetError(ValueError):
+class DatasetError(TifactoryError, ValueError):
     """The subject has no usable images; the message carries the crop stage's rejection summary."""
 
 

@@ -19,6 +19,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from tifactory.errors import TifactoryError
+
 # kohya sd-scripts' DreamBooth folder name: `<repeats>_<class tokens>`, e.g. `100_sks woman`
 KOHYA_FOLDER = re.compile(r"^(\d+)_(\S.*)$")
 # the image files kohya reads from a dataset folder; prepared images keep their bytes, so only these qualify
@@ -38,6 +40,12 @@ class SourceListing:
     files: list[str]
     problem: str | None
     entry_problems: dict[str, str]
+
+    def absolute(self) -> "SourceListing":
+        """The same listing with absolute paths (what the collect job records; the crop job's reference
+        photos)."""
+        return SourceListing([os.path.abspath(path) for path in self.files], self.problem,
+                             {os.path.abspath(path): why for path, why in self.entry_problems.items()})
 
 
 def split_sources(sources: str) -> list[str]:
@@ -228,7 +236,7 @@ class SourceKind:
     image_folders: list[ImageFolder]
 
 
-class SourceKindError(ValueError):
+class SourceKindError(TifactoryError, ValueError):
     """The sources cannot be read as the `prepared` mode asks; the message says why."""
 
 

@@ -168,7 +168,7 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
         if best is None:
             result["reason"] = "no checkpoint to choose from"
         else:
-            from tifactory.sampling.samples import list_checkpoints
+            from tifactory.training.embedding import list_checkpoints
 
             by_step = dict(list_checkpoints(checkpoint_dir))
             result["best_checkpoint"] = str(by_step[best]) if best in by_step else ""

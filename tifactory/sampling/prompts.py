@@ -11,7 +11,8 @@ literal brackets. The weights scale the text encoder's output per token, then th
 rescaled so its mean stays that of the unweighted encoding (A1111's method).
 
 Embeddings: any textual-inversion trigger word in the table (the subject's `{token}`, extra embeddings such
-as a negative embedding) becomes its vectors in place; several can be combined with plain words.
+as a negative embedding) becomes its vectors in place; several can be combined with plain words. The files
+are read by tifactory.training.embedding (the format's owner).
 
 Parse-time cheap: torch is imported inside the functions that need it.
 """
@@ -23,12 +24,14 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tifactory.errors import TifactoryError
+
 ATTENTION_STEP = 1.1
 OPTION_FLAGS = {"n": "negative", "d": "seed", "s": "steps", "l": "guidance_scale", "w": "width", "h": "height"}
 _OPTION_SPLIT = re.compile(r"\s+--(?=[ndslwh](?:\s|$))")
 
 
-class PromptError(ValueError):
+class PromptError(TifactoryError, ValueError):
     """The sample prompts file (or one prompt in it) is unusable."""
 
 
@@ -232,28 +235,3 @@ def apply_weights(hidden, weights):
     if float(new_mean) == 0.0:
         return weighted
     return weighted * (original_mean / new_mean).to(hidden.dtype)
-
-
-def load_embedding_vectors(path: str | os.PathLike):
-    """Vectors [n, dim] from a textual-inversion safetensors file (`emb_params`, or a single tensor)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"embedding file not found: {path}")
-    if path.suffix.lower() != ".safetensors":
-        raise PromptError(f"{path}: only .safetensors embeddings are read (no pickles)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            key = "emb_params" if "emb_params" in keys else (keys[0] if len(keys) == 1 else "clip_l" if "clip_l" in keys else None)
-            if key is None:
-                raise PromptError(f"{path}: cannot tell which tensor is the embedding (keys {keys})")
-            tensor = handle.get_tensor(key)
-    except PromptError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a corrupt file is bad input
-        raise PromptError(f"{path}: not a readable safetensors embedding ({type(error).__name__}: {error})") from None
-    if tensor.ndim == 1:
-        tensor = tensor[None]
-    return tensor.float()

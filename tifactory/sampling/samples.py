@@ -13,7 +13,6 @@ Parse-time cheap: torch/diffusers are imported inside the functions.
 from __future__ import annotations
 
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.fileio import atomic_path, write_text_atomic
-from tifactory.sampling.prompts import PromptError, SamplePrompt, load_embedding_vectors, read_prompts  # noqa: F401
+from tifactory.sampling.prompts import PromptError, SamplePrompt, read_prompts
+from tifactory.training.embedding import list_checkpoints, read_embedding
 
-CHECKPOINT_STEP = re.compile(r"-step(\d+)\.safetensors$")
 SCHEDULERS = ("ddim", "euler_a", "dpmpp_2m")
 PREVIEW_MAX_SIDE = 1600
 IMAGES_COLUMNS = ("step", "column", "prompt", "seed", "negative", "steps", "guidance_scale", "width", "height",
@@ -68,15 +67,6 @@ def plan_columns(prompts: list[SamplePrompt], *, seeds: list[int], steps: int, g
                 width=prompt.width if prompt.width is not None else width,
                 height=prompt.height if prompt.height is not None else height))
     return columns
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    found = []
-    for path in Path(checkpoint_dir).glob("*.safetensors"):
-        match = CHECKPOINT_STEP.search(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def image_name(step: int, column: Column) -> str:
@@ -191,7 +181,7 @@ class Sampler:
         from diffusers import StableDiffusionPipeline
 
         from tifactory.sampling.prompts import PromptEncoder
-        from tifactory.training.train import pick_device
+        from tifactory.device import pick_device
 
         self.device = pick_device(device)
         self.dtype = self.dtype_for(self.device)
@@ -251,14 +241,14 @@ class Sampler:
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for trigger, path in sorted((extra_embeddings or {}).items()):
-            self.encoder.set(trigger, load_embedding_vectors(path))
+            self.encoder.set(trigger, read_embedding(path).vectors.float())
         columns = plan_columns(prompts, seeds=seeds, steps=steps, guidance_scale=guidance_scale, width=width,
                                height=height)
         row_steps = [0] + [step for step, _ in checkpoints]
         jobs = []
         for step, path in [(0, None)] + list(checkpoints):
             if path is not None:
-                self.encoder.set(subject, load_embedding_vectors(path))
+                self.encoder.set(subject, read_embedding(path).vectors.float())
             token = init_word if path is None else subject
             encoded_texts: dict = {}  # the same text in several columns is encoded once per row
             for column in columns:
@@ -310,7 +300,7 @@ class Sampler:
 def load_sampler(*, base_model: str, base_model_config: str = "", vae: str = "", scheduler: str = "ddim",
                  device: str = "auto") -> Sampler:
     from tifactory.training.models import load_components
-    from tifactory.training.train import pick_device
+    from tifactory.device import pick_device
 
     target = pick_device(device)  # weights are read straight onto it, the UNet in the sampling dtype
     components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None,

@@ -31,6 +31,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tifactory.errors import TifactoryError
+from tifactory.training.embedding import looks_like_embedding
+
 SAFETENSORS_SUFFIXES = frozenset({".safetensors"})
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth"})
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors caps its header at 100 MB too
@@ -56,7 +59,7 @@ _SAFE_BUILTINS = frozenset({"set", "frozenset", "dict", "list", "tuple", "int", 
 _INERT_PICKLE_GLOBALS = frozenset({"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"})
 
 
-class ModelCheckError(ValueError):
+class ModelCheckError(TifactoryError, ValueError):
     """A file cannot be inspected (unreadable header, truncated archive, ...)."""
 
 
@@ -245,7 +248,7 @@ def non_model_kind(shapes: dict) -> str | None:
     lowered = [key.lower() for key in keys]
     if _has(shapes, UNET):
         return None
-    if any(k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in keys):
+    if looks_like_embedding(keys):
         return "a textual-inversion embedding"
     if any("lora" in k or ".hada_" in k or "lokr" in k or k.startswith("lycoris_") for k in lowered):
         return "a LoRA/LyCORIS network"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tifactory.fileio import sha256_file
+from tifactory.errors import TifactoryError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ _CONFIG_DIR_REQUIRED = (
 )
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(TifactoryError):
     """The base model, VAE or config folder is missing, unreadable, unsafe or of the wrong shape."""
 
 
@@ -105,9 +106,9 @@ def load_components(
     base = Path(base_model)
     if not base.exists():
         raise ModelLoadError(f"base model not found: {base}")
-    place = _Placement.of(device, unet_dtype)
+    place = Placement.of(device, unet_dtype)
     if base.is_dir():
-        loaded = _load_folder(base, skip_vae=vae is not None, place=place)
+        loaded = load_folder(base, skip_vae=vae is not None, place=place)
     elif base.suffix.lower() in SINGLE_FILE_SUFFIXES:
         loaded = _load_single_file(base, config_dir, skip_vae=vae is not None, place=place)
     else:
@@ -149,14 +150,14 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 @dataclass(frozen=True)
-class _Placement:
+class Placement:
     """Where loaded weights go: `device` (None = the CPU, the libraries' default path) and the UNet's dtype."""
 
     device: Any
     unet_dtype: Any
 
     @classmethod
-    def of(cls, device, unet_dtype) -> "_Placement":
+    def of(cls, device, unet_dtype) -> "Placement":
         import torch
 
         device = None if device is None else torch.device(device)
@@ -178,7 +179,7 @@ class _Placement:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_folder(base: Path, *, skip_vae: bool, place: _Placement) -> dict:
+def load_folder(base: Path, *, skip_vae: bool, place: Placement) -> dict:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -236,7 +237,7 @@ def _load_tokenizer(folder: Path):
     )
 
 
-def _load_vae_folder(folder: Path, place: _Placement):
+def _load_vae_folder(folder: Path, place: Placement):
     import torch
     from diffusers import AutoencoderKL
 
@@ -279,14 +280,14 @@ def _guarded(what: str, where: Path, load):
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bool, place: _Placement) -> dict:
+def _load_single_file(path: Path, config_dir: str | Path | None, *, skip_vae: bool, place: Placement) -> dict:
     import torch
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = _resolve_config_dir(config_dir, path)  # before reading a multi-GB file
+    cfg = resolve_config_dir(config_dir, path)  # before reading a multi-GB file
     unet_config = _guarded("UNet config", cfg / "unet", lambda: dict(UNet2DConditionModel.load_config(cfg / "unet")))
     vae_config = _guarded("VAE config", cfg / "vae", lambda: dict(AutoencoderKL.load_config(cfg / "vae")))
     text_config = _guarded(
@@ -418,7 +419,7 @@ def _check_sd1_layout(checkpoint: dict, path: Path, *, need_vae: bool) -> None:
         raise ModelLoadError(f"{path} has no VAE weights (first_stage_model.*); pass a separate vae")
 
 
-def _resolve_config_dir(config_dir: str | Path | None, checkpoint_path: Path) -> Path:
+def resolve_config_dir(config_dir: str | Path | None, checkpoint_path: Path) -> Path:
     """`config_dir` (config key base_model_config) when given, else the shipped SD1.5 configs."""
     from tifactory.training import sd15
 
@@ -526,7 +527,7 @@ def _instantiate(build, weights, what: str, source: Path, described_by: str, dev
 _VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-def _load_vae_override(vae_path: Path, base_vae_config: dict | None, place: _Placement):
+def _load_vae_override(vae_path: Path, base_vae_config: dict | None, place: Placement):
     import torch
 
     if not vae_path.exists():

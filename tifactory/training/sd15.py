@@ -20,6 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 from tifactory import REPO_ROOT
+from tifactory.errors import TifactoryError
 
 SD15_DIR = REPO_ROOT / "resources" / "sd15"
 
@@ -49,7 +50,7 @@ REQUIRED_FILES = (
 )
 
 
-class SD15ResourceError(RuntimeError):
+class SD15ResourceError(TifactoryError, RuntimeError):
     """The shipped SD1.5 files are missing or not what they should be."""
 
 

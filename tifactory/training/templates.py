@@ -1,5 +1,7 @@
 """Prompt templates for textual inversion (the "object" and "style" families of the TI paper)."""
 
+from tifactory.training.embedding import TRIGGER_SUFFIX
+
 OBJECT_TEMPLATES = [
     "a photo of a {}",
     "a rendering of a {}",
@@ -55,7 +57,7 @@ TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
 WORD_END = "</w>"  # CLIP's BPE marks a word-final token with it: "madonna</w>" is the word madonna
-DERIVED_SUFFIX = "-ti"  # as the embedding's file name (the trigger people type): madonna-ti
+DERIVED_SUFFIX = TRIGGER_SUFFIX  # as the embedding's file name (the trigger people type): madonna-ti
 
 
 def placeholder_tokens(subject: str, num_vectors: int) -> list[str]:

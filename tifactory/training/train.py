@@ -20,33 +20,20 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.photos.dataset import read_dataset_toml
-from tifactory.training.embedding import build_metadata, reproducible_date, save_embedding
+from tifactory.device import pick_device
+from tifactory.training.embedding import build_metadata, checkpoint_name, reproducible_date, save_embedding
 from tifactory.fileio import atomic_path, sha256_file, write_text_atomic
 from tifactory.training.templates import TEMPLATES, training_tokens
+from tifactory.errors import TifactoryError
 
 STATE_FORMAT_VERSION = 1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(TifactoryError, RuntimeError):
     """A training problem the user must act on (bad token, NaN loss, no images...)."""
 
 
-def checkpoint_name(subject: str, step: int) -> str:
-    return f"{subject}-ti-step{step:08d}.safetensors"
-
-
-# ----------------------------------------------------------------------------- device and precision
-
-def pick_device(requested: str):
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {requested!r} asked for, but no CUDA device is available")
-    return device
-
+# ----------------------------------------------------------------------------- precision
 
 def pick_compute_dtype(device, mixed_precision: str):
     """bf16 where supported, fp16 (with loss scaling) where bf16 is missing, fp32 on CPU."""
@@ -155,6 +142,36 @@ def load_image_tensor(path: Path, bucket: tuple[int, int]):
         image = image.crop((left, top, left + bucket_w, top + bucket_h))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def encode_latents(vae, pixels, generator):
+    """One sample of the VAE's latent distribution of `pixels` [n, 3, H, W], scaled for the UNet; the noise
+    comes from `generator` (drawn on its device)."""
+    import torch
+
+    distribution = vae.encode(pixels).latent_dist
+    noise = torch.randn(distribution.mean.shape, generator=generator, device=generator.device).to(pixels.device)
+    return (distribution.mean + distribution.std * noise) * vae.config.scaling_factor
+
+
+@dataclass
+class BucketLatents:
+    """The latents of each bucket's images (× flip variants): `rows[bucket]` holds them cached
+    (train.cache_latents: true, the recipe), or holds the images' pixels and `vae` encodes the rows a step
+    takes, a fresh sample each time (cache_latents: false, as kohya without --cache_latents)."""
+
+    rows: list
+    vae: object = None
+
+    def take(self, bucket_id: int, row_indices, generator, chunk: int):
+        chosen = self.rows[bucket_id].index_select(0, row_indices)
+        if self.vae is None:
+            return chosen
+        import torch
+
+        with torch.no_grad():  # in chunks of the micro-batch: the out-of-memory fallback shrinks both
+            return torch.cat([encode_latents(self.vae, chosen[start:start + chunk], generator)
+                              for start in range(0, len(chosen), chunk)]).float()
 
 
 @dataclass
@@ -475,12 +492,13 @@ class TrainingData:
     prompt_for_sample: Callable[[int, int], int]  # (image index, random pick) -> prompt row
     num_variants: int  # 2 with flip_aug (the mirrored image is a second latent)
     image_slots: list[tuple[int, int]]  # (bucket id, index inside the bucket) per image
-    bucket_latents: list  # per bucket: [images x variants, 4, h, w]
+    bucket_latents: BucketLatents  # per bucket: [images x variants, 4, h, w] (or their pixels, uncached)
 
 
 def prepare_data(dataset_toml: Path, params: dict, subject: str, token_strings: list[str], components,
                  device, stats: dict, log: Callable[[str], None]) -> TrainingData:
-    """Phase 3: images, their latents encoded once per bucket, and the tokenised prompts."""
+    """Phase 3: images, their latents encoded once per bucket (or, with cache_latents false, their pixels),
+    and the tokenised prompts."""
     import torch
 
     images, repeats = list_training_images(dataset_toml, params)
@@ -508,14 +526,17 @@ def prepare_data(dataset_toml: Path, params: dict, subject: str, token_strings: 
             image_slots.append((bucket_id, len(latents_per_bucket[bucket_id]) // num_variants))
             pixels = load_image_tensor(image.path, image.bucket)
             batch = torch.stack([pixels, pixels.flip(-1)][:num_variants]).to(device, dtype=torch.float32)
-            distribution = vae.encode(batch).latent_dist
-            noise = torch.randn(distribution.mean.shape, generator=latent_generator).to(device)
-            latents = (distribution.mean + distribution.std * noise) * vae.config.scaling_factor
-            latents_per_bucket[bucket_id].extend(latents)
-    bucket_latents = [torch.stack(rows).float().contiguous() for rows in latents_per_bucket]
-    vae.to("cpu")
+            if params["cache_latents"]:
+                batch = encode_latents(vae, batch, latent_generator)
+            latents_per_bucket[bucket_id].extend(batch)
+    if params["cache_latents"]:
+        bucket_latents = BucketLatents([torch.stack(rows).float().contiguous() for rows in latents_per_bucket])
+        vae.to("cpu")
+    else:  # pixels stay on the device with the VAE; every step encodes the rows it takes
+        bucket_latents = BucketLatents([torch.stack(rows).contiguous() for rows in latents_per_bucket], vae)
     stats["cache_latents_s"] = time.perf_counter() - started
-    log(f"cached latents of {len(images)} image(s) x {num_variants} variant(s) in {len(buckets)} bucket(s) "
+    log(f"{'cached latents' if params['cache_latents'] else 'loaded pixels (cache_latents: false)'} of "
+        f"{len(images)} image(s) x {num_variants} variant(s) in {len(buckets)} bucket(s) "
         f"{buckets} in {stats['cache_latents_s']:.1f} s")
     return TrainingData(images, repeats, prompts, prompt_ids, prompt_for_sample, num_variants, image_slots,
                         bucket_latents)
@@ -612,7 +633,7 @@ def accumulate_step_gradient(step: int, plan_groups, plan: StepPlan, data: Train
     timesteps = torch.randint(0, len(alphas_cumprod), (samples_per_step,), generator=step_generator, device=device)
     step_loss = torch.zeros((), device=device)
     for bucket_id, start, end in plan_groups:
-        latents = data.bucket_latents[bucket_id].index_select(0, plan.latent_rows[start:end])
+        latents = data.bucket_latents.take(bucket_id, plan.latent_rows[start:end], step_generator, micro_batch)
         noise = torch.randn(latents.shape, generator=step_generator, device=device)
         offset = torch.randn((end - start, latents.shape[1], 1, 1), generator=step_generator,
                              device=device) if params["noise_offset"] else None
