@@ -62,7 +62,7 @@ def taught_model(request, repo_root) -> Path:
 
     import yaml
 
-    from tifactory import taught
+    from tifactory.demo import taught
 
     config = yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))
     settings = {"num_vectors": config["train"]["num_vectors"], "steps": config["demo_model"]["teach_steps"]}
