@@ -35,13 +35,13 @@ def test_demo_concept_dataset_is_held_out_images_of_sun(repo_root):
 
 
 def test_closed_form_vae_encodes_block_colours_exactly():
-    from tifactory.demo.taught import _block_means, _closed_form_vae, _pixels
+    from tifactory.demo.taught import block_means, closed_form_vae, images_to_pixels
 
     images = [concept_image(c, i, 64) for c in CONCEPTS for i in range(6)]
-    pixels = _pixels(images)
-    raw = _block_means(pixels)
+    pixels = images_to_pixels(images)
+    raw = block_means(pixels)
     mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
-    vae = _closed_form_vae(mean, std, 0.18215)
+    vae = closed_form_vae(mean, std, 0.18215)
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean * vae.config.scaling_factor

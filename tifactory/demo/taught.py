@@ -43,7 +43,7 @@ TAUGHT_FILE = "taught.json"
 # images 0..TEACH_IMAGES-1 of each concept teach the UNet; held-out images start far above them
 HELD_OUT_START = 1_000_000
 CLASS_WORDS = ("person", "woman", "man")
-_K = 100.0  # constant companion channel of the closed-form VAE's group norms (see _closed_form_vae)
+_K = 100.0  # constant companion channel of the closed-form VAE's group norms (see closed_form_vae)
 _GROUP = 4  # channels per group norm group: (signal, -signal, K, -K)
 
 
@@ -96,7 +96,7 @@ def write_concept_images(concept: str, out_dir: str | os.PathLike, count: int, s
     return paths
 
 
-def _pixels(images):
+def images_to_pixels(images):
     """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [-1, 1] (as training loads images)."""
     import numpy as np
     import torch
@@ -106,7 +106,7 @@ def _pixels(images):
 
 # ----------------------------------------------------------------------------- the closed-form VAE
 
-def _closed_form_vae(mean, std, scaling_factor: float):
+def closed_form_vae(mean, std, scaling_factor: float):
     """An AutoencoderKL whose encoder averages 8x8 blocks of (R, G, B, grey) and decoder paints them back.
 
     Every ResNet block and attention layer is made an identity (its last projection zeroed), every
@@ -180,7 +180,7 @@ def _closed_form_vae(mean, std, scaling_factor: float):
     return vae.eval()
 
 
-def _block_means(pixels):
+def block_means(pixels):
     """Raw latent signal (R, G, B, grey averaged over 8x8 blocks) of [n, 3, H, W] pixels."""
     import torch
 
@@ -273,12 +273,12 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
         teach = [[concept_image(name, index, image_size) for index in range(teach_images)] for name in CONCEPTS]
         held = [[concept_image(name, HELD_OUT_START + index, image_size) for index in range(8)]
                 for name in CONCEPTS]
-        raw = _block_means(_pixels([image for family in teach for image in family]))
+        raw = block_means(images_to_pixels([image for family in teach for image in family]))
         mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
-        vae = _closed_form_vae(mean, std, AutoencoderKL.load_config(model / "vae")["scaling_factor"])
+        vae = closed_form_vae(mean, std, AutoencoderKL.load_config(model / "vae")["scaling_factor"])
         with torch.no_grad():
             def latents_of(images):
-                return vae.encode(_pixels(images)).latent_dist.mean * vae.config.scaling_factor
+                return vae.encode(images_to_pixels(images)).latent_dist.mean * vae.config.scaling_factor
             teach_latents = torch.stack([latents_of(family) for family in teach])  # [K, n, 4, h, w]
             held_latents = torch.stack([latents_of(family) for family in held])
 
