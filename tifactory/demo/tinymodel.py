@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from tifactory.fileio import atomic_path
+from tifactory.training import sd15
 
 # ---------------------------------------------------------------------------------------------
 # Constants shared with tests and the rest of the package
@@ -138,24 +139,9 @@ def write_tiny_tokenizer(out_dir: str | Path, words: tuple[str, ...] = TOKENIZER
         vocab.setdefault(token, len(vocab))
 
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    (out_dir / "merges.txt").write_text(merges_text, encoding="utf-8")
-    special = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,  # SD1.5 pads with <|endoftext|>
-        "unk_token": EOS_TOKEN,
-    }
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "do_lower_case": True,
-        "add_prefix_space": False,
-        "errors": "replace",
-        **special,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out_dir / "merges.txt").write_text(sd15.merges_text(merges), encoding="utf-8")
+    for name, text in sd15.tokenizer_settings_files().items():
+        (out_dir / name).write_text(text, encoding="utf-8")
     return out_dir
 
 

@@ -119,6 +119,16 @@ def tokenizer_files(source_gz: bytes) -> dict[str, str]:
     if digest != SOURCE_GZ_SHA256:
         raise SD15ResourceError(f"the BPE source has sha256 {digest}, expected {SOURCE_GZ_SHA256}")
     merges = parse_merges(gzip.decompress(source_gz).decode("utf-8"))
+    return {
+        "vocab.json": json.dumps(clip_vocab(merges), ensure_ascii=False) + "\n",
+        "merges.txt": merges_text(merges),
+        **tokenizer_settings_files(),
+    }
+
+
+def tokenizer_settings_files() -> dict[str, str]:
+    """special_tokens_map.json and tokenizer_config.json of an SD1.5 CLIP tokenizer folder (also the tiny
+    model's): SD1.5 pads with <|endoftext|>."""
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -129,8 +139,6 @@ def tokenizer_files(source_gz: bytes) -> dict[str, str]:
         **special,
     }
     return {
-        "vocab.json": json.dumps(clip_vocab(merges), ensure_ascii=False) + "\n",
-        "merges.txt": merges_text(merges),
         "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
     }
