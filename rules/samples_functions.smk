@@ -77,10 +77,11 @@ def samples_targets():
         "results/{subject}/train/loss.png",
         "results/{subject}/samples/scores.tsv",
         "results/{subject}/report/summary.html",
-        "results/{subject}/{subject}-ti-best.safetensors",
     ]
+    # the best step by likeness to the training faces: not for a demo concept subject, whose images hold no face
+    best = [f"results/{subject}/{subject}-ti-best.safetensors" for subject in SUBJECTS if not demo_concept(subject)]
     grids = [f"{samples_dir(subject, name)}/grid.png" for subject in SUBJECTS for name in EVAL_MODELS]
-    return expand(targets, subject=SUBJECTS) + grids + ["results/report/roster.html"]
+    return expand(targets, subject=SUBJECTS) + best + grids + ["results/report/roster.html"]
 
 
 def subject_grids(wildcards):

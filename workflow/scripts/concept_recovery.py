@@ -10,7 +10,8 @@ def main(smk, log):
     for path in [*Path(smk.input.checkpoints).glob("*.safetensors"), Path(smk.input.embedding)]:
         vectors, metadata = load_embedding(path)
         embeddings[int(metadata["tifactory.step"])] = vectors
-    images = sorted(path for path in Path(smk.input.dataset).rglob("*") if path.suffix.lower() == ".png")
+    dataset_dir = Path(smk.input.dataset).parent  # the kohya image folder sits beside dataset.toml
+    images = sorted(path for path in dataset_dir.rglob("*") if path.suffix.lower() == ".png")
     concept = smk.params.concept
     rows = recovery_table(smk.input.model, embeddings, concept=concept, init_word=smk.params.init_word,
                           images=images, out_tsv=smk.output[0])
