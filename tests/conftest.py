@@ -1,14 +1,19 @@
-"""Shared fixtures: the repo's config, tiny-run overrides, and a tiny random-weight SD1.5-shaped model."""
+"""Shared fixtures: the repo's config, tiny-run overrides, a tiny random-weight SD1.5-shaped model and the
+Snakemake harness. Tests are grouped by stage (photos/, faces/, training/, sampling/, demo/, workflow/) as the
+package is; the helpers they share live in support/ (this folder is put on sys.path so they import from any)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -47,6 +52,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def astronaut():
     """scikit-image's astronaut.png as RGB (tests must not modify it)."""
-    from photos import package_photo
+    from support.photos import package_photo
 
     return package_photo("skimage", "data/astronaut.png")
+
+
+@pytest.fixture(scope="session")
+def run_snakemake():
+    """The one Snakemake harness (tests/support/harness.py): run_snakemake(workdir, *targets_and_options,
+    check=True, timeout=600, env=None, cores=2, resources=("gpu=1",)). Tests that use it are marked slow."""
+    from support.harness import run_snakemake as run
+
+    return run

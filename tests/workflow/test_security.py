@@ -1,6 +1,6 @@
 """Issue 7, security: no pickle runs code, URL sources are bounded and stay in their cache, no path escapes.
 
-Extends tests/test_models.py (base model / VAE .ckpt and .pt pickles) and tests/test_fetch_normalise.py
+Extends tests/training/test_models.py (base model / VAE .ckpt and .pt pickles) and tests/photos/test_fetch_normalise.py
 (schemes, file:// redirect, size caps, socket timeouts, 404, retries, cache naming) with what they do not cover:
 a whole-download deadline, redirects to other schemes refused at once, URL names never becoming paths.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from badcorpus import composition, make_demo_like_folder, run_snakemake, write_workdir
+from support.badcorpus import composition, make_demo_like_folder, run_snakemake, write_workdir
 
 # ----------------------------------------------------------------------------- pickles
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from photos import package_photo
+from support.photos import package_photo
 from tifactory.photos.collect import collect_photos
 from tifactory.photos.crop import CropSettings, crop_faces, read_identity
 from tifactory.faces.identity import majority_reference

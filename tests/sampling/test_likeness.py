@@ -1,6 +1,6 @@
 """Likeness maths with stand-in models: the 'face' is the whole image where it is not black, and its
 'embedding' is its mean colour minus grey (so the metric, the reference, the scores and the best-step choice are
-real; tests/test_faces.py drives the real dlib recogniser)."""
+real; tests/faces/test_faces.py drives the real dlib recogniser)."""
 
 from __future__ import annotations
 

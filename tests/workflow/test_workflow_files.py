@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def requirement_lines(text: str) -> list[str]:
@@ -48,11 +48,10 @@ def test_env_check_sees_a_drift(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_rule_has_a_docstring(tmp_path):
+def test_every_rule_has_a_docstring(tmp_path, repo_root, run_snakemake):
     """`snakemake --list-rules` shows each rule's one-line docstring (publish only exists with publish_dir)."""
-    listed = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(REPO_ROOT), "--list-rules",
-         "--config", f"publish_dir={tmp_path}"], capture_output=True, text=True, timeout=300, check=True).stdout
+    listed = run_snakemake(repo_root, "--list-rules", "--config", f"publish_dir={tmp_path}", cores=None, resources=None,
+                           timeout=300).stdout
     rules = [line for line in listed.splitlines() if re.match(r"^[a-z_]+( |$)", line)]
     assert "publish" in {line.split()[0] for line in rules} and len(rules) > 10
     assert not [line for line in rules if not re.fullmatch(r"[a-z_]+ \(.+\)", line)]

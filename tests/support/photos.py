@@ -19,7 +19,7 @@ _RUN_KEYS = ("log", "workers", "recogniser", "reference_photos")
 def crop_settings(**overrides):
     """The crop stage's settings from the repo's config.yaml with `overrides` (crop keys, or face keys:
     detector, recogniser, insightface_pack, det_score_threshold, ...). The identity filter is off unless a
-    test turns it on: identity has its own tests (tests/test_faces.py); the others test geometry."""
+    test turns it on: identity has its own tests (tests/faces/test_faces.py); the others test geometry."""
     from pathlib import Path
 
     import yaml
@@ -27,7 +27,7 @@ def crop_settings(**overrides):
     from tifactory.photos.crop import CropSettings
     from tifactory.faces.models import FaceSettings
 
-    with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
+    with open(Path(__file__).resolve().parents[2] / "config.yaml", encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
     faces = {key: overrides.pop(key) for key in list(overrides) if key in FaceSettings.__dataclass_fields__}
     overrides.setdefault("identity_filter", False)

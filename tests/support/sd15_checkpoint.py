@@ -3,7 +3,7 @@
 `write_sd15_checkpoint` builds the UNet, VAE and text encoder from the shipped configs (resources/sd15/),
 renames their weights to the original single-file layout (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.transformer.text_model.*`, with tifactory.demo.tinymodel's diffusers->LDM maps, which
-tests/test_models.py checks against the loader) and writes them as one file, like
+tests/training/test_models.py checks against the loader) and writes them as one file, like
 v1-5-pruned-emaonly.safetensors. `write_vae_ckpt` writes a VAE alone as a weights-only `.ckpt` with bare
 `encoder.*`/`decoder.*` keys, like vae-ft-mse-840000-ema-pruned.ckpt.
 """

@@ -13,14 +13,14 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.photos.collect import collect_photos
-from photos import run_crop as crop_faces
+from support.photos import run_crop as crop_faces
 from tifactory.photos.crop import eye_angle, face_sharpness, render_crop
 from tifactory.faces.detection import HaarDetector, YuNetDetector
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve
 from tifactory.faces.packs import pack_status
 from tifactory.faces.recognition import Metric, Recogniser
 from tifactory.summary import summarize_crops
-from photos import package_photo
+from support.photos import package_photo
 
 FACE = (178, 63, 90, 113)  # YuNet's box of the astronaut's face in astronaut.png (checked below)
 

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def snakemake(workdir, *args, check=True):
-    command = [sys.executable, "-m", "snakemake", *args, "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir),
-               "--cores", "1", "--resources", "gpu=1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
 
 def make_workdir(root: Path, repo_config: dict, **config) -> Path:
     for subject in ("eva", "tom"):
@@ -35,9 +21,9 @@ def planned(plan: str, rule: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_rule_all_asks_for_published_copies_only_when_publish_dir_is_set(tmp_path, repo_config):
+def test_rule_all_asks_for_published_copies_only_when_publish_dir_is_set(tmp_path, repo_config, run_snakemake):
     off = make_workdir(tmp_path / "off", repo_config)
-    assert planned(snakemake(off, "-n").stdout, "publish") == []
+    assert planned(run_snakemake(off, "-n", cores=1).stdout, "publish") == []
 
     publish = tmp_path / "webui" / "embeddings"
     variants = {"default": {}}
@@ -48,7 +34,7 @@ def test_rule_all_asks_for_published_copies_only_when_publish_dir_is_set(tmp_pat
         variants["likeness"] = {"samples": dict(repo_config["samples"], likeness_pack=str(pack))}
     for name, extra in variants.items():
         on = make_workdir(tmp_path / name, repo_config, publish_dir=str(publish), **extra)
-        plan = snakemake(on, "-n").stdout
+        plan = run_snakemake(on, "-n", cores=1).stdout
         best = [Path(output).name for output in planned(plan, "best_embedding")]
         expected = sorted(str(publish / f"{subject}-ti.safetensors") for subject in ("eva", "tom"))
         expected = sorted(expected + [str(publish / file) for file in best])  # S-ti-best wherever one is built
@@ -58,7 +44,7 @@ def test_rule_all_asks_for_published_copies_only_when_publish_dir_is_set(tmp_pat
 
 
 @pytest.mark.slow
-def test_publish_copies_the_embedding_bytes(tmp_path, repo_config):
+def test_publish_copies_the_embedding_bytes(tmp_path, repo_config, run_snakemake):
     publish = tmp_path / "ComfyUI" / "models" / "embeddings"
     workdir = make_workdir(tmp_path / "w", repo_config, publish_dir=str(publish))
     final = workdir / "results" / "eva" / "eva-ti.safetensors"
@@ -67,11 +53,11 @@ def test_publish_copies_the_embedding_bytes(tmp_path, repo_config):
     final.write_bytes(b"final embedding bytes")
     best.write_bytes(b"best embedding bytes")
     # only the publish rule may run: the embeddings above stand in for trained ones
-    snakemake(workdir, str(publish / "eva-ti.safetensors"), str(publish / "eva-ti-best.safetensors"),
-              "--allowed-rules", "publish")
+    run_snakemake(workdir, str(publish / "eva-ti.safetensors"), str(publish / "eva-ti-best.safetensors"),
+                  "--allowed-rules", "publish", cores=1)
     assert (publish / "eva-ti.safetensors").read_bytes() == b"final embedding bytes"
     assert (publish / "eva-ti-best.safetensors").read_bytes() == b"best embedding bytes"
     assert not list(publish.glob(".*"))  # no temp files left behind
     final.write_bytes(b"retrained")  # a newer embedding is published again
-    snakemake(workdir, str(publish / "eva-ti.safetensors"), "--allowed-rules", "publish")
+    run_snakemake(workdir, str(publish / "eva-ti.safetensors"), "--allowed-rules", "publish", cores=1)
     assert (publish / "eva-ti.safetensors").read_bytes() == b"retrained"

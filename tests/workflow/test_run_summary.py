@@ -13,7 +13,7 @@ import pytest
 
 from tifactory.run_summary import SHOWN_NAMES, job_failures, read_job_failure, run_summary
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_log(path: Path, rule: str, subject: str | None, *tail: str) -> Path:

@@ -1,4 +1,4 @@
-"""tifactory.fileio: the big-file hash cache (atomic writes are covered by tests/test_faults.py)."""
+"""tifactory.fileio: the big-file hash cache (atomic writes are covered by tests/workflow/test_faults.py)."""
 
 from __future__ import annotations
 

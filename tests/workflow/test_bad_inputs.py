@@ -1,7 +1,7 @@
 """Issue 7, bad input end to end through Snakemake: nothing lost, nothing silent.
 
 One Snakemake run (`--keep-going`) over a roster of three subjects:
-  eva      a folder of every kind of awkward file (tests/badcorpus.py: MESSY_EXPECTED says what each is)
+  eva      a folder of every kind of awkward file (tests/support/badcorpus.py: MESSY_EXPECTED says what each is)
   gone     a source folder that does not exist
   rejects  a folder whose photos are all rejected
 eva must train; the other two must fail alone with one clear message each. Roster and config errors
@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from badcorpus import (
+from support.badcorpus import (
     MESSY_EXPECTED,
     NON_ASCII_NAME,
     astronaut,

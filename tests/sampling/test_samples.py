@@ -18,7 +18,7 @@ from tifactory.sampling.plots import nice_ticks, plot_loss, smooth
 from tifactory.sampling.samples import load_sampler, plan_columns, render_sample_grid
 from tifactory.sampling.prompts import parse_prompt_line
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_columns_take_line_options_over_config():

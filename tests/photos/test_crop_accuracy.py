@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.photos.collect import collect_photos
-from photos import run_crop
+from support.photos import run_crop
 from tifactory.faces.detection import YuNetDetector
-from photos import package_photo
+from support.photos import package_photo
 
 # Tom_Hanks_54745.png is a 112x112 ArcFace-aligned face: its five landmarks sit at insightface's
 # template (eyes, nose, mouth corners), independent of any detector

@@ -1,6 +1,6 @@
 """Issue 7, reproducibility: two runs from scratch give the same bytes; every artifact has a provenance record.
 
-Run 1 is the shared reference run (tests/badcorpus.py: reference_run, also used by test_faults.py); run 2
+Run 1 is the shared reference run (tests/support/badcorpus.py: reference_run, also used by test_faults.py); run 2
 starts from an empty folder at the very same absolute path (the raw manifests record absolute source paths,
 so a different folder would differ there by design, not by chance).
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from badcorpus import REPO_ROOT, TINY_ROSTER, TINY_TARGETS, reference_run, run_snakemake, tiny_roster_workdir
+from support.badcorpus import REPO_ROOT, TINY_ROSTER, TINY_TARGETS, reference_run, run_snakemake, tiny_roster_workdir
 
 TIMING_FILES = ("loss.tsv",)
 

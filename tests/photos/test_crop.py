@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from tifactory.photos.collect import collect_photos
-from photos import run_crop
+from support.photos import run_crop
 from tifactory.photos.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_file_name
 from tifactory.faces.detection import Face, YuNetDetector
-from photos import package_photo
+from support.photos import package_photo
 
 
 def _run(tmp_path: Path, photos: Path, **crop_kwargs) -> pd.DataFrame:

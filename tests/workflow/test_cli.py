@@ -13,7 +13,7 @@ from tifactory.cli import main
 from tifactory.roster import read_roster_rows
 from tifactory.roster_folders import roster_from_folders, subject_name
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def touch(path: Path, data: bytes = b"x") -> None:

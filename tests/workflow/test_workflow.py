@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,20 +11,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from tifactory.demo.photos import make_demo_photos
 from tifactory.training.embedding import load_embedding
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SUBJECTS = {"eva": ("woman", "astronaut"), "tom": ("person", "t1person")}
+from support import REPO_ROOT
+from support.harness import run_snakemake
+from support.workdirs import SUBJECTS, make_workdir  # noqa: F401 (test_slurm reads them here)
 
 
 def snakemake(workdir, *args, check=True):
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir),
-               "--cores", "2", "--resources", "gpu=1", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
+    return run_snakemake(workdir, *args, check=check, timeout=1200)
 
 
 def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
@@ -39,18 +32,6 @@ def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
             subject = re.search(r"wildcards: .*?subject=([\w-]+)", block)
             jobs.append((rule.group(1), subject.group(1) if subject else ""))
     return jobs
-
-
-def make_workdir(root, repo_config, tiny_overrides):
-    root.mkdir(parents=True, exist_ok=True)
-    rows = ["subject\tclass_word\tsources"]
-    for subject, (class_word, demo_subject) in SUBJECTS.items():
-        make_demo_photos(demo_subject, root / "photos" / subject)
-        rows.append(f"{subject}\t{class_word}\tphotos/{subject}")
-    (root / "roster.tsv").write_text("\n".join(rows) + "\n")
-    config = dict(repo_config, roster="roster.tsv", demo_overrides=tiny_overrides)
-    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Builders for the bad-input corpus and small Snakemake workdirs (shared by the fault-injection suite).
 
-Not a test module: test_bad_inputs.py, test_faults.py, test_security.py and test_reproducibility.py import it.
+Not a test module: workflow/test_bad_inputs.py, test_faults.py, test_security.py and test_reproducibility.py
+import it.
 Every photo is derived from images that ship inside installed packages (no downloads). The "good" photos are
 distinct compositions of the astronaut portrait (flips, crops, canvas extensions), far enough apart that the
 near-duplicate check keeps each one; every one is stored in a different awkward format.
@@ -11,14 +12,13 @@ from __future__ import annotations
 import io
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from support import REPO_ROOT
+from support.harness import run_snakemake, snakemake_command, snakemake_env  # noqa: F401 (re-exported)
 
 # name -> (flip, crop box of the 512x512 astronaut, canvas extension left/top/right/bottom, scale)
 _GEOMETRY = {
@@ -188,37 +188,6 @@ def install_demo_model(root: str | os.PathLike, model_dir: str | os.PathLike) ->
     target = Path(root) / "resources" / "models" / "demo-tiny"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(model_dir, target)
-
-
-def snakemake_command(workdir, *args) -> list[str]:
-    """Targets and options in `args` come first: `--resources` takes several values and would swallow targets."""
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir), *args,
-            "--cores", "2", "--resources", "gpu=1"]
-
-
-def snakemake_env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **extra)
-    env.setdefault("SOURCE_DATE_EPOCH", "1700000000")  # the embedding's date field: the same on any day
-    return env
-
-
-def run_snakemake(workdir, *args, check=True, timeout=600, env=None):
-    """Run Snakemake to the end; on timeout kill it with all its jobs (a hung job must not outlive the test)."""
-    import signal
-
-    process = subprocess.Popen(snakemake_command(workdir, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env or snakemake_env(), start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"snakemake {' '.join(args)} still running after {timeout} s (killed):\n"
-                             f"{stdout[-4000:]}\n{stderr[-4000:]}") from None
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
 
 
 # ----------------------------------------------------------------------------- the tiny roster, run once

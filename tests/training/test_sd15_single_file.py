@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from sd15_checkpoint import write_sd15_checkpoint, write_vae_ckpt
+from support import REPO_ROOT
+from support.harness import run_snakemake
+from support.sd15_checkpoint import write_sd15_checkpoint, write_vae_ckpt
+from support.workdirs import make_workdir
 from test_model_check import sd15_keys, write
-from test_workflow import make_workdir, snakemake
 from tifactory.demo.photos import make_demo_photos
 from tifactory.training.embedding import load_embedding
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_snakemake(workdir: Path, *args, env=None, check=True):
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir), *args,
-               "--cores", "2", "--resources", "gpu=1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3000, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +31,16 @@ def dry_workdir(tmp_path_factory, repo_config, tiny_overrides):
 def test_nested_command_line_values_get_the_schemas_types(dry_workdir):
     """Snakemake hands `train={max_train_steps: 5}` over as the string '5'; the schema saw "'5' is not of type
     'integer'". Now it is 5 (and merged into train: the other required keys are still there)."""
-    result = snakemake(dry_workdir, "-n", "--config", "train={max_train_steps: 5, flip_aug: true, "
+    result = run_snakemake(dry_workdir, "-n", "--config", "train={max_train_steps: 5, flip_aug: true, "
                        "learning_rate: 1e-3, compile: false}", "samples={seeds: [3, 4]}")
     assert "is not of type" not in result.stdout + result.stderr
     # the value really is typed: 0 now fails the schema's minimum (as a number), not its type
-    failed = snakemake(dry_workdir, "-n", "--config", "train={max_train_steps: 0}", check=False)
+    failed = run_snakemake(dry_workdir, "-n", "--config", "train={max_train_steps: 0}", check=False)
     assert failed.returncode != 0
     output = failed.stdout + failed.stderr
     assert "0 is less than the minimum of 1" in output and "is not of type" not in output
     # text that is no number still gets the schema's type message
-    worse = snakemake(dry_workdir, "-n", "--config", "train={max_train_steps: many}", check=False)
+    worse = run_snakemake(dry_workdir, "-n", "--config", "train={max_train_steps: many}", check=False)
     assert worse.returncode != 0 and "'many' is not of type 'integer'" in worse.stdout + worse.stderr
 
 
@@ -135,7 +125,7 @@ def test_a1111_checkpoint_and_vae_ckpt_train_offline(tmp_path, repo_config):
     assert "note: 1 subject name(s) are words of the tokenizer" in planned.stderr and "astro -> astro-ti" in planned.stderr
 
     run_snakemake(work, "results/astro/astro-ti.safetensors", "results/astro/samples/grid.png",
-                  "results/astro/samples/eval/same/grid.png", env=env)
+                  "results/astro/samples/eval/same/grid.png", env=env, timeout=3000)
     vectors, metadata = load_embedding(work / "results" / "astro" / "astro-ti.safetensors")
     assert tuple(vectors.shape) == (5, 768) and torch.isfinite(vectors.float()).all()
     assert json.loads(metadata["tifactory.training_tokens"]) == ["astro-ti"] + [f"astro-ti{i}" for i in range(1, 5)]

@@ -14,7 +14,7 @@ import pytest
 
 from tifactory import gpu_slots
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 from tifactory.gpu_slots import GpuSlotError, claim_gpu, visible_devices
 from tifactory.jobs import declared_gpus
 

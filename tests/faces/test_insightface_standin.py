@@ -41,7 +41,7 @@ onnx = pytest.importorskip("onnx")  # a dependency of insightface itself (its mo
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from tifactory.photos.collect import collect_photos  # noqa: E402
-from photos import run_crop as crop_faces  # noqa: E402
+from support.photos import run_crop as crop_faces  # noqa: E402
 from tifactory.faces.detection import InsightFaceDetector  # noqa: E402
 from tifactory.faces.models import FaceModelError, FaceSettings, load_detector, load_recogniser, resolve  # noqa: E402
 from tifactory.faces.packs import pack_status  # noqa: E402

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,6 @@ from PIL import Image
 from tifactory.photos.prepared import CAPTION, prepared_file_roles
 from tifactory.roster import read_roster_rows
 from tifactory.photos.sources import list_source_files, prepared_image_folders, source_kind
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def noise_image(path: Path, size: tuple[int, int], seed: int, fmt: str | None = None) -> Path:
@@ -105,16 +101,8 @@ def test_file_roles_in_a_prepared_folder(tmp_path):
     assert roles[f"{tmp_path}/notes.md"].startswith("not in a prepared image folder")
 
 
-def snakemake(workdir, *args):
-    command = [sys.executable, "-m", "snakemake", *args, "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir),
-               "--cores", "1", "--resources", "gpu=1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
 @pytest.mark.slow
-def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config):
+def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config, run_snakemake):
     """Through Snakemake: the dataset's images are the prepared files' bytes, captions travel, bad files
     are rows with reasons, a non-512 size is a warning, and no face detection ran (noise has no face)."""
     kohya = tmp_path / "data" / "eva" / "30_sks woman"
@@ -132,12 +120,13 @@ def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config
     config = dict(repo_config, roster="roster.tsv")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    plan = snakemake(tmp_path, "-n", "results/eva/dataset/dataset.toml", "results/tom/dataset/dataset.toml").stdout
+    plan = run_snakemake(tmp_path, "-n", "results/eva/dataset/dataset.toml", "results/tom/dataset/dataset.toml",
+                         cores=1).stdout
     jobs = {(rule, subject) for rule, subject in re.findall(r"rule (\w+):\n(?:    .*\n)*?    wildcards: subject=([\w-]+)", plan)}
     assert ("prepared_crops", "eva") in jobs and ("crop", "tom") in jobs
     assert ("crop", "eva") not in jobs and ("prepared_crops", "tom") not in jobs
 
-    snakemake(tmp_path, "results/eva/dataset/dataset.toml")
+    run_snakemake(tmp_path, "results/eva/dataset/dataset.toml", cores=1, timeout=900)
     folder = tmp_path / "results" / "eva" / "dataset" / "30_eva woman"  # repeats and class from the folder name
     images = sorted(p for p in folder.iterdir() if p.suffix != ".txt")
     assert sorted(sha(p) for p in images) == sorted(sha(p) for p in prepared)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tifactory.photos.collect import collect_photos, load_upright_rgb
-from photos import run_crop
+from support.photos import run_crop
 from tifactory.demo.photos import DEMO_SUBJECTS, make_demo_photos
 from tifactory.faces.detection import YuNetDetector
 

@@ -1,7 +1,7 @@
 """Issue 7, faults: kill -9 during training, a crashed job beside a healthy one, write errors, interrupted writes.
 
 The end-to-end case shares the uninterrupted reference run of the tiny roster with test_reproducibility.py
-(tests/badcorpus.py: reference_run), so both cost one run of it.
+(tests/support/badcorpus.py: reference_run), so both cost one run of it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from badcorpus import (
+from support.badcorpus import (
     REPO_ROOT,
     TINY_ROSTER,
     TINY_TARGETS,
@@ -202,7 +202,7 @@ def dataset_toml(tmp_path_factory):
     import pandas as pd
     from PIL import Image
 
-    from badcorpus import astronaut
+    from support.badcorpus import astronaut
     from tifactory.photos.dataset import build_dataset
 
     root = tmp_path_factory.mktemp("faults_ds")
