@@ -229,6 +229,7 @@ def test_single_file_fp16_and_bad_extension(tiny_model_dir, tmp_path):
     assert not (tmp_path / "model.bin").exists()
 
 
+@pytest.mark.slow
 def test_package_import_stays_cheap():
     code = "import sys, tifactory.training.models, tifactory.demo.tinymodel; print(sorted({'torch','diffusers','transformers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -109,6 +109,7 @@ def test_loss_plot_and_smoothing(tmp_path):
         plot_loss(loss, tmp_path / "loss2.png")
 
 
+@pytest.mark.slow
 def test_bench_script_tiny_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_samples.py"), "--tiny", "--device", "cpu",
                              "--rows", "3", "--repeat", "1", "--json", str(tmp_path / "t.json")],

@@ -298,6 +298,7 @@ def test_subject_tokens_at_dag_time(tmp_path):
     assert notes == [] and "cannot read the tokenizer vocabulary" in only(problems)
 
 
+@pytest.mark.slow
 def test_no_torch_at_import():
     code = ("import sys, tifactory.training.model_check, tifactory.training.sd15, tifactory.configuration; "
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'safetensors') if m in sys.modules))")

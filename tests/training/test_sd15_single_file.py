@@ -28,6 +28,7 @@ def dry_workdir(tmp_path_factory, repo_config, tiny_overrides):
 
 # ----------------------------------------------------------------------------- item 9: --config types
 
+@pytest.mark.slow
 def test_nested_command_line_values_get_the_schemas_types(dry_workdir):
     """Snakemake hands `train={max_train_steps: 5}` over as the string '5'; the schema saw "'5' is not of type
     'integer'". Now it is 5 (and merged into train: the other required keys are still there)."""
@@ -67,6 +68,7 @@ def test_coerce_to_schema_unit():
 
 # ----------------------------------------------------------------------------- item 3: wrong models at DAG time
 
+@pytest.mark.slow
 def test_wrong_base_model_is_named_before_any_job(dry_workdir, tmp_path):
     xl = write(tmp_path / "sd_xl_base_1.0.safetensors",
                {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(768),

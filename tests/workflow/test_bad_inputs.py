@@ -62,6 +62,7 @@ def messy_run(tmp_path_factory, repo_config, tiny_overrides, tiny_model_dir):
     return root, result
 
 
+@pytest.mark.slow
 def test_the_run_finishes_the_good_subject_and_fails_the_bad_ones_alone(messy_run):
     root, result = messy_run
     output = result.stdout + result.stderr
@@ -93,6 +94,7 @@ def test_the_run_finishes_the_good_subject_and_fails_the_bad_ones_alone(messy_ru
         (root / "logs" / "collect" / "gone.log").read_text()
 
 
+@pytest.mark.slow
 def test_every_entry_is_one_row_with_its_outcome(messy_run):
     root, _ = messy_run
     folder = root / "photos" / "eva"
@@ -129,6 +131,7 @@ def test_every_entry_is_one_row_with_its_outcome(messy_run):
     assert orientation["rotated_exif.jpg"] == "6"
 
 
+@pytest.mark.slow
 def test_every_good_photo_reaches_the_dataset(messy_run):
     root, _ = messy_run
     crops_dir = root / "results" / "eva" / "crops"
@@ -146,6 +149,7 @@ def test_every_good_photo_reaches_the_dataset(messy_run):
     assert len(non_ascii) == 1 and non_ascii.iloc[0]["output"].isascii()
 
 
+@pytest.mark.slow
 def test_all_rejected_and_missing_subjects_are_counted_in_the_summary(messy_run):
     root, _ = messy_run
     summary = _manifest(root / "results" / "summary" / "crops.tsv").set_index("subject")
@@ -179,6 +183,7 @@ def _assert_failed_before_any_job(root: Path, result) -> str:
     ("../x\twoman\tphotos/eva", "row 3 (subject '../x'), column 'subject': '../x' does not match"),
     ("a/b\twoman\tphotos/eva", "row 3 (subject 'a/b'), column 'subject': 'a/b' does not match"),
 ])
+@pytest.mark.slow
 def test_bad_roster_row_is_named_at_once_and_left_out(small_workdir, bad_row, expected):
     # (the full --keep-going run with bad rows is the messy run above)
     roster = small_workdir / "roster.tsv"
@@ -191,6 +196,7 @@ def test_bad_roster_row_is_named_at_once_and_left_out(small_workdir, bad_row, ex
     assert not (small_workdir / "results").exists() and not (small_workdir / "x").exists()
 
 
+@pytest.mark.slow
 def test_roster_of_only_bad_rows_stops_at_start(small_workdir):
     (small_workdir / "roster.tsv").write_text("subject\tclass_word\tsources\n../x\twoman\tphotos/eva\n")
     output = _assert_failed_before_any_job(small_workdir, run_snakemake(small_workdir, check=False))
@@ -204,6 +210,7 @@ def test_roster_of_only_bad_rows_stops_at_start(small_workdir):
     (lambda c: c["train"].update(max_train_steps=-5), "-5 is less than the minimum of 1"),
     (lambda c: c["demo_overrides"]["train"].update(save_every_n_steps=0), "0 is less than the minimum of 1"),
 ], ids=["wrong-type", "unknown-key", "negative-steps", "zero-interval-in-demo-overrides"])
+@pytest.mark.slow
 def test_bad_config_fails_at_start_with_the_schema_message(small_workdir, change, expected):
     import yaml
 
@@ -219,6 +226,7 @@ def test_bad_config_fails_at_start_with_the_schema_message(small_workdir, change
     ({"recogniser": "arcface"}, "faces.recogniser: arcface needs a pack with a recognition model"),
     ({"detector": "insightface"}, "faces.detector: insightface needs a pack with a detection model"),
 ], ids=["arcface-without-pack", "scrfd-without-pack"])
+@pytest.mark.slow
 def test_face_model_that_cannot_work_here_is_named_at_start(small_workdir, faces, expected):
     """An explicit insightface model without its local pack fails before any job runs, naming the setting."""
     import yaml

@@ -124,6 +124,7 @@ def reference(tmp_path_factory, repo_config, tiny_overrides):
     return reference_run(tmp_path_factory.getbasetemp(), repo_config, tiny_overrides)
 
 
+@pytest.mark.slow
 def test_crash_of_one_job_then_kill_9_of_snakemake_resume_byte_identical(tmp_path, reference, repo_config,
                                                                            tiny_overrides):
     """1. kill -9 of one subject's training job: the other subject still finishes, and its outputs are the
@@ -294,6 +295,7 @@ print("; ".join(results))
 """
 
 
+@pytest.mark.slow
 def test_real_write_errors_keep_the_previous_complete_file(tmp_path):
     """A kernel-level write error (RLIMIT_FSIZE -> EFBIG, like a full disk) in a real process: the writer
     fails, the file under the final name keeps its previous complete content, no temporary file is left."""
@@ -337,6 +339,7 @@ while True:  # rewrite large outputs until killed
 """
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_writes_never_leaves_a_truncated_final_file(tmp_path):
     """Writers killed at random moments (SIGKILL: no cleanup code runs): the final names hold either nothing
     or a complete file; only dot-named temporary files can be partial."""

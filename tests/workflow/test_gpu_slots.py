@@ -55,6 +55,7 @@ def claimed_device(process: subprocess.Popen, timeout: float = 30) -> str:
     raise AssertionError(f"worker exited without claiming a GPU (rc {process.wait()})")
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_never_share_a_gpu(gpu_env, tmp_path):
     record = tmp_path / "record.txt"
     workers = [start_worker(gpu_env, 1.5, record) for _ in range(7)]  # 7 jobs on 3 GPUs: some must wait
@@ -74,6 +75,7 @@ def test_concurrent_jobs_never_share_a_gpu(gpu_env, tmp_path):
     assert {device for device, _, _ in spans} == {"0", "1", "2"}
 
 
+@pytest.mark.slow
 def test_killed_job_frees_its_gpu(gpu_env, tmp_path):
     record = tmp_path / "record.txt"
     holders = [start_worker(gpu_env, 120, record) for _ in range(3)]
@@ -190,7 +192,8 @@ run_job(snakemake, main)
 '''
 
 
-def test_snakemake_gpu_jobs_get_their_own_device(gpu_env, tmp_path):
+@pytest.mark.slow
+def test_snakemake_gpu_jobs_get_their_own_device(gpu_env, tmp_path, run_snakemake):
     """Through Snakemake: `--resources gpu=2` on a simulated 2-GPU box runs 2 GPU jobs at a time, one per
     device; a rule without `resources: gpu` gets no device."""
     workflow = tmp_path / "wf"
@@ -198,9 +201,8 @@ def test_snakemake_gpu_jobs_get_their_own_device(gpu_env, tmp_path):
     (workflow / "Snakefile").write_text(SNAKEFILE)
     (workflow / "job.py").write_text(JOB_SCRIPT)
     env = dict(gpu_env, TIFACTORY_GPUS="0,1")
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "4", "--resources", "gpu=2",
-                             "--workflow-profile", "none"], cwd=workflow, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_snakemake(workflow, "--workflow-profile", "none", snakefile=workflow / "Snakefile", cores=4,
+                           resources=("gpu=2",), env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     spans = []
     for i in range(4):

@@ -52,6 +52,7 @@ def _without_seconds(path: Path) -> list[list[str]]:
     return [row[:3] for row in rows]
 
 
+@pytest.mark.slow
 def test_two_runs_from_scratch_are_byte_identical(two_runs):
     first, second = two_runs
     a = _files(first, "results", "resources/models/demo-tiny")
@@ -74,6 +75,7 @@ def test_two_runs_from_scratch_are_byte_identical(two_runs):
     assert kinds["embeddings"] == len(TINY_ROSTER) * (1 + 12 // 2)
 
 
+@pytest.mark.slow
 def test_provenance_records_are_identical_too(two_runs):
     first, second = two_runs
     a = _files(first, "logs")
@@ -92,6 +94,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_every_artifact_records_provenance(two_runs):
     """Every output file is listed, with its hash, in its job's sidecar, which holds the config hash, the
     input hashes, package versions and the git commit; embeddings also carry them in their metadata."""

@@ -192,7 +192,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     import pandas as pd
 
     from tifactory.photos.collect import collect_photos
-    from photos import run_crop
+    from support.photos import run_crop
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -220,6 +220,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()  # names are never run as commands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["results/eva/../../escaped/escaped-ti.safetensors",
                                     "results/../escaped/escaped-ti.safetensors"])
 def test_targets_cannot_name_a_subject_outside_results(tmp_path, repo_config, tiny_overrides, target):

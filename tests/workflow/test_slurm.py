@@ -241,16 +241,16 @@ def test_slurm_profile_sizes_every_gpu_rule():
         assert "gpu" not in resources, "GPU requests come from the rules' own `resources: gpu=1`"
 
 
+@pytest.mark.slow
 @requires_slurm
-def test_demo_roster_through_slurm_profile(cluster, tmp_path, repo_config, tiny_overrides):
+def test_demo_roster_through_slurm_profile(cluster, tmp_path, repo_config, tiny_overrides, run_snakemake):
     workdir = workflow_tests.make_workdir(tmp_path / "wf", repo_config, tiny_overrides)
     # The README's command, with the two settings a cluster without slurmdbd needs.
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO_ROOT / "Snakefile"), "-d", str(workdir),
-               "--workflow-profile", str(REPO_ROOT / "profiles" / "slurm"),
-               "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-               "--slurm-keep-successful-logs"]
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env=cluster.env, timeout=900)
+    result = run_snakemake(workdir, "--workflow-profile", str(REPO_ROOT / "profiles" / "slurm"),
+                           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+                           "--slurm-keep-successful-logs", cores=None, resources=None, env=cluster.env, timeout=900,
+                           check=False)
     elapsed = time.monotonic() - started
     if result.returncode != 0:
         job_logs = sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log")) + sorted(

@@ -41,6 +41,7 @@ def workdir(tmp_path_factory, repo_config, tiny_overrides):
     return root
 
 
+@pytest.mark.slow
 def test_full_run_produces_every_contract_path(workdir, repo_config, tiny_overrides):
     steps = tiny_overrides["train"]["max_train_steps"]
     every = tiny_overrides["train"]["save_every_n_steps"]
@@ -78,6 +79,7 @@ def test_full_run_produces_every_contract_path(workdir, repo_config, tiny_overri
     assert "taught demo model" in demo_log
 
 
+@pytest.mark.slow
 def test_samples_likeness_loss_and_report(workdir):
     for subject in SUBJECTS:
         samples = workdir / "results" / subject / "samples"
@@ -99,10 +101,12 @@ def test_samples_likeness_loss_and_report(workdir):
     assert "Roster overview" in report and all(s in report for s in SUBJECTS)
 
 
+@pytest.mark.slow
 def test_second_run_has_nothing_to_do(workdir):
     assert planned_jobs(workdir) == []
 
 
+@pytest.mark.slow
 def test_changed_photo_reruns_only_that_subject(workdir):
     photo = sorted((workdir / "photos" / "eva").glob("*.png"))[0]
     image = Image.open(photo)
@@ -116,6 +120,7 @@ def test_changed_photo_reruns_only_that_subject(workdir):
     assert planned_jobs(workdir) == []
 
 
+@pytest.mark.slow
 def test_changed_training_parameter_reruns_training_and_samples_only(workdir):
     config_path = workdir / "config.yaml"
     original = config_path.read_text()
@@ -131,6 +136,7 @@ def test_changed_training_parameter_reruns_training_and_samples_only(workdir):
                                   + [("roster_overview", "")])
 
 
+@pytest.mark.slow
 def test_single_target_builds_one_subject(tmp_path, repo_config, tiny_overrides):
     fresh = make_workdir(tmp_path / "fresh", repo_config, tiny_overrides)
     jobs = planned_jobs(fresh, "results/eva/eva-ti.safetensors")
@@ -168,6 +174,7 @@ def test_every_readme_path_is_a_target(tmp_path, repo_config, tiny_overrides, ti
     assert not set(targets) - planned
 
 
+@pytest.mark.slow
 def test_bad_roster_row_fails_alone_with_row_and_column(tmp_path, repo_config, tiny_overrides):
     fresh = make_workdir(tmp_path / "bad", repo_config, tiny_overrides)
     (fresh / "roster.tsv").write_text("subject\tclass_word\tsources\neva\twoman\tphotos/eva\nbob\tdog\tphotos/eva\n")
@@ -183,6 +190,7 @@ def test_bad_roster_row_fails_alone_with_row_and_column(tmp_path, repo_config, t
     assert "Traceback" not in output and not (fresh / "results" / "summary" / "roster_check.txt").exists()
 
 
+@pytest.mark.slow
 def test_bad_config_fails_with_schema_message(tmp_path, repo_config, tiny_overrides):
     fresh = make_workdir(tmp_path / "badconfig", repo_config, tiny_overrides)
     result = snakemake(fresh, "-n", "--config", "roster=roster.tsv", "colour=red", check=False)
@@ -190,6 +198,7 @@ def test_bad_config_fails_with_schema_message(tmp_path, repo_config, tiny_overri
     assert "colour" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_subject_with_no_usable_photo_fails_alone(tmp_path, repo_config, tiny_overrides):
     fresh = make_workdir(tmp_path / "keepgoing", repo_config, tiny_overrides)
     (fresh / "nofaces").mkdir()
