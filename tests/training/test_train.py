@@ -75,6 +75,7 @@ def test_embedding_contract_and_only_new_vectors_train(tmp_path, dataset_toml, t
     assert not torch.equal(step2, vectors)
 
 
+@pytest.mark.slow  # two or more full training runs (10-18 s on 2 cores): the fast lane keeps one
 def test_same_inputs_give_byte_identical_embedding(tmp_path, dataset_toml, tiny_model_dir, params):
     _, first = run(tmp_path, "a", dataset_toml, tiny_model_dir, params)
     _, second = run(tmp_path, "b", dataset_toml, tiny_model_dir, params)
@@ -83,6 +84,7 @@ def test_same_inputs_give_byte_identical_embedding(tmp_path, dataset_toml, tiny_
     assert other_seed.read_bytes() != first.read_bytes()
 
 
+@pytest.mark.slow  # two or more full training runs (10-18 s on 2 cores): the fast lane keeps one
 def test_resume_after_crash_is_byte_identical(tmp_path, dataset_toml, tiny_model_dir, params):
     params = dict(params, max_train_steps=6)
     _, reference = run(tmp_path, "ref", dataset_toml, tiny_model_dir, params)
@@ -107,6 +109,7 @@ def test_resume_after_crash_is_byte_identical(tmp_path, dataset_toml, tiny_model
     assert not (out / "state" / "state.pt").exists()
 
 
+@pytest.mark.slow  # two or more full training runs (10-18 s on 2 cores): the fast lane keeps one
 def test_sequential_and_fused_batches_match(tmp_path, dataset_toml, tiny_model_dir, params):
     _, fused = run(tmp_path, "fused", dataset_toml, tiny_model_dir, params)
     _, sequential = run(tmp_path, "seq", dataset_toml, tiny_model_dir, dict(params, micro_batch_size=1))
@@ -115,6 +118,7 @@ def test_sequential_and_fused_batches_match(tmp_path, dataset_toml, tiny_model_d
     torch.testing.assert_close(fused_vectors.float(), sequential_vectors.float(), atol=2e-2, rtol=0)
 
 
+@pytest.mark.slow  # two or more full training runs (10-18 s on 2 cores): the fast lane keeps one
 def test_uncached_latents_are_encoded_at_every_step(tmp_path, dataset_toml, tiny_model_dir, params, monkeypatch):
     """cache_latents: false -> the VAE encodes the images the step takes (a fresh latent sample each time),
     not once per image: it trains, reruns give the same bytes, and the vectors differ from the cached run."""
@@ -183,6 +187,7 @@ def test_subject_named_like_a_word_trains_under_a_derived_token(tmp_path, datase
     assert any("tokens ['photo-ti', 'photo-ti1'" in m for m in messages)
 
 
+@pytest.mark.slow  # two or more full training runs (10-18 s on 2 cores): the fast lane keeps one
 def test_progress_lines_and_loss_table_as_training_goes(tmp_path, dataset_toml, tiny_model_dir, params):
     """A person watching the log sees steps, rate, loss and ETA, and loss.tsv grows during the run."""
     params = dict(params, max_train_steps=20, save_every_n_steps=20)
