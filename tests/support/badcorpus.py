@@ -17,8 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from support import REPO_ROOT
-from support.harness import run_snakemake, snakemake_command, snakemake_env  # noqa: F401 (re-exported)
+from support.harness import run_snakemake
 
 # name -> (flip, crop box of the 512x512 astronaut, canvas extension left/top/right/bottom, scale)
 _GEOMETRY = {

@@ -24,9 +24,9 @@ from support.badcorpus import (
     install_demo_model,
     make_demo_like_folder,
     make_messy_folder,
-    run_snakemake,
     write_workdir,
 )
+from support.harness import run_snakemake
 
 TARGETS = ["results/eva/eva-ti.safetensors", "results/gone/gone-ti.safetensors",
            "results/rejects/rejects-ti.safetensors", "results/summary/crops.tsv", "results/summary/roster_check.txt"]

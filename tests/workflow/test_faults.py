@@ -17,17 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from support.badcorpus import (
-    REPO_ROOT,
-    TINY_ROSTER,
-    TINY_TARGETS,
-    install_demo_model,
-    reference_run,
-    run_snakemake,
-    snakemake_command,
-    snakemake_env,
-    tiny_roster_workdir,
-)
+from support import REPO_ROOT
+from support.badcorpus import TINY_ROSTER, TINY_TARGETS, install_demo_model, reference_run, tiny_roster_workdir
+from support.harness import run_snakemake, snakemake_command, snakemake_env
 
 # ----------------------------------------------------------------------------- helpers
 

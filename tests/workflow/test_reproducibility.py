@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from support.badcorpus import REPO_ROOT, TINY_ROSTER, TINY_TARGETS, reference_run, run_snakemake, tiny_roster_workdir
+from support import REPO_ROOT
+from support.badcorpus import TINY_ROSTER, TINY_TARGETS, reference_run, tiny_roster_workdir
+from support.harness import run_snakemake
 
 TIMING_FILES = ("loss.tsv",)
 

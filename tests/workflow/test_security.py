@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from support.badcorpus import composition, make_demo_like_folder, run_snakemake, write_workdir
+from support.badcorpus import composition, make_demo_like_folder, write_workdir
+from support.harness import run_snakemake
 
 # ----------------------------------------------------------------------------- pickles
 
