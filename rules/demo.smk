@@ -32,6 +32,7 @@ rule demo_model:
 
 
 rule concept_recovery:
+    """How close a demo concept subject's embedding came to the concept the demo model was taught."""
     input:
         model=DEMO_MODEL_DIR,
         embedding="results/{subject}/{subject}-ti.safetensors",
