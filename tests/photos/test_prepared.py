@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tifactory.photos.prepared import CAPTION, prepared_file_roles
+from tifactory.photos.sources import CAPTION, prepared_file_roles
 from tifactory.roster import read_roster_rows
 from tifactory.photos.sources import list_source_files, prepared_image_folders, source_kind
 

@@ -10,8 +10,7 @@ import os
 
 from tifactory.errors import TifactoryError
 from tifactory.fileio import sha256_file, write_tsv_atomic
-from tifactory.photos.prepared import CAPTION, prepared_file_roles
-from tifactory.photos.sources import expand_source, prepared_image_folders
+from tifactory.photos.sources import CAPTION, expand_source, prepared_file_roles, prepared_image_folders
 
 RAW_MANIFEST_COLUMNS = [
     "source",

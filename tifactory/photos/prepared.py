@@ -16,39 +16,13 @@ import shutil
 from pathlib import Path
 
 from tifactory.fileio import atomic_path, write_text_atomic, write_tsv_atomic
-from tifactory.photos.sources import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+from tifactory.photos.sources import CAPTION_EXTENSIONS
 
-CAPTION = "caption"  # prepared_file_roles' role of a caption file beside an image
 PREPARED_DETECTOR = "prepared"  # the crop manifest's `detector` of adopted images (none ran)
 SIZE_WARNING = "size"  # head of the kept rows' warning reason (a summary counts it as one category)
 # extra crop-manifest columns of adopted images: their size and the caption file carried with them
 EXTRA_COLUMNS = ["width", "height", "caption"]
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def prepared_file_roles(files: list[str], image_folders: list[str]) -> dict[str, str | None]:
-    """{file: None (an image to use) | CAPTION (a caption beside an image) | why it is not used}.
-
-    Paths are compared as given (the caller passes absolute paths for both). kohya reads the image
-    folders' own files only, so files elsewhere (a parent folder's notes, a subfolder) are not used.
-    """
-    folders = {os.path.normpath(folder) for folder in image_folders}
-    images_by_stem = {os.path.splitext(path)[0] for path in files
-                      if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS}
-    roles: dict[str, str | None] = {}
-    for path in files:
-        stem, extension = os.path.splitext(path)
-        extension = extension.lower()
-        if os.path.normpath(os.path.dirname(path)) not in folders:
-            roles[path] = "not in a prepared image folder (kohya reads only the files of the `N_name class/` folders)"
-        elif extension in IMAGE_EXTENSIONS:
-            roles[path] = None
-        elif extension in CAPTION_EXTENSIONS:
-            roles[path] = CAPTION if stem in images_by_stem else "caption without an image of the same name"
-        else:
-            roles[path] = (f"not an image type kohya reads ({extension or 'no extension'}; "
-                           f"{' '.join(IMAGE_EXTENSIONS)}): convert it, or set prepared to no to crop it")
-    return roles
 
 
 def find_caption(image_path: str | os.PathLike) -> Path | None:
