@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 
 from tifactory.training import model_check
 from tifactory.training.model_check import check_base_model, check_config_dir, check_models, check_vae
+from support.pickles import Exploit
 
 UNET = "model.diffusion_model."
 TEXT = "cond_stage_model.transformer.text_model."
@@ -173,24 +173,16 @@ def test_unreadable_files(tmp_path):
     assert "unsupported extension '.bin'" in only(check_base_model(str(weird)))
 
 
-class _Exploit:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_code_in_a_pickle_is_named_and_never_run(tmp_path, writer):
     marker = tmp_path / "pwned"
-    payload = {"evil": _Exploit(f"touch {marker}"), "state_dict": sd15_keys()}
+    payload = {"evil": Exploit(f"touch {marker}"), "state_dict": sd15_keys()}
     path = tmp_path / "evil.ckpt"
     if writer == "torch.save":
         torch.save(payload, path)
     else:
         with open(path, "wb") as handle:
-            pickle.dump({"evil": _Exploit(f"touch {marker}")}, handle, protocol=2)
+            pickle.dump({"evil": Exploit(f"touch {marker}")}, handle, protocol=2)
     message = only(check_base_model(str(path)))
     assert not marker.exists()
     assert message == (f"base_model: {path} is a pickle that names code beyond tensors (posix.system); it is not "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import sys
@@ -16,6 +15,7 @@ from tifactory.training import models
 from tifactory.fileio import sha256_file
 from tifactory.training.models import Components, ModelLoadError, load_components, model_fingerprint
 from tifactory.demo.tinymodel import save_single_file, vae_diffusers_to_ldm
+from support.pickles import Exploit
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +179,11 @@ def test_not_an_sd1_checkpoint(tmp_path, tiny_model_dir):
 
 # ----------------------------------------------------------------------------- pickle safety
 
-class _Exploit:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
 def test_code_executing_pickle_is_refused(tmp_path, tiny_model_dir, writer, suffix):
     marker = tmp_path / "pwned"
-    payload = {"evil": _Exploit(f"touch {marker}"), "state_dict": {"model.diffusion_model.x": torch.ones(1)}}
+    payload = {"evil": Exploit(f"touch {marker}"), "state_dict": {"model.diffusion_model.x": torch.ones(1)}}
     path = tmp_path / f"evil{suffix}"
     if writer == "torch.save":
         torch.save(payload, path)
