@@ -93,6 +93,32 @@ def test_dlib_separates_the_astronaut_from_seven_other_people(dlib_models, astro
     assert min(others) > 0.6 and not any(metric.same(value) for value in others), others
 
 
+def test_pooled_dlib_gives_the_same_descriptors_from_several_threads(face_settings, dlib_models, astronaut):
+    """With several crop threads dlib runs in worker processes (it keeps the GIL while it computes): the
+    descriptors are the in-process ones, whichever thread asks, and close() stops the workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tifactory.faces.models import FaceModels
+    from tifactory.faces.recognition import PooledDlibRecogniser
+
+    if not PooledDlibRecogniser.poolable():
+        pytest.skip("worker processes are forked on Linux only")
+    detector, single = dlib_models
+    photos = [np.asarray(place(copy, i)) for i, copy in enumerate(astronaut_copies(astronaut)[:4])]
+    faces = [detector.detect(photo)[0] for photo in photos]
+    models = FaceModels(FaceSettings.from_config({**vars(face_settings), "recogniser": "dlib"}), threads=2)
+    pooled = models.recogniser()
+    assert isinstance(pooled, PooledDlibRecogniser) and pooled.metric == single.metric
+    workers = list(pooled._pool._processes.values())
+    assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
+    with ThreadPoolExecutor(2) as threads:
+        vectors = list(threads.map(pooled.embed, photos, faces))
+    for vector, photo, face in zip(vectors, photos, faces):
+        np.testing.assert_array_equal(vector, single.embed(photo, face))
+    models.close()
+    assert not any(worker.is_alive() for worker in workers)
+
+
 def test_metric_explains_its_decision():
     distance, cosine = Metric("distance", 0.6), Metric("cosine", 0.4)
     assert distance.explain(0.71) == "distance 0.71 > 0.60" and cosine.explain(0.21) == "cosine 0.21 < 0.40"

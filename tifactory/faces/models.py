@@ -127,15 +127,18 @@ def load_detector(settings: FaceSettings, resolved: Resolved | None = None):
     return detector, resolved.detector_note
 
 
-def load_recogniser(settings: FaceSettings, resolved: Resolved | None = None):
-    """(recogniser, one log line)."""
+def load_recogniser(settings: FaceSettings, resolved: Resolved | None = None, *, processes: int = 1):
+    """(recogniser, one log line). `processes` > 1: dlib runs in that many worker processes (it holds the
+    GIL, so threads cannot share it out; see PooledDlibRecogniser), where the platform allows."""
     from tifactory.faces.packs import pack_status
-    from tifactory.faces.recognition import ArcFaceRecogniser, DlibRecogniser
+    from tifactory.faces.recognition import ArcFaceRecogniser, DlibRecogniser, PooledDlibRecogniser
 
     resolved = resolved or resolve(settings)
     if resolved.recogniser == "arcface":
         recogniser = ArcFaceRecogniser(pack_status(settings.insightface_pack).recognition,
                                        min_cosine=settings.arcface_min_cosine)
+    elif processes > 1 and PooledDlibRecogniser.poolable():
+        recogniser = PooledDlibRecogniser(max_distance=settings.dlib_max_distance, processes=processes)
     else:
         recogniser = DlibRecogniser(max_distance=settings.dlib_max_distance)
     return recogniser, resolved.recogniser_note
@@ -144,12 +147,17 @@ def load_recogniser(settings: FaceSettings, resolved: Resolved | None = None):
 class FaceModels:
     """The detector and recogniser of one job, made once per worker thread (neither YuNet's OpenCV net nor
     dlib's network is thread-safe). Given objects (tests' stand-ins) are shared instead. `recognise=False`:
-    no recogniser is resolved or loaded (`recogniser()` is None)."""
+    no recogniser is resolved or loaded (`recogniser()` is None). `threads` > 1 (the caller's worker threads):
+    dlib runs in as many worker processes, one recogniser shared by the threads; call `recogniser()` once
+    before starting threads (it forks) and `close()` at the end."""
 
-    def __init__(self, settings: FaceSettings, *, detector=None, recogniser=None, recognise: bool = True):
-        self.settings, self.recognise = settings, recognise
+    def __init__(self, settings: FaceSettings, *, detector=None, recogniser=None, recognise: bool = True,
+                 threads: int = 1):
+        self.settings, self.recognise, self.threads = settings, recognise, threads
         self._given_detector, self._given_recogniser = detector, recogniser
         self._local = threading.local()
+        self._shared = None
+        self._lock = threading.Lock()
         needed = detector is None or (recognise and recogniser is None)
         self.resolved = resolve(settings) if needed else None
         self.detector_note = self.resolved.detector_note if detector is None else f"detector: {detector.name} (given)"
@@ -168,6 +176,17 @@ class FaceModels:
             return None
         if self._given_recogniser is not None:
             return self._given_recogniser
+        if self.threads > 1 and self.resolved.recogniser == "dlib":
+            with self._lock:
+                if self._shared is None:
+                    self._shared = load_recogniser(self.settings, self.resolved, processes=self.threads)[0]
+            return self._shared
         if not hasattr(self._local, "recogniser"):
             self._local.recogniser = load_recogniser(self.settings, self.resolved)[0]
         return self._local.recogniser
+
+    def close(self) -> None:
+        """Stop the shared recogniser's worker processes, if any (per-thread models need nothing)."""
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None

@@ -90,6 +90,9 @@ class Recogniser:
     def embed(self, rgb, face: Face):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the recogniser holds beyond memory (worker processes); a no-op for most."""
+
 
 class DlibRecogniser(Recogniser):
     """dlib's face-recognition ResNet on a chip aligned by dlib's 5-point landmark model."""
@@ -108,23 +111,81 @@ class DlibRecogniser(Recogniser):
         self.metric = Metric("distance", float(max_distance))
 
     def embed(self, rgb, face: Face):
+        return self.embed_region(*dlib_region(rgb, face))
+
+    def embed_region(self, region, box: tuple[int, int, int, int]):
+        """The descriptor of the face at `box` (left, top, right, bottom) in `region` (uint8 RGB)."""
         import numpy as np
 
-        image = np.asarray(rgb)
-        if image.ndim == 2:
-            image = np.stack([image] * 3, axis=-1)
-        height, width = image.shape[:2]
-        # only the face's surroundings go to dlib (the chip needs ~25 % around the landmarks' box)
-        margin = max(face.w, face.h)
-        x0, y0 = max(0, int(face.x - margin)), max(0, int(face.y - margin))
-        x1, y1 = min(width, int(face.x + face.w + margin) + 1), min(height, int(face.y + face.h + margin) + 1)
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            raise ValueError("the face box lies outside the image")
-        region = np.ascontiguousarray(image[y0:y1, x0:x1, :3], dtype=np.uint8)
-        box = self._rectangle(int(round(face.x - x0)), int(round(face.y - y0)),
-                              int(round(face.x + face.w - x0)), int(round(face.y + face.h - y0)))
-        shape = self._shape(region, box)
+        shape = self._shape(region, self._rectangle(*box))
         return np.asarray(self._net.compute_face_descriptor(region, shape), dtype=np.float64)
+
+
+def dlib_region(rgb, face: Face):
+    """(region, box): the face's surroundings as contiguous uint8 RGB (the chip needs ~25 % around the
+    landmarks' box) and the face box in that region's pixels, as dlib takes them."""
+    import numpy as np
+
+    image = np.asarray(rgb)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    height, width = image.shape[:2]
+    margin = max(face.w, face.h)
+    x0, y0 = max(0, int(face.x - margin)), max(0, int(face.y - margin))
+    x1, y1 = min(width, int(face.x + face.w + margin) + 1), min(height, int(face.y + face.h + margin) + 1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise ValueError("the face box lies outside the image")
+    region = np.ascontiguousarray(image[y0:y1, x0:x1, :3], dtype=np.uint8)
+    box = (int(round(face.x - x0)), int(round(face.y - y0)),
+           int(round(face.x + face.w - x0)), int(round(face.y + face.h - y0)))
+    return region, box
+
+
+class PooledDlibRecogniser(Recogniser):
+    """dlib's descriptor computed in `processes` forked worker processes, for callers that embed from several
+    threads: dlib keeps Python's GIL while its ResNet runs (~105 ms a face in the BLAS-less wheel), so threads
+    take turns at it. The calling thread cuts the region (cheap) and waits without the GIL. Thread-safe.
+
+    Fork: the workers start at once, here, before the caller starts threads (forking a threaded process is
+    unsafe), and import nothing anew; each loads dlib's two models itself. Linux only (see `poolable`).
+    """
+
+    name = "dlib"
+
+    def __init__(self, *, max_distance: float, processes: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.metric = Metric("distance", float(max_distance))
+        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_start_dlib_worker, initargs=(float(max_distance),))
+        self._pool.submit(int).result()  # with fork every worker starts on the first task: all start now
+
+    def embed(self, rgb, face: Face):
+        region, box = dlib_region(rgb, face)
+        return self._pool.submit(_dlib_worker_embed, region, box).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def poolable() -> bool:
+        """Whether this platform forks cheaply and safely enough for the pool (Linux)."""
+        import sys
+
+        return sys.platform.startswith("linux")
+
+
+_DLIB_WORKER: DlibRecogniser | None = None
+
+
+def _start_dlib_worker(max_distance: float) -> None:
+    global _DLIB_WORKER
+    _DLIB_WORKER = DlibRecogniser(max_distance=max_distance)
+
+
+def _dlib_worker_embed(region, box):
+    return _DLIB_WORKER.embed_region(region, box)
 
 
 class ArcFaceRecogniser(Recogniser):

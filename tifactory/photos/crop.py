@@ -589,6 +589,40 @@ def write_manifest(rows: list[dict], manifest_path: str | os.PathLike):
     return table
 
 
+def _crop_photos(photos: list[Photo], models: FaceModels, settings: CropSettings, out_dir: Path, workers: int,
+                 reference_photos, say, thumbnails: dict) -> dict:
+    """Steps 1-3 over every photo (rows and crops as they go; thumbnails for the contact sheet collected into
+    `thumbnails`); returns the identity summary."""
+    off = "identity filter: off (crop.identity_filter: false)"
+    identity = ({"filter": "off", "note": off} if not settings.identity_filter else
+                {"filter": "not applied", "model": "", "metric": "", "reference": "no faces", "faces": 0, "group": 0,
+                 "rejected": 0, "note": "no photo to check"})
+    if photos:
+        models.detector()  # fails here, once, when a model cannot load
+        if settings.identity_filter:
+            models.recogniser()  # loads (and, shared by the threads, forks its processes) before any thread
+        say(models.detector_note)
+        say(models.recogniser_note if settings.identity_filter
+            else off + ("; reference photos not used" if reference_photos else ""))
+
+    def frame(photo: Photo):
+        crop = frame_and_render(photo, models, settings, out_dir)
+        if crop is not None and settings.contact_sheet:
+            from tifactory.photos.contact_sheet import crop_thumbnail
+
+            thumbnails[photo.row["output"]] = crop_thumbnail(crop)
+
+    if not settings.identity_filter or not photos:  # no identity step between detection and framing: one pass
+        _run(lambda photo: detect_subject(photo, models, settings, keep_decode=True) and frame(photo), photos,
+             workers)
+    else:
+        detected = _run(lambda photo: detect_subject(photo, models, settings, keep_decode=False), photos, workers)
+        found = [photo for ok, photo in zip(detected, photos) if ok]
+        passed, identity = identity_step(found, models, settings, [os.fspath(p) for p in reference_photos], say)
+        _run(frame, passed, workers)
+    return identity
+
+
 def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike, manifest_path: str | os.PathLike,
                settings: CropSettings, *, reference_photos=(), workers: int = 1, detector=None, recogniser=None,
                log=None):
@@ -614,33 +648,13 @@ def crop_faces(raw_manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
         import cv2
 
         cv2.setNumThreads(1)  # parallelism comes from the photo workers
-    models = FaceModels(settings.faces, detector=detector, recogniser=recogniser, recognise=settings.identity_filter)
-    off = "identity filter: off (crop.identity_filter: false)"
-    identity = ({"filter": "off", "note": off} if not settings.identity_filter else
-                {"filter": "not applied", "model": "", "metric": "", "reference": "no faces", "faces": 0, "group": 0,
-                 "rejected": 0, "note": "no photo to check"})
-    if photos:
-        models.detector()  # fails here, once, when a model cannot load
-        say(models.detector_note)
-        say(models.recogniser_note if settings.identity_filter
-            else off + ("; reference photos not used" if reference_photos else ""))
+    models = FaceModels(settings.faces, detector=detector, recogniser=recogniser, recognise=settings.identity_filter,
+                        threads=workers)
     thumbnails: dict = {}
-
-    def frame(photo: Photo):
-        crop = frame_and_render(photo, models, settings, out_dir)
-        if crop is not None and settings.contact_sheet:
-            from tifactory.photos.contact_sheet import crop_thumbnail
-
-            thumbnails[photo.row["output"]] = crop_thumbnail(crop)
-
-    if not settings.identity_filter or not photos:  # no identity step between detection and framing: one pass
-        _run(lambda photo: detect_subject(photo, models, settings, keep_decode=True) and frame(photo), photos,
-             workers)
-    else:
-        detected = _run(lambda photo: detect_subject(photo, models, settings, keep_decode=False), photos, workers)
-        found = [photo for ok, photo in zip(detected, photos) if ok]
-        passed, identity = identity_step(found, models, settings, [os.fspath(p) for p in reference_photos], say)
-        _run(frame, passed, workers)
+    try:
+        identity = _crop_photos(photos, models, settings, out_dir, workers, reference_photos, say, thumbnails)
+    finally:
+        models.close()
     write_text_atomic(out_dir / IDENTITY_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     table = write_manifest(rows, manifest_path)
     wanted = {name for name in table["output"] if name}
