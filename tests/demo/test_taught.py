@@ -51,3 +51,22 @@ def test_closed_form_vae_encodes_block_colours_exactly():
     torch.testing.assert_close(latents.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-3, rtol=0)
     blocks = torch.nn.functional.interpolate(raw[:, :3], scale_factor=8, mode="nearest")
     torch.testing.assert_close(decoded, blocks, atol=1e-3, rtol=0)  # paints the 8x8 block colours back
+
+
+def test_a_taught_folder_is_reused_only_when_this_code_built_it_so(tmp_path):
+    """is_taught_as: same code and settings -> reuse; other steps, seed or code -> build anew."""
+    import json
+
+    from tifactory.demo.taught import TAUGHT_FILE, build_taught_model, is_taught_as
+
+    folder = build_taught_model(tmp_path / "taught", num_vectors=2, steps=1, log=lambda message: None)
+    assert is_taught_as(folder, num_vectors=2, steps=1, seed=0)
+    assert not is_taught_as(folder, num_vectors=2, steps=2, seed=0)
+    assert not is_taught_as(folder, num_vectors=3, steps=1, seed=0)
+    assert not is_taught_as(folder, num_vectors=2, steps=1, seed=1)
+    assert not is_taught_as(tmp_path / "nothing", num_vectors=2, steps=1, seed=0)
+    info = json.loads((folder / TAUGHT_FILE).read_text())
+    (folder / TAUGHT_FILE).write_text(json.dumps({**info, "builder": "0" * 64}))  # built by other code
+    assert not is_taught_as(folder, num_vectors=2, steps=1, seed=0)
+    (folder / TAUGHT_FILE).write_text(json.dumps({**info, "learning_rate": 1.0}))  # other build settings
+    assert not is_taught_as(folder, num_vectors=2, steps=1, seed=0)

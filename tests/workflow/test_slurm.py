@@ -245,10 +245,12 @@ def test_slurm_profile_sizes_every_gpu_rule():
 @requires_slurm
 def test_demo_roster_through_slurm_profile(cluster, tmp_path, repo_config, tiny_overrides, run_snakemake):
     workdir = workflow_tests.make_workdir(tmp_path / "wf", repo_config, tiny_overrides)
-    # The README's command, with the two settings a cluster without slurmdbd needs.
+    # The README's command, with the two settings a cluster without slurmdbd needs, and status checks every
+    # second instead of Snakemake's 10 (each wave of the DAG waits for the next check; seconds here, not minutes).
     started = time.monotonic()
     result = run_snakemake(workdir, "--workflow-profile", str(REPO_ROOT / "profiles" / "slurm"),
                            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+                           "--seconds-between-status-checks", "1",
                            "--slurm-keep-successful-logs", cores=None, resources=None, env=cluster.env, timeout=900,
                            check=False)
     elapsed = time.monotonic() - started

@@ -351,7 +351,8 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
                   str(model / CONCEPTS_FILE), metadata={"num_vectors": str(num_vectors)})
         info = {"concepts": list(CONCEPTS), "image_size": image_size, "num_vectors": num_vectors, "seed": seed,
                 "teach_images": teach_images, "steps": steps, "batch_size": batch_size,
-                "learning_rate": learning_rate, "held_out_start": HELD_OUT_START,
+                "learning_rate": learning_rate, "high_t_share": high_t_share, "held_out_start": HELD_OUT_START,
+                "builder": builder_fingerprint(),
                 "held_out_loss": evaluation}  # no timings: the folder is byte-identical across builds
         (model / TAUGHT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
@@ -361,6 +362,16 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
         shutil.rmtree(work, ignore_errors=True)
     log(f"taught model written to {out_dir} in {time.perf_counter() - started:.0f} s")
     return out_dir
+
+
+def _build_defaults() -> dict:
+    import inspect
+
+    return {name: parameter for name, parameter in inspect.signature(build_taught_model).parameters.items()
+            if name in ("image_size", "teach_images", "batch_size", "learning_rate", "high_t_share")}
+
+
+_BUILD_DEFAULTS = _build_defaults()
 
 
 def _mean_loss(unet, alphas_cumprod, latents, noise, timesteps, states) -> float:
@@ -391,6 +402,28 @@ def write_concept_dataset(concept: str, dataset_dir: str | os.PathLike, *, subje
                                                    class_tokens=f"{subject} {class_word}", resolution=size,
                                                    bucket=bucket))
     return toml_path
+
+
+def builder_fingerprint() -> str:
+    """SHA-256 of the code that builds a taught model (this module and the tiny model's): a folder whose
+    taught.json carries another fingerprint was built by other code."""
+    import hashlib
+
+    from tifactory.demo import tinymodel
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, tinymodel.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()
+
+
+def is_taught_as(model_dir: str | os.PathLike, *, num_vectors: int, steps: int, seed: int) -> bool:
+    """Whether `model_dir` is a taught model that this code, with these settings and the other build
+    defaults, builds (the same bytes): for reusing one instead of building it again."""
+    info = read_taught_info(model_dir)
+    return (info is not None and info.get("builder") == builder_fingerprint()
+            and (info["num_vectors"], info["steps"], info["seed"]) == (num_vectors, steps, seed)
+            and all(info.get(name) == parameter.default for name, parameter in _BUILD_DEFAULTS.items()))
 
 
 def read_taught_info(model_dir: str | os.PathLike) -> dict | None:
