@@ -70,3 +70,29 @@ def run_snakemake():
     from support.harness import run_snakemake as run
 
     return run
+
+
+# Test files that share one session-scoped run (support/badcorpus.py's reference_run) go to one xdist worker,
+# so that run is made once, not once per worker.
+SHARED_RUN_FILES = {"tests/workflow/test_faults.py": "reference run",
+                    "tests/workflow/test_reproducibility.py": "reference run"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that SHARED_RUN_FILES form one unit."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            scope = super()._split_scope(nodeid)
+            return SHARED_RUN_FILES.get(scope, scope)
+
+    return SharedRunScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first (stable otherwise): the workers start on the long ones, and the short ones
+    fill in at the end, which balances the workers."""
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)
