@@ -80,18 +80,21 @@ def stable_metadata(path) -> dict[str, str]:
 
 
 def run_fixed(tmp_path, seam_dataset, tiny_model_dir, monkeypatch):
+    from tifactory.families import ModelSpec
+    from tifactory.training.settings import TrainSettings
     from tifactory.training.train import train_embedding
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")  # 2026-01-01
     out = tmp_path / "run"
-    train_embedding(dataset_toml=seam_dataset, base_model=str(tiny_model_dir), subject="eva", params=dict(RECIPE),
+    train_embedding(dataset_toml=seam_dataset, model=ModelSpec(path=tiny_model_dir, family="sd15"), subject="eva",
+                    settings=TrainSettings.from_config(RECIPE),
                     final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
                     loss_tsv=out / "loss.tsv", state_dir=out / "state", log=lambda message: None)
     return out
 
 
 def test_sd15_embedding_unchanged_by_the_seam(tmp_path, seam_dataset, tiny_model_dir, monkeypatch):
-    from tifactory.training.models import model_fingerprint
+    from tifactory.families.loading import model_fingerprint
 
     out = run_fixed(tmp_path, seam_dataset, tiny_model_dir, monkeypatch)
     final = out / "eva-ti.safetensors"
