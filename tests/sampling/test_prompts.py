@@ -49,9 +49,9 @@ def test_apply_weights_keeps_mean():
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model_dir):
-    from tifactory.training.models import load_components
+    from support.models import load_sd15
 
-    components = load_components(tiny_model_dir)
+    components = load_sd15(tiny_model_dir)
     return PromptEncoder(components.tokenizer, components.text_encoder)
 
 

@@ -65,12 +65,13 @@ def test_crafted_resume_state_is_refused_and_training_starts_over(tmp_path):
 @pytest.mark.parametrize("name", ["evil.pth", "evil.safetensors"])
 def test_crafted_base_model_file_is_refused(tmp_path, tiny_model_dir, name):
     """.pth (the third pickle suffix) and a pickle disguised as .safetensors (never unpickled)."""
-    from tifactory.training.models import ModelLoadError, load_components
+    from support.models import load_sd15
+    from tifactory.families.loading import ModelLoadError
 
     marker = tmp_path / "pwned"
     path = _evil_pickle(tmp_path / name, marker, {"state_dict": {}})
     with pytest.raises(ModelLoadError, match="refusing to load|cannot read safetensors"):
-        load_components(path, config_dir=tiny_model_dir)
+        load_sd15(path, config_dir=tiny_model_dir)
     assert not marker.exists()
 
 

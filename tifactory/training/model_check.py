@@ -1,6 +1,7 @@
 """Is this an SD1.5 model (or VAE)? Decided from file headers and key names, before any job runs.
 
-The Snakefile calls `check_models(config)` while it builds the DAG, so a wrong `base_model`, `vae`,
+The Snakefile calls `model_specs(config)` while it builds the DAG: it answers which model family
+(tifactory.families) each model is, as the `ModelSpec` the jobs get, and a wrong `base_model`, `vae`,
 `base_model_config` or `eval_models` entry is one clear message naming its config key instead of a
 failed job. What is read, without torch:
 
@@ -399,26 +400,38 @@ def _message(key: str, path: str, verdict: Verdict) -> str:
     return f"{key}: {path} is {verdict.found}{advice}"
 
 
-def check_base_model(path: str, key: str = "base_model", *, has_vae_override: bool = False) -> list[str]:
-    """Problems with a base model (diffusers folder or single file), each naming the config key."""
+# The family (tifactory.families.FAMILIES) of a model the classification accepts (a verdict of None).
+ACCEPTED_FAMILY = "sd15"
+
+
+def base_model_family(path: str, key: str = "base_model", *,
+                      has_vae_override: bool = False) -> tuple[str | None, list[str]]:
+    """(the model family's name, []) for a usable base model (diffusers folder or single file), else
+    (None, problems), each problem naming the config key."""
     if not path:
-        return [f"{key}: empty; set it to an SD1.5 diffusers folder or .safetensors/.ckpt file"]
+        return None, [f"{key}: empty; set it to an SD1.5 diffusers folder or .safetensors/.ckpt file"]
     location = Path(os.path.expanduser(path))
     if not location.exists():
-        return [f"{key}: {path} does not exist"]
+        return None, [f"{key}: {path} does not exist"]
     try:
         if location.is_dir():
             verdict = classify_folder(location, need_vae=not has_vae_override)
         else:
             inspection = inspect_file(location)
             if inspection.unsafe_globals:
-                return [f"{key}: {path} is {_unsafe_message(inspection)}"]
+                return None, [f"{key}: {path} is {_unsafe_message(inspection)}"]
             verdict = classify_keys(inspection.shapes, inspection.metadata) or _sibling_yaml_prediction(location)
             if verdict is None and not has_vae_override and not _has(inspection.shapes, VAE):
-                return [f"{key}: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder"]
+                return None, [f"{key}: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or "
+                              "folder"]
     except ModelCheckError as error:
-        return [f"{key}: {error}"]
-    return [] if verdict is None else [_message(key, path, verdict)]
+        return None, [f"{key}: {error}"]
+    return (ACCEPTED_FAMILY, []) if verdict is None else (None, [_message(key, path, verdict)])
+
+
+def check_base_model(path: str, key: str = "base_model", *, has_vae_override: bool = False) -> list[str]:
+    """Problems with a base model (diffusers folder or single file), each naming the config key."""
+    return base_model_family(path, key, has_vae_override=has_vae_override)[1]
 
 
 def _unsafe_message(inspection: Inspection) -> str:
@@ -487,26 +500,45 @@ def check_config_dir(path: str, key: str = "base_model_config") -> list[str]:
     return [f"{key}: {path} describes {verdict.found}; SD1.5 only"] if verdict else []
 
 
-def check_models(config: dict, *, demo_model_name: str = "demo-tiny") -> list[str]:
+def check_models(config: dict, *, demo_model_name: str = "demo-tiny", demo_family: str = "sd15") -> list[str]:
     """Every model problem of a config (base model, its config folder, VAE, eval models), key named."""
+    return model_specs(config, demo_model_dir="", demo_model_name=demo_model_name, demo_family=demo_family)[1]
+
+
+def model_specs(config: dict, *, demo_model_dir: str, demo_model_name: str = "demo-tiny",
+                demo_family: str = "sd15") -> tuple[dict, list[str]]:
+    """({"base": the base model's ModelSpec, <eval model name>: its ModelSpec, ...}, problems): each model's
+    family detected from its files (the demo model, built by a job, is `demo_family`); an eval model of another
+    family than the base model is a problem. Parse-time cheap (headers and configs only)."""
+    from tifactory.families import ModelSpec
+
+    specs: dict = {}
     problems: list[str] = []
-    if config.get("base_model") != demo_model_name:
-        problems += _check_model_entry(config.get("base_model", ""), config.get("base_model_config", ""),
-                                       config.get("vae", ""), "base_model", "base_model_config", "vae")
+    entries = [("base", config.get("base_model", ""), config.get("base_model_config", ""), config.get("vae", ""),
+                "base_model", "base_model_config", "vae")]
     for index, entry in enumerate(config.get("eval_models") or []):
         where = f"eval_models[{index}] ({entry.get('name', '?')})"
-        problems += _check_model_entry(entry.get("path", ""), entry.get("config", ""), entry.get("vae", ""),
-                                       f"{where}.path", f"{where}.config", f"{where}.vae")
-    return problems
-
-
-def _check_model_entry(path: str, config_dir: str, vae: str, key: str, config_key: str, vae_key: str) -> list[str]:
-    problems = check_base_model(path, key, has_vae_override=bool(vae))
-    if config_dir:
-        problems += check_config_dir(config_dir, config_key)
-    if vae:
-        problems += check_vae(vae, vae_key)
-    return problems
+        entries.append((entry.get("name", f"eval{index}"), entry.get("path", ""), entry.get("config", ""),
+                        entry.get("vae", ""), f"{where}.path", f"{where}.config", f"{where}.vae"))
+    for name, path, config_dir, vae, key, config_key, vae_key in entries:
+        if name == "base" and path == demo_model_name:
+            specs[name] = ModelSpec(path=demo_model_dir or demo_model_name, family=demo_family)
+            continue
+        family, found = base_model_family(path, key, has_vae_override=bool(vae))
+        if config_dir:
+            found += check_config_dir(config_dir, config_key)
+        if vae:
+            found += check_vae(vae, vae_key)
+        problems += found
+        if not found and family is not None:
+            specs[name] = ModelSpec(path=os.path.expanduser(path), family=family,
+                                    config_dir=os.path.expanduser(config_dir), vae=os.path.expanduser(vae))
+    base = specs.get("base")
+    for name, spec in specs.items():
+        if base is not None and name != "base" and spec.family != base.family:
+            problems.append(f"eval model {name} ({spec.path}) is a {spec.family} model, the base model a "
+                            f"{base.family} one: an embedding works only on models of its own family")
+    return specs, problems
 
 
 def tokenizer_folder(config: dict, *, demo_model_dir: str | None = None,
