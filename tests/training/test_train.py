@@ -180,7 +180,8 @@ def test_subject_named_like_a_word_trains_under_a_derived_token(tmp_path, datase
     out = tmp_path / "photo"
     final = out / "photo-ti.safetensors"
     train_embedding(dataset_toml=dataset_toml, model=sd15_spec(tiny_model_dir), subject="photo",
-                    settings=TrainSettings.from_config(params, max_train_steps=2), final_path=final, checkpoint_dir=out / "checkpoints",
+                    settings=TrainSettings.from_config(params, max_train_steps=2), final_path=final,
+                    checkpoint_dir=out / "checkpoints",
                     loss_tsv=out / "loss.tsv", state_dir=out / "state", log=messages.append)
     vectors, metadata = load_embedding(final)
     assert tuple(vectors.shape) == (5, 768)
@@ -204,7 +205,8 @@ def test_progress_lines_and_loss_table_as_training_goes(tmp_path, dataset_toml, 
             seen_rows.append(len((out / "loss.tsv").read_text().splitlines()) - 1)
 
     train_embedding(dataset_toml=dataset_toml, model=sd15_spec(tiny_model_dir), subject="eva",
-                    settings=TrainSettings.from_config(params), final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
+                    settings=TrainSettings.from_config(params), final_path=out / "eva-ti.safetensors",
+                    checkpoint_dir=out / "checkpoints",
                     loss_tsv=out / "loss.tsv", state_dir=out / "state", log=log, progress_every_s=1e-6)
     progress = [m for m in messages if m.startswith("step ")]
     # a line at every loss read-back (every 10 steps and the first), each with rate, loss and ETA

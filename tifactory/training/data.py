@@ -260,8 +260,8 @@ def training_prompts(images: list[TrainingImage], settings: TrainSettings, subje
     return prompts, lambda image_index, random_pick: random_pick % len(prompts)
 
 
-def prepare_data(dataset_toml: Path, settings: TrainSettings, subject: str, token_strings: list[str], family, components,
-                 device, stats: dict, log: Callable[[str], None]) -> TrainingData:
+def prepare_data(dataset_toml: Path, settings: TrainSettings, subject: str, token_strings: list[str], family,
+                 components, device, stats: dict, log: Callable[[str], None]) -> TrainingData:
     """Phase 3: images, their latents encoded once per bucket (or, with cache_latents false, their pixels),
     their sizes, and the prompts tokenised by every tokenizer of the family."""
     import torch

@@ -525,7 +525,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, model: ModelSpec, subjec
 
     # -- 5. the loop
     samples_per_step = settings.samples_per_step
-    max_steps, save_every, micro_batch = settings.max_train_steps, settings.save_every_n_steps, settings.micro_batch_size
+    max_steps, save_every = settings.max_train_steps, settings.save_every_n_steps
+    micro_batch = settings.micro_batch_size
     plan = build_step_plan(run.step, max_steps, samples_per_step, data.repeats, settings.seed, data.num_variants,
                            data.images, data.image_slots, data.prompt_for_sample, device)
     alphas_cumprod = components.noise_scheduler.alphas_cumprod.to(device, dtype=torch.float32)
