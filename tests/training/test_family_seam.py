@@ -106,3 +106,64 @@ def test_sd15_embedding_unchanged_by_the_seam(tmp_path, seam_dataset, tiny_model
 
     with safe_open(str(final), framework="pt") as handle:
         assert handle.metadata()["tifactory.base_model_sha256"] == model_fingerprint(tiny_model_dir)
+
+
+# --------------------------------------------------------------------------------------------- the seam's API
+
+def test_model_spec_travels_as_params_and_names_its_family(tiny_model_dir):
+    from tifactory.families import FamilyError, ModelSpec, family_named
+
+    spec = ModelSpec(path=tiny_model_dir, family="sd15")  # a Path is kept as its string
+    assert spec.path == str(tiny_model_dir) and spec.name == tiny_model_dir.name
+    assert spec.as_params() == {"path": str(tiny_model_dir), "family": "sd15", "config_dir": "", "vae": ""}
+    assert ModelSpec.from_params(spec.as_params()) == spec and hash(ModelSpec.from_params(spec.as_params()))
+    with pytest.raises(FamilyError, match="unknown model family 'sd3'"):
+        ModelSpec(path="m.safetensors", family="sd3")
+    with pytest.raises(FamilyError, match="unknown field"):
+        ModelSpec.from_params({"path": "m", "family": "sd15", "base_model": "m"})
+    with pytest.raises(FamilyError, match="unknown model family"):
+        family_named("sd3")
+    family = family_named("sd15")
+    assert (family.name, family.native_resolution, family.latent_scale) == ("sd15", 512, 0.18215)
+    assert family.architecture == "stable-diffusion-v1/textual-inversion"
+
+
+def test_model_check_answers_each_models_family(tiny_model_dir, tmp_path):
+    from tifactory.demo.tinymodel import save_single_file
+    from tifactory.families import ModelSpec
+    from tifactory.training.model_check import model_specs
+
+    single = save_single_file(tiny_model_dir, tmp_path / "tiny.safetensors")
+    config = {"base_model": str(single), "base_model_config": str(tiny_model_dir), "vae": "",
+              "eval_models": [{"name": "folder", "path": str(tiny_model_dir)}]}
+    specs, problems = model_specs(config, demo_model_dir="resources/models/demo-tiny")
+    assert problems == []
+    assert specs == {"base": ModelSpec(path=str(single), family="sd15", config_dir=str(tiny_model_dir)),
+                     "folder": ModelSpec(path=str(tiny_model_dir), family="sd15")}
+    demo, _ = model_specs(dict(config, base_model="demo-tiny", eval_models=[]), demo_model_dir="models/demo")
+    assert demo == {"base": ModelSpec(path="models/demo", family="sd15")}
+    missing, problems = model_specs(dict(config, base_model=str(tmp_path / "nope.safetensors")),
+                                    demo_model_dir="models/demo")
+    assert "base" not in missing and problems == [f"base_model: {tmp_path / 'nope.safetensors'} does not exist"]
+
+
+def test_sd15_family_file_tensors_and_text_side(tiny_model_dir):
+    import torch
+
+    from support.models import load_sd15
+    from tifactory.families import family_named
+    from tifactory.training.embedding import EMBEDDING_KEY
+
+    family = family_named("sd15")
+    components = load_sd15(tiny_model_dir)
+    assert len(components.tokenizers) == len(components.text_encoders) == 1
+    vectors = family.add_placeholders(components, ["zqx", "zqx1"], "woman", lambda message: None)
+    assert len(vectors) == 1 and vectors[0].shape == (2, 768) and vectors[0].requires_grad
+    assert family.placeholder_vectors(components)[0] is vectors[0]
+    assert list(family.embedding_tensors(vectors)) == [EMBEDDING_KEY]
+    ids = family.tokenize(components, ["a photo of zqx zqx1"])
+    conditioning = family.extra_conditioning(family.encode_text(components, ids), None)
+    assert conditioning.hidden_states.shape == (1, 77, 768) and conditioning.pooled is None
+    latents = torch.zeros(1, 4, 8, 8)
+    with torch.no_grad():
+        assert family.predict_noise(components.unet, latents, torch.tensor([10]), conditioning).shape == latents.shape

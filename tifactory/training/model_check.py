@@ -16,7 +16,7 @@ What is recognised: SD1.x checkpoints (768-wide text encoder, 4 UNet input chann
 prediction) pass; SDXL, SD2.x (1024-wide OpenCLIP text encoder), inpainting or other UNets with more
 than 4 input channels, v-prediction checkpoints (a `v_pred` key, modelspec metadata, or a `.yaml`
 beside the file saying `parameterization: v`), textual-inversion embeddings, LoRA/LyCORIS files and bare
-VAEs are each named. `classify_keys` also backs the loader's own check at job time (tifactory.training.models).
+VAEs are each named. `classify_keys` also backs the loader's own check at job time (tifactory.families.sd15).
 
 Import cost: standard library only.
 """
