@@ -77,6 +77,7 @@ class Family:
 
     name: str = ""
     architecture: str = ""  # the embedding file's modelspec.architecture
+    title: str = ""  # for messages ("Stable Diffusion 1.5")
     native_resolution: int = 0
     latent_scale: float = 0.0  # the VAE latents' scaling factor (when the VAE's config lacks one)
     noise_schedule: dict = {}  # the family's training noise schedule; fills in what a scheduler config omits
