@@ -449,21 +449,22 @@ class LossLog:
 
 
 @functools.lru_cache(maxsize=16)
-def _fingerprint_cached(path: str, size: int, mtime_ns: int) -> str:
+def _fingerprint_cached(path: str, version: tuple) -> str:
     from tifactory.families.loading import model_fingerprint
 
     return model_fingerprint(path)
 
 
 def model_hash(spec: ModelSpec, preloaded: bool) -> str:
-    """The base model's sha256 (tifactory.families.loading.model_fingerprint), cached per file version, so a
-    long-lived process hashes each model once. A model handed over in memory with no file behind it (a
-    benchmark's random model) is "in-memory"."""
+    """The base model's sha256 (tifactory.families.loading.model_fingerprint), cached per version of its files
+    (each file's size and mtime), so a long-lived process hashes each model once. A model handed over in memory
+    with no file behind it (a benchmark's random model) is "in-memory"."""
     path = Path(spec.path)
     if preloaded and not path.exists():
         return "in-memory"
-    stat = path.stat()
-    return _fingerprint_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    files = [path] if path.is_file() else sorted(file for file in path.rglob("*") if file.is_file())
+    version = tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files)
+    return _fingerprint_cached(str(path), version)
 
 
 def train_embedding(*, dataset_toml: str | os.PathLike, model: ModelSpec, subject: str, settings: TrainSettings,
