@@ -7,7 +7,6 @@ import re
 import sys
 
 from tifactory.roster import (
-    DEMO_MODEL_FAMILY,
     DEMO_MODEL_NAME,
     RESERVED_SUBJECTS,
     RosterError,
@@ -66,9 +65,7 @@ PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepare
 # Every model as the ModelSpec the jobs get (its family detected from its files), and wrong models named
 # before any job runs (file headers and key names only; no torch). "base" is the base model; the others are
 # the eval_models entries by name.
-MODELS, _model_problems = model_specs(
-    config, demo_model_dir=DEMO_MODEL_DIR, demo_model_name=DEMO_MODEL_NAME, demo_family=DEMO_MODEL_FAMILY
-)
+MODELS, _model_problems = model_specs(config, demo_model_dir=DEMO_MODEL_DIR)
 if _model_problems:
     raise WorkflowError("model settings in the config are not usable:\n  " + "\n  ".join(_model_problems))
 

@@ -500,17 +500,18 @@ def check_config_dir(path: str, key: str = "base_model_config") -> list[str]:
     return [f"{key}: {path} describes {verdict.found}; SD1.5 only"] if verdict else []
 
 
-def check_models(config: dict, *, demo_model_name: str = "demo-tiny", demo_family: str = "sd15") -> list[str]:
+def check_models(config: dict) -> list[str]:
     """Every model problem of a config (base model, its config folder, VAE, eval models), key named."""
-    return model_specs(config, demo_model_dir="", demo_model_name=demo_model_name, demo_family=demo_family)[1]
+    return model_specs(config, demo_model_dir="")[1]
 
 
-def model_specs(config: dict, *, demo_model_dir: str, demo_model_name: str = "demo-tiny",
-                demo_family: str = "sd15") -> tuple[dict, list[str]]:
+def model_specs(config: dict, *, demo_model_dir: str) -> tuple[dict, list[str]]:
     """({"base": the base model's ModelSpec, <eval model name>: its ModelSpec, ...}, problems): each model's
-    family detected from its files (the demo model, built by a job, is `demo_family`); an eval model of another
-    family than the base model is a problem. Parse-time cheap (headers and configs only)."""
+    family detected from its files (the demo model, built by a job in `demo_model_dir`, is the roster's
+    DEMO_MODEL_FAMILY); an eval model of another family than the base model is a problem. Parse-time cheap
+    (headers and configs only)."""
     from tifactory.families import ModelSpec
+    from tifactory.roster import DEMO_MODEL_FAMILY, DEMO_MODEL_NAME
 
     specs: dict = {}
     problems: list[str] = []
@@ -521,8 +522,8 @@ def model_specs(config: dict, *, demo_model_dir: str, demo_model_name: str = "de
         entries.append((entry.get("name", f"eval{index}"), entry.get("path", ""), entry.get("config", ""),
                         entry.get("vae", ""), f"{where}.path", f"{where}.config", f"{where}.vae"))
     for name, path, config_dir, vae, key, config_key, vae_key in entries:
-        if name == "base" and path == demo_model_name:
-            specs[name] = ModelSpec(path=demo_model_dir or demo_model_name, family=demo_family)
+        if name == "base" and path == DEMO_MODEL_NAME:
+            specs[name] = ModelSpec(path=demo_model_dir or DEMO_MODEL_NAME, family=DEMO_MODEL_FAMILY)
             continue
         family, found = base_model_family(path, key, has_vae_override=bool(vae))
         if config_dir:
