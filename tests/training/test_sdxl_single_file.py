@@ -113,6 +113,20 @@ def test_text_projection_is_openclips_matrix_transposed(tiny, tiny_file):
     assert not torch.allclose(out.text_embeds[0], pooled @ projection.T, atol=1e-3)
 
 
+def test_a_linear_spelled_text_projection_loads_the_same(tiny, tiny_file, tmp_path):
+    """`...text_projection.weight` (Linear orientation, as some tools save it) gives the same model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_file))
+    state[checkpoint.TEXT_2_PREFIX + "text_projection.weight"] = state.pop(
+        checkpoint.TEXT_2_PREFIX + "text_projection").T.contiguous()
+    save_file(state, str(tmp_path / "linear.safetensors"))
+    got = checkpoint.load_sdxl_single_file(tmp_path / "linear.safetensors", tiny).text_encoders[1]
+    want = checkpoint.load_sdxl_single_file(tiny_file, tiny).text_encoders[1]
+    assert torch.equal(got.text_projection.weight, want.text_projection.weight)
+
+
 def test_random_writer_makes_a_loadable_fp16_file(tiny, tmp_path):
     import torch
 

@@ -12,7 +12,9 @@ The layout of `sd_xl_base_1.0.safetensors` and the finetunes that share it:
 `text_projection` is OpenCLIP's matrix applied as `x @ text_projection` ([width, projection_dim]); the
 diffusers / transformers `text_projection.weight` of CLIPTextModelWithProjection is a Linear weight
 ([projection_dim, width], applied as `x @ weight.T`), so one is the other's transpose. diffusers'
-`convert_open_clip_checkpoint` transposes it; `tests/training/test_sdxl_single_file.py` checks that the
+`convert_open_clip_checkpoint` transposes it. Some tools save `conditioner.embedders.1.model.
+text_projection.weight` instead, already in the Linear orientation (ComfyUI's loader transposes that one
+back for its own `x @ P`); it is taken as it is. `tests/training/test_sdxl_single_file.py` checks that the
 converted model's `text_embeds` equal OpenCLIP's `ln_final(x)[eos] @ text_projection` computed from the file.
 
 Original -> diffusers (`original_to_diffusers`) uses diffusers' own converters (offline: they only rename
@@ -166,7 +168,11 @@ def original_to_diffusers(checkpoint: dict, unet_config: dict, vae_config: dict 
     text = convert_ldm_clip_checkpoint(part(TEXT_PREFIX))
     out["text_encoder"] = {key: tensor for key, tensor in text.items() if not key.endswith("position_ids")}
     holder = SimpleNamespace(config=text_2_config)
-    out["text_encoder_2"] = convert_open_clip_checkpoint(holder, part(TEXT_2_PREFIX), prefix=TEXT_2_PREFIX)
+    text_2 = part(TEXT_2_PREFIX)
+    linear = text_2.pop(TEXT_2_PREFIX + "text_projection.weight", None)  # some tools save it as a Linear weight
+    out["text_encoder_2"] = convert_open_clip_checkpoint(holder, text_2, prefix=TEXT_2_PREFIX)
+    if linear is not None and "text_projection.weight" not in out["text_encoder_2"]:
+        out["text_encoder_2"]["text_projection.weight"] = linear
     return out
 
 

@@ -4,7 +4,7 @@ kohya's `sdxl_train_textual_inversion.py` writes this layout (the vectors for CL
 those for OpenCLIP bigG under `clip_g`) with the modelspec (SAI model spec 1.0) fields, architecture
 `stable-diffusion-xl-v1-base/textual-inversion` and implementation
 `https://github.com/Stability-AI/generative-models`. tifactory.training.embedding owns the format (names,
-the shared metadata, SD1.5's `emb_params` file); this module adds SDXL's two tensors to it.
+the shared metadata, SD1.5's one-tensor file); this module adds SDXL's two tensors to it.
 
 How the tools load it (`<name>` is the file name, the trigger word):
 * A1111 / Forge: an SDXL embedding is a file with both `clip_l` and `clip_g`; each half goes to its
