@@ -97,6 +97,25 @@ def test_tiny_single_file_round_trips_to_the_same_weights(tiny, tmp_path, dtype)
     assert [t.pad_token for t in loaded.tokenizers] == ["<|endoftext|>", "!"]
 
 
+def test_loader_equals_diffusers_from_single_file(tiny, tiny_file):
+    """diffusers' own StableDiffusionXLPipeline.from_single_file (offline, configs from the tiny folder) builds
+    the same four modules, weight for weight."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_single_file(str(tiny_file), config=str(tiny), local_files_only=True,
+                                                      torch_dtype=torch.float32)
+    ours = checkpoint.load_sdxl_single_file(tiny_file, tiny)
+    pairs = {"unet": (pipe.unet, ours.unet), "vae": (pipe.vae, ours.vae),
+             "text_encoder": (pipe.text_encoder, ours.text_encoders[0]),
+             "text_encoder_2": (pipe.text_encoder_2, ours.text_encoders[1])}
+    for name, (theirs, mine) in pairs.items():
+        spell = checkpoint.text_model_keys if name.startswith("text") else dict
+        want, got = spell(theirs.state_dict()), spell(mine.state_dict())
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[key], want[key]) for key in want), name
+
+
 def test_text_projection_is_openclips_matrix_transposed(tiny, tiny_file):
     """The file's text_projection P is applied as x @ P (OpenCLIP); the loaded model's text_embeds equal that,
     and differ from x @ P.T, so a missing (or extra) transpose fails here."""
