@@ -36,7 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from tifactory.fileio import atomic_path
-from tifactory.training.models import ModelLoadError
+
+try:  # the family seam (branch seam) moves the SD1.5 loader's shared pieces to tifactory.families.loading
+    from tifactory.families.loading import ModelLoadError, read_checkpoint
+except ImportError:  # main before that merge
+    from tifactory.training.models import ModelLoadError, read_checkpoint
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -233,7 +237,6 @@ def load_sdxl_single_file(path: str | Path, config_dir: str | Path | None = None
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from tifactory.families import sdxl_resources
-    from tifactory.training.models import read_checkpoint  # noqa: PLC0415
 
     folder = Path(config_dir) if config_dir else sdxl_resources.config_dir()
     unet_config = dict(UNet2DConditionModel.load_config(folder / "unet"))

@@ -482,9 +482,11 @@ def check_model_family(path: str, key: str = "base_model", *, has_vae_override: 
                        ) -> tuple[str | None, list[str]]:
     """(family, problems) of a base model: "sd15" or "sdxl" with no problems, or None and messages that
     each name the config key and the tensor or config key that gave the model away."""
-    location = Path(os.path.expanduser(path)) if path else None
-    if location is None or not location.exists():
-        return None, check_base_model(path, key, has_vae_override=has_vae_override)
+    if not path:
+        return None, [f"{key}: empty; set it to an SD1.5 or SDXL diffusers folder or .safetensors/.ckpt file"]
+    location = Path(os.path.expanduser(path))
+    if not location.exists():
+        return None, [f"{key}: {path} does not exist"]
     try:
         if location.is_dir():
             found = detect_family_folder(location, need_vae=not has_vae_override)
