@@ -5,8 +5,10 @@ holds weights only; these files describe it, so it loads offline with an empty H
 layout is a diffusers SDXL folder without weights (model_index.json, unet/, vae/, text_encoder/,
 text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/). `base_model_config` overrides the folder.
 
-Where each value comes from (SDXL base 1.0 as published in diffusers format, checked against kohya
-sd-scripts' and OneTrainer's copies of the same numbers):
+Where each value comes from: SDXL base 1.0 as published in diffusers format, compared with public copies of
+the same numbers (kohya sd-scripts' SDXL UNet constants, other projects' config copies) and pinned by the
+module sizes they build (tests/training/test_sdxl_resources.py: UNet 2,567,463,684 and bigG 694,659,840
+parameters):
 
 * UNet: 320/640/1280, 2 resnets per level, transformer depths 1/2/10, heads 5/10/20 of 64 channels,
   linear projections, cross-attention 2048 wide (768 CLIP-L + 1280 bigG), `addition_embed_type`
