@@ -81,8 +81,8 @@ def foreign_file(path: str | os.PathLike, subject: str) -> str | None:
         return "a symbolic link"
     try:
         metadata = read_safetensors_header(path).metadata
-    except ModelCheckError as error:
-        return f"not a tifactory embedding: {str(error).removeprefix(str(path)).lstrip(': ')}"
+    except ModelCheckError:
+        return "not a safetensors file tifactory wrote"
     owner = metadata.get(SUBJECT_KEY)
     if owner is None:
         return f"a safetensors file without tifactory's {SUBJECT_KEY} metadata"

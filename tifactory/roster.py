@@ -269,6 +269,44 @@ def merged_section(config: dict, section: str) -> dict:
     return merged
 
 
+def keep_explicit_settings(config: dict, explicit: dict) -> list[str]:
+    """With the demo model, a setting given on the command line (`--config 'train={max_train_steps: 50}'`,
+    Snakemake's `explicit`) wins over demo_overrides: the override is dropped from `config` (in place).
+    Returns one note per dropped override, for the log."""
+    if not is_demo(config):
+        return []
+    notes = []
+    for section, overrides in (config.get("demo_overrides") or {}).items():
+        given = explicit.get(section)
+        if not isinstance(given, dict) or not isinstance(overrides, dict):
+            continue
+        for key in sorted(set(given) & set(overrides)):
+            notes.append(f"{section}.{key}: {config[section][key]!r} from the command line wins over "
+                         f"demo_overrides.{section}.{key} ({overrides.pop(key)!r})")
+    return notes
+
+
+# Bounds a recipe must keep (checked before any job runs, per subject): a step count past the schema's
+# maximum, or this many checkpoints or samples, is a typo, not a run (10^13 steps would write 5·10^10 files).
+MAX_CHECKPOINTS = 1000
+MAX_TRAIN_SAMPLES = 10_000_000  # max_train_steps x train_batch_size x gradient_accumulation_steps
+
+
+def recipe_problems(subject: str, params: dict) -> list[str]:
+    """Why a subject's resolved recipe cannot run: too many checkpoints or samples (each names the keys)."""
+    problems = []
+    steps, every = params["max_train_steps"], params["save_every_n_steps"]
+    checkpoints = -(-steps // every)
+    if checkpoints > MAX_CHECKPOINTS:
+        problems.append(f"subject {subject!r}: max_train_steps {steps} / save_every_n_steps {every} writes "
+                        f"{checkpoints} checkpoints (at most {MAX_CHECKPOINTS}); raise save_every_n_steps")
+    samples = steps * params["train_batch_size"] * params["gradient_accumulation_steps"]
+    if samples > MAX_TRAIN_SAMPLES:
+        problems.append(f"subject {subject!r}: max_train_steps x train_batch_size x gradient_accumulation_steps = "
+                        f"{samples} samples (at most {MAX_TRAIN_SAMPLES})")
+    return problems
+
+
 def train_params(config: dict, subject_row: dict) -> dict:
     """The full training recipe for one subject: config.train (+ demo overrides) + roster overrides."""
     params = merged_section(config, "train")
@@ -277,4 +315,6 @@ def train_params(config: dict, subject_row: dict) -> dict:
             params[key] = value
     if not params["init_word"]:
         params["init_word"] = subject_row["class_word"]
+    if subject_row.get("output_name"):  # the trigger in the embedding's metadata (only when set: no rerun otherwise)
+        params["output_name"] = subject_row["output_name"]
     return params

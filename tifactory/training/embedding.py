@@ -79,7 +79,7 @@ def build_metadata(*, subject: str, step: int, resolution: int, date: str, recip
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
         "modelspec.implementation": "diffusers",
-        "modelspec.title": f"{subject}-ti",
+        "modelspec.title": recipe.get("output_name") or f"{subject}{TRIGGER_SUFFIX}",  # the trigger people type
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": date,
         "modelspec.prediction_type": "epsilon",

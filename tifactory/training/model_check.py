@@ -628,6 +628,8 @@ def check_models(config: dict, *, demo_model_name: str = "demo-tiny") -> list[st
     if config.get("base_model") != demo_model_name:
         problems += _check_model_entry(config.get("base_model", ""), config.get("base_model_config", ""),
                                        config.get("vae", ""), "base_model", "base_model_config", "vae")
+    elif config.get("vae"):  # the demo model takes a vae override too: checked as for any model
+        problems += check_vae(config["vae"], "vae")
     for index, entry in enumerate(config.get("eval_models") or []):
         where = f"eval_models[{index}] ({entry.get('name', '?')})"
         problems += _check_model_entry(entry.get("path", ""), entry.get("config", ""), entry.get("vae", ""),
