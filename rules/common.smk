@@ -266,7 +266,9 @@ def publish_targets(targets):
     if not PUBLISH_DIR:
         return []
     wanted = set(targets)
-    paths = (os.path.join(PUBLISH_DIR, f"{name}.safetensors") for name, (_, source) in PUBLISHED.items() if source in wanted)
+    paths = (
+        os.path.join(PUBLISH_DIR, f"{name}.safetensors") for name, (_, source) in PUBLISHED.items() if source in wanted
+    )
     return sorted(
         path
         for path in paths
@@ -295,8 +297,9 @@ def roster_run_summary(since):
 
     summary = run_summary(SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR)
     if PUBLISH_BLOCKED:
-        summary += f"\n  not published ({len(PUBLISH_BLOCKED)} file(s) in publish_dir are not tifactory's): " + ", ".join(
-            PUBLISH_BLOCKED
+        summary += (
+            f"\n  not published ({len(PUBLISH_BLOCKED)} file(s) in publish_dir are not tifactory's): "
+            + ", ".join(PUBLISH_BLOCKED)
         )
     return summary
 

@@ -17,10 +17,10 @@ if PUBLISH_DIR:
             "logs/publish/{published}.log",
         wildcard_constraints:
             published=subject_regex(),
+        conda:
+            "../envs/tifactory.yaml"
         params:
             subject=publish_subject,
             replace_others=config["publish_replace_others"],
-        conda:
-            "../envs/tifactory.yaml"
         script:
             "../workflow/scripts/publish.py"
