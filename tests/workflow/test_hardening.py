@@ -290,6 +290,13 @@ def test_pickle_nesting_and_memo_are_bounded(tmp_path):
     nested = _zip_checkpoint(tmp_path / "nested.ckpt", b"\x80\x02" + (pickle.EMPTY_DICT + key) * 5_000
                              + pickle.EMPTY_DICT + pickle.SETITEM * 5_000 + pickle.STOP)
     assert read_pickle_checkpoint(nested).shapes == {}
+    # a 100 000-item list copied by builtins.list 10 000 times (a few bytes each): charged by what it copies
+    copies = (b"\x80\x02" + pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.MARK + (pickle.BININT1 + b"\x01")
+              * 100_000 + pickle.APPENDS + pickle.POP + pickle.GLOBAL + b"builtins\nlist\n" + pickle.BINPUT + b"\x01"
+              + pickle.MARK + (pickle.BINGET + b"\x01" + pickle.BINGET + b"\x00" + pickle.TUPLE1 + pickle.REDUCE)
+              * 10_000 + pickle.LIST + pickle.STOP)
+    with pytest.raises(ModelCheckError, match="builds more than a checkpoint"):
+        read_pickle_checkpoint(_zip_checkpoint(tmp_path / "copies.ckpt", copies))
 
 
 def test_torch_and_numpy_code_globals_the_loader_refuses_are_refused_at_dag_time(tmp_path):
@@ -299,6 +306,11 @@ def test_torch_and_numpy_code_globals_the_loader_refuses_are_refused_at_dag_time
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {UNET + "w": torch.zeros(2, 3), "p": torch.nn.Parameter(torch.zeros(2))}}, good)
     assert read_pickle_checkpoint(good).unsafe_globals == []
+    # a module's state_dict() is an OrderedDict with a pickled `_metadata` attribute (as Lightning checkpoints hold)
+    module_state = tmp_path / "module_state.ckpt"
+    torch.save({"state_dict": torch.nn.Sequential(torch.nn.Linear(2, 3)).state_dict()}, module_state)
+    inspection = read_pickle_checkpoint(module_state)
+    assert inspection.shapes == {"0.weight": (3, 2), "0.bias": (3,)} and inspection.unsafe_globals == []
     with_numpy = tmp_path / "numpy.ckpt"
     torch.save({"state_dict": {"a": numpy.zeros(2)}}, with_numpy)
     with_module = tmp_path / "module.ckpt"

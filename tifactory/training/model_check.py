@@ -158,8 +158,27 @@ class _TensorShape:
     shape: tuple[int, ...]
 
 
+MAX_TENSOR_DIMENSIONS = 64
+
+
 def _rebuild_tensor(storage, offset, size, *args, **kwargs):
+    if len(size) > MAX_TENSOR_DIMENSIONS:
+        raise ValueError(f"a tensor with {len(size)} dimensions")
     return _TensorShape(tuple(int(s) for s in size))
+
+
+def _rebuild_from_type(function, kind, args, state=None):
+    """torch._tensor._rebuild_from_type_v2: (rebuild function, type, its args, state)."""
+    if len(args) > 16:
+        raise ValueError(f"a tensor rebuilt from {len(args)} arguments")
+    return function(*args)
+
+
+class _StateDict(dict):
+    """A state dict (collections.OrderedDict); its pickled attributes (`_metadata`) are dropped."""
+
+    def __setstate__(self, state):
+        pass
 
 
 def _rebuild_parameter(data, *args, **kwargs):
@@ -217,13 +236,26 @@ class _ShapeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every op
             return _rebuild_tensor
         if module == "torch._utils" and name.startswith("_rebuild_parameter"):
             return _rebuild_parameter
-        if qualified == "torch._tensor._rebuild_from_type_v2":  # (rebuild function, type, its args, state)
-            return lambda function, kind, args, state=None: function(*args)
+        if qualified == "torch._tensor._rebuild_from_type_v2":
+            return _rebuild_from_type
         if qualified == "collections.OrderedDict":
-            return dict
+            return self._container(_StateDict)
         if module == "builtins" and name in ("set", "frozenset", "list", "tuple", "dict"):
-            return {"set": set, "frozenset": frozenset, "list": list, "tuple": tuple, "dict": dict}[name]
+            return self._container({"set": set, "frozenset": frozenset, "list": list, "tuple": tuple,
+                                    "dict": dict}[name])
         return _Inert
+
+    def _container(self, kind):
+        """`kind` called from the pickle, charging what it copies (`list(a_big_list)` again and again)."""
+
+        def build(*args):
+            self.cost += _OPCODE_COST * sum(len(arg) for arg in args if hasattr(arg, "__len__"))
+            if self.cost > MAX_PICKLE_COST:
+                raise _PickleTooCostly(f"it builds more than a checkpoint's pickle does (over {MAX_PICKLE_COST} "
+                                       "bytes' worth of objects)")
+            return kind(*args)
+
+        return build
 
     def persistent_load(self, pid):
         return _Inert()
