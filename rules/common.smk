@@ -236,7 +236,8 @@ if PUBLISH_DIR and is_demo(config):
         "there (the toy model's embeddings are no use in a real UI). Set base_model to your SD1.5 model to publish.",
         file=sys.stderr,
     )
-    PUBLISH_DIR = ""
+# rule publish exists whenever publish_dir is set; this says whether it may run
+PUBLISHING = bool(PUBLISH_DIR) and not is_demo(config)
 # published file name (without .safetensors) -> (subject, results/ file it copies)
 PUBLISHED = {}
 for _subject in SUBJECTS:
@@ -247,7 +248,7 @@ for _subject in SUBJECTS:
 # subject publishes none of its files (not its -best without its final one)
 PUBLISH_BLOCKED = (
     {}
-    if not PUBLISH_DIR or config["publish_replace_others"]
+    if not PUBLISHING or config["publish_replace_others"]
     else blocked_files(PUBLISH_DIR, {f"{name}.safetensors": subject for name, (subject, _) in PUBLISHED.items()})
 )
 _blocked_subjects = {PUBLISHED[os.path.basename(path).removesuffix(".safetensors")][0] for path in PUBLISH_BLOCKED}
@@ -263,7 +264,7 @@ def publish_targets(targets):
     """Copies in `publish_dir` (made by the publish rule) of the embeddings among `targets`, that is each
     final results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors, under the subject's
     output name; none when publishing is off, none over a file tifactory did not write."""
-    if not PUBLISH_DIR:
+    if not PUBLISHING:
         return []
     wanted = set(targets)
     paths = (
@@ -278,7 +279,9 @@ def publish_targets(targets):
 
 def publish_source(wildcards):
     """The results/ embedding a publish_dir file copies; a name of no subject, or a file tifactory did not
-    write in its place, stops here (before Snakemake would replace it)."""
+    write in its place, stops here (before Snakemake would replace it); so does the demo model."""
+    if not PUBLISHING:
+        raise WorkflowError(f"publish_dir: nothing built on the demo model ({DEMO_MODEL_NAME}) is published")
     if wildcards.published not in PUBLISHED:
         raise WorkflowError(f"publish_dir: {wildcards.published}.safetensors is no subject's output name")
     blocked = PUBLISH_BLOCKED.get(os.path.join(PUBLISH_DIR, f"{wildcards.published}.safetensors"))
@@ -295,7 +298,9 @@ def roster_run_summary(since):
     """The end-of-run summary of the roster (Snakefile's onsuccess/onerror): see tifactory.run_summary."""
     from tifactory.run_summary import run_summary
 
-    summary = run_summary(SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR)
+    summary = run_summary(
+        SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR if PUBLISHING else ""
+    )
     if PUBLISH_BLOCKED:
         summary += (
             f"\n  not published ({len(PUBLISH_BLOCKED)} file(s) in publish_dir are not tifactory's): "

@@ -172,6 +172,8 @@ def test_demo_model_never_publishes_and_explicit_settings_win(tmp_path, repo_con
     output = result.stdout + result.stderr
     assert "base_model is demo-tiny: nothing is published" in output
     assert planned_outputs(result.stdout, "publish") == [] and not publish.exists()
+    named = run_snakemake(workdir, str(publish / "eva-ti.safetensors"), "-n", cores=1, check=False)
+    assert named.returncode != 0 and "publish_dir: nothing built on the demo model" in named.stdout + named.stderr
     assert ("train.max_train_steps: 7 from the command line wins over demo_overrides.train.max_train_steps "
             f"({repo_config['demo_overrides']['train']['max_train_steps']})") in output
 
