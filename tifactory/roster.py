@@ -289,7 +289,7 @@ def keep_explicit_settings(config: dict, explicit: dict) -> list[str]:
 # Bounds a recipe must keep (checked before any job runs, per subject): a step count past the schema's
 # maximum, or this many checkpoints or samples, is a typo, not a run (10^13 steps would write 5·10^10 files).
 MAX_CHECKPOINTS = 1000
-MAX_TRAIN_SAMPLES = 10_000_000  # max_train_steps x train_batch_size x gradient_accumulation_steps
+MAX_TRAIN_SAMPLES = 2_000_000  # max_train_steps x train_batch_size x gradient_accumulation_steps
 
 
 def recipe_problems(subject: str, params: dict) -> list[str]:
