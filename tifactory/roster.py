@@ -103,7 +103,7 @@ def read_roster_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], lis
     subjects: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     row_of: dict[str, int] = {}
-    for row_number, (_line_number, line) in enumerate(lines[1:], start=2):
+    for row_number, (_, line) in enumerate(lines[1:], start=2):
         cells, problem = _split_line(line)
         if problem:
             problems.append(f"row {row_number}: {problem}")
