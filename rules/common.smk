@@ -11,13 +11,17 @@ from tifactory.roster import (
     RESERVED_SUBJECTS,
     RosterError,
     is_demo,
+    keep_explicit_settings,
     list_source_files,
     merged_section,
     read_roster_rows,
+    recipe_problems,
     split_sources,
     subject_regex,
     train_params,
 )
+from tifactory.configuration import non_finite_numbers
+from tifactory.publish import blocked_files, check_publish_dir, output_name, published_files
 from tifactory.demo.photos import DEMO_SUBJECTS
 from tifactory.training.model_check import check_subject_tokens, model_specs, tokenizer_folder
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
@@ -62,10 +66,20 @@ SUBJECTS = sorted(ROSTER)
 # subjects whose sources are prepared kohya datasets (tifactory.photos.sources): rule prepared_crops replaces the crop
 PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
 
-# Every model as the ModelSpec the jobs get (its family detected from its files), and wrong models named
-# before any job runs (file headers and key names only; no torch). "base" is the base model; the others are
-# the eval_models entries by name.
+# NaN and infinite numbers pass the schema's bounds (every comparison with NaN is false): named here.
+_non_finite = non_finite_numbers(config)
+if _non_finite:
+    raise WorkflowError("config: numbers must be finite:\n  " + "\n  ".join(_non_finite))
+
+# With the demo model, a setting given with --config wins over demo_overrides (and the log says so).
+for _note in keep_explicit_settings(config, dict(workflow.config_settings.config or {})):
+    print(f"note: {_note}", file=sys.stderr)
+
+# Every model as the ModelSpec the jobs get (its family detected from its files), and wrong models and a
+# publish_dir that cannot receive copies named before any job runs (file headers and key names only; no
+# torch). "base" is the base model; the others are the eval_models entries by name.
 MODELS, _model_problems = model_specs(config, demo_model_dir=DEMO_MODEL_DIR)
+_model_problems += check_publish_dir(os.path.expanduser(config.get("publish_dir") or ""))
 if _model_problems:
     raise WorkflowError("model settings in the config are not usable:\n  " + "\n  ".join(_model_problems))
 
@@ -124,6 +138,12 @@ def _train_params(subject):
     return train_params(config, ROSTER[subject])
 
 
+# Step and checkpoint counts a run could never finish (or that would fill the disk) are named before any job.
+_recipe_problems = [problem for subject in SUBJECTS for problem in recipe_problems(subject, _train_params(subject))]
+if _recipe_problems:
+    raise WorkflowError("training recipe:\n  " + "\n  ".join(_recipe_problems[:20]))
+
+
 # Subjects named like a word of the tokenizer train under a derived token (the trigger stays the file name).
 _token_notes, _token_problems = check_subject_tokens(
     {subject: _train_params(subject)["num_vectors"] for subject in SUBJECTS},
@@ -134,7 +154,7 @@ if _token_problems:
 if _token_notes:
     print(
         f"note: {len(_token_notes)} subject name(s) are words of the tokenizer; they train under new tokens "
-        f"(triggers stay <subject>-ti): {', '.join(_token_notes[:10])}{' ...' if len(_token_notes) > 10 else ''}",
+        f"(triggers stay the output names, <subject>-ti by default): {', '.join(_token_notes[:10])}{' ...' if len(_token_notes) > 10 else ''}",
         file=sys.stderr,
     )
 
@@ -145,6 +165,11 @@ def subject_train_params(wildcards):
 
 def subject_repeats(wildcards):
     return ROSTER[wildcards.subject].get("repeats", config["dataset"]["repeats"])
+
+
+def subject_trigger(wildcards):
+    """The word people type for the subject's embedding: its file name (the roster's output_name, else <subject>-ti)."""
+    return output_name(ROSTER[wildcards.subject])
 
 
 def subject_class_word(wildcards):
@@ -201,25 +226,87 @@ def collect_params(wildcards):
     return params
 
 
-# optional `publish_dir`: rule publish (rules/publish.smk) copies the final embeddings there
+# optional `publish_dir`: rule publish (rules/publish.smk) copies the final embeddings there, as
+# <output_name>.safetensors (+ <output_name>-best.safetensors); never from the demo model, never over a file
+# tifactory did not write (tifactory.publish), unless publish_replace_others is set
 PUBLISH_DIR = os.path.expanduser(config.get("publish_dir") or "")
+if PUBLISH_DIR and is_demo(config):
+    print(
+        f"WARNING: publish_dir: {PUBLISH_DIR} is set, but base_model is {DEMO_MODEL_NAME}: nothing is published "
+        "there (the toy model's embeddings are no use in a real UI). Set base_model to your SD1.5 model to publish.",
+        file=sys.stderr,
+    )
+# rule publish exists whenever publish_dir is set; this says whether it may run
+PUBLISHING = bool(PUBLISH_DIR) and not is_demo(config)
+# published file name (without .safetensors) -> (subject, results/ file it copies)
+PUBLISHED = {}
+for _subject in SUBJECTS:
+    for _kind, _file in published_files(output_name(ROSTER[_subject])).items():
+        _source = f"results/{_subject}/{_subject}-ti{'-best' if _kind == 'best' else ''}.safetensors"
+        PUBLISHED[_file.removesuffix(".safetensors")] = (_subject, _source)
+# files of someone else's in the way ({path: message}), found now so a newer one is named too; such a
+# subject publishes none of its files (not its -best without its final one)
+PUBLISH_BLOCKED = (
+    {}
+    if not PUBLISHING or config["publish_replace_others"]
+    else blocked_files(PUBLISH_DIR, {f"{name}.safetensors": subject for name, (subject, _) in PUBLISHED.items()})
+)
+_blocked_subjects = {PUBLISHED[os.path.basename(path).removesuffix(".safetensors")][0] for path in PUBLISH_BLOCKED}
+if PUBLISH_BLOCKED:
+    print(
+        f"WARNING: {len(PUBLISH_BLOCKED)} file(s) in publish_dir are not tifactory's; those copies are not made:"
+        + "".join(f"\n  {message}" for message in PUBLISH_BLOCKED.values()),
+        file=sys.stderr,
+    )
 
 
 def publish_targets(targets):
     """Copies in `publish_dir` (made by the publish rule) of the embeddings among `targets`, that is each
-    final results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors; none when it is empty."""
-    if not PUBLISH_DIR:
+    final results/S/S-ti.safetensors and, where one is built, S-ti-best.safetensors, under the subject's
+    output name; none when publishing is off, none over a file tifactory did not write."""
+    if not PUBLISHING:
         return []
-    embedding = re.compile(rf"results/({subject_regex()})/\1(-ti|-ti-best)\.safetensors")
-    matches = (embedding.fullmatch(target) for target in targets)
-    return [os.path.join(PUBLISH_DIR, f"{m[1]}{m[2]}.safetensors") for m in matches if m]
+    wanted = set(targets)
+    paths = (
+        os.path.join(PUBLISH_DIR, f"{name}.safetensors") for name, (_, source) in PUBLISHED.items() if source in wanted
+    )
+    return sorted(
+        path
+        for path in paths
+        if PUBLISHED[os.path.basename(path).removesuffix(".safetensors")][0] not in _blocked_subjects
+    )
+
+
+def publish_source(wildcards):
+    """The results/ embedding a publish_dir file copies; a name of no subject, or a file tifactory did not
+    write in its place, stops here (before Snakemake would replace it); so does the demo model."""
+    if not PUBLISHING:
+        raise WorkflowError(f"publish_dir: nothing built on the demo model ({DEMO_MODEL_NAME}) is published")
+    if wildcards.published not in PUBLISHED:
+        raise WorkflowError(f"publish_dir: {wildcards.published}.safetensors is no subject's output name")
+    blocked = PUBLISH_BLOCKED.get(os.path.join(PUBLISH_DIR, f"{wildcards.published}.safetensors"))
+    if blocked:
+        raise WorkflowError(blocked)
+    return PUBLISHED[wildcards.published][1]
+
+
+def publish_subject(wildcards):
+    return PUBLISHED[wildcards.published][0]
 
 
 def roster_run_summary(since):
     """The end-of-run summary of the roster (Snakefile's onsuccess/onerror): see tifactory.run_summary."""
     from tifactory.run_summary import run_summary
 
-    return run_summary(SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR)
+    summary = run_summary(
+        SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR if PUBLISHING else ""
+    )
+    if PUBLISH_BLOCKED:
+        summary += (
+            f"\n  not published ({len(PUBLISH_BLOCKED)} file(s) in publish_dir are not tifactory's): "
+            + ", ".join(PUBLISH_BLOCKED)
+        )
+    return summary
 
 
 def demo_concept(subject):

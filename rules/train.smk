@@ -23,5 +23,6 @@ rule train:
         recipe=subject_train_params,
         model=MODELS["base"].as_params(),
         state_dir="results/{subject}/train_state",
+        trigger=subject_trigger,
     script:
         "../workflow/scripts/train.py"

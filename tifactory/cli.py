@@ -4,6 +4,7 @@ checkout): helpers around the Snakemake workflow. `tifactory --help` lists them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -13,6 +14,9 @@ def _roster(args) -> int:
     from tifactory.roster_folders import roster_from_folders
 
     started = time.perf_counter()
+    if args.output != "-" and os.path.isdir(args.output):
+        print(f"tifactory roster: -o {args.output} is a folder; name the roster file to write", file=sys.stderr)
+        return 2
     try:
         result = roster_from_folders(args.data_dir, args.class_word)
     except (ValueError, OSError) as error:
@@ -26,7 +30,11 @@ def _roster(args) -> int:
     if args.output == "-":
         sys.stdout.write(result.tsv())
     else:
-        write_text_atomic(args.output, result.tsv())
+        try:
+            write_text_atomic(args.output, result.tsv())
+        except OSError as error:
+            print(f"tifactory roster: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+            return 2
     prepared = sum(row["prepared"] == "yes" for row in result.rows)
     print(f"{'stdout' if args.output == '-' else args.output}: {len(result.rows)} subject(s) ({prepared} prepared "
           f"dataset(s), {len(result.rows) - prepared} photo folder(s)); {len(result.renamed)} renamed, "

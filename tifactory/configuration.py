@@ -13,6 +13,7 @@ Parse-time cheap: yaml only.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -126,3 +127,17 @@ def _child_schema(branches: list[dict], key: str, root: dict) -> dict | None:
         children = [branch["additionalProperties"] for branch in branches
                     if isinstance(branch.get("additionalProperties"), dict)]
     return {"allOf": children} if children else None
+
+
+def non_finite_numbers(config, where: str = "") -> list[str]:
+    """`key.path: nan` for every NaN or infinite number in the config (`.nan`, `1e400` in YAML): the schema's
+    minimum/maximum do not catch them (every comparison with NaN is false), the jobs would."""
+    if isinstance(config, float) and not math.isfinite(config):
+        return [f"{where or 'config'}: {config} is not a finite number"]
+    if isinstance(config, dict):
+        return [problem for key, value in config.items()
+                for problem in non_finite_numbers(value, f"{where}.{key}" if where else str(key))]
+    if isinstance(config, list):
+        return [problem for index, value in enumerate(config)
+                for problem in non_finite_numbers(value, f"{where}[{index}]")]
+    return []

@@ -5,9 +5,12 @@ Imported by the Snakefile at DAG-parse time, so it must stay cheap (no torch, no
 
 from __future__ import annotations
 
+import codecs
 import copy
 import csv
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +61,10 @@ def _convert_cell(column: str, text: str) -> Any:
             return text  # left as a string: the schema then names the column and the expected type
     if column in NUMBER_COLUMNS:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             return text
+        return number if math.isfinite(number) else text  # nan, inf, 1e400: named by the schema as text
     return text
 
 
@@ -87,18 +91,24 @@ def read_roster_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], lis
     path = Path(path)
     if not path.is_file():
         raise RosterError(f"roster {path}: file not found")
-    with open(path, encoding="utf-8", newline="") as handle:
-        lines = [line for line in handle if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.reader(lines, delimiter="\t")
-    rows = list(reader)
-    if not rows:
+    lines = [(number, line) for number, line in enumerate(roster_lines(path), start=1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
         raise RosterError(f"roster {path}: empty (needs a header: subject, class_word, sources)")
-    header = [cell.strip() for cell in rows[0]]
+    header_cells, header_problem = _split_line(lines[0][1])
+    if header_problem:
+        raise RosterError(f"roster {path}: the header (line {lines[0][0]}) {header_problem}")
+    header = [cell.strip() for cell in header_cells]
     validator = jsonschema.Draft202012Validator(_load_schema("roster.schema.yaml"))
     problems: list[str] = []
     subjects: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    for row_number, cells in enumerate(rows[1:], start=2):
+    row_of: dict[str, int] = {}
+    for row_number, (_, line) in enumerate(lines[1:], start=2):
+        cells, problem = _split_line(line)
+        if problem:
+            problems.append(f"row {row_number}: {problem}")
+            continue
         if len(cells) > len(header):
             problems.append(f"row {row_number}: {len(cells)} cells but the header has {len(header)} columns")
             continue
@@ -119,6 +129,12 @@ def read_roster_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], lis
             else:
                 column = error.path[0] if error.path else "?"
                 problems.append(f"{label}, column {column!r}: {error.message}")
+        for column in ("subject", "output_name"):
+            repeated = periodic_tail(record.get(column))
+            if repeated and len(problems) == problems_before:
+                problems.append(f"{label}, column {column!r}: it ends in {repeated!r} repeated "
+                                f"{PERIODIC_REPEATS} times or more, which Snakemake refuses in a file name "
+                                "(PeriodicWildcardError); shorten the repetition")
         subject = record.get("subject")
         if isinstance(subject, str):
             if subject in seen:
@@ -131,7 +147,78 @@ def read_roster_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], lis
                 problems.append(f"{label}{problem}")
             else:
                 subjects.append(record)
-    return subjects, problems
+                row_of[record["subject"]] = row_number
+    return _unique_output_names(subjects, row_of, problems), problems
+
+
+PERIODIC_REPEATS = 20  # Snakemake's PeriodicityDetector: a piece repeated this often ends a runaway wildcard
+_PERIODIC = re.compile(rf"(.+?)\1{{{PERIODIC_REPEATS - 1},}}$")
+
+
+def periodic_tail(name) -> str | None:
+    """The piece a name ends in when it is repeated PERIODIC_REPEATS times or more (`xxxx…x` -> 'x'): Snakemake
+    stops the whole DAG (PeriodicWildcardError) at a wildcard value like that. None for other names."""
+    if not isinstance(name, str):
+        return None
+    match = _PERIODIC.search(name)
+    return match.group(1) if match else None
+
+
+def _unique_output_names(subjects: list[dict[str, Any]], row_of: dict[str, int],
+                         problems: list[str]) -> list[dict[str, Any]]:
+    """The rows whose output names (trigger, published files) clash with nothing before them; each other
+    row becomes a problem. An explicit output_name may not be another subject's name either."""
+    names = set(row_of)
+    taken: dict[str, int] = {}
+    kept = []
+    for record in subjects:
+        subject, row_number = record["subject"], row_of[record["subject"]]
+        label = f"row {row_number} (subject {subject!r}), column 'output_name'"
+        name = record.get("output_name") or f"{subject}-ti"
+        files = (name, f"{name}-best")
+        if "output_name" in record and name in names - {subject}:
+            problems.append(f"{label}: {name!r} is the name of the subject on row {row_of[name]}; "
+                            "choose another output name")
+            continue
+        clash = next((file for file in files if file in taken), None)
+        if clash is not None:
+            problems.append(f"{label}: {name!r} gives the file name {clash}.safetensors, which row "
+                            f"{taken[clash]} already gives; set a different output_name")
+            continue
+        for file in files:
+            taken[file] = row_number
+        kept.append(record)
+    return kept
+
+
+def roster_lines(path: str | os.PathLike) -> list[str]:
+    """The roster's lines, decoded: UTF-8 (a leading BOM dropped) or UTF-16 with its BOM (a spreadsheet's
+    "Unicode text"). Any other encoding raises RosterError naming the first line that is not UTF-8."""
+    data = Path(path).read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as error:
+            raise RosterError(f"roster {path}: starts like UTF-16 but is not ({error.reason})") from None
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line = data[:error.start].count(b"\n") + 1
+            raise RosterError(
+                f"roster {path}: line {line} is not UTF-8 (byte 0x{data[error.start]:02x}; Latin-1 or another "
+                "legacy encoding?); save the roster as UTF-8 (or UTF-16 with its BOM)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _split_line(line: str) -> tuple[list[str], str | None]:
+    """One line's tab-separated cells (a cell may be quoted, "" for a quote inside it), or why not. Each
+    line is one row: a quote never runs on into the next lines and swallows them."""
+    try:
+        cells = next(csv.reader([line], delimiter="\t", strict=True), [])
+    except csv.Error as error:
+        return [], f"a cell's quotes do not balance ({error}); remove the '\"' or close it"
+    return cells, None
 
 
 def resolve_sources(record: dict[str, Any], class_words) -> str | None:
@@ -181,6 +268,44 @@ def merged_section(config: dict, section: str) -> dict:
     if is_demo(config):
         merged.update(config.get("demo_overrides", {}).get(section, {}))
     return merged
+
+
+def keep_explicit_settings(config: dict, explicit: dict) -> list[str]:
+    """With the demo model, a setting given on the command line (`--config 'train={max_train_steps: 50}'`,
+    Snakemake's `explicit`) wins over demo_overrides: the override is dropped from `config` (in place).
+    Returns one note per dropped override, for the log."""
+    if not is_demo(config):
+        return []
+    notes = []
+    for section, overrides in (config.get("demo_overrides") or {}).items():
+        given = explicit.get(section)
+        if not isinstance(given, dict) or not isinstance(overrides, dict):
+            continue
+        for key in sorted(set(given) & set(overrides)):
+            notes.append(f"{section}.{key}: {config[section][key]!r} from the command line wins over "
+                         f"demo_overrides.{section}.{key} ({overrides.pop(key)!r})")
+    return notes
+
+
+# Bounds a recipe must keep (checked before any job runs, per subject): a step count past the schema's
+# maximum, or this many checkpoints or samples, is a typo, not a run (10^13 steps would write 5·10^10 files).
+MAX_CHECKPOINTS = 1000
+MAX_TRAIN_SAMPLES = 2_000_000  # max_train_steps x train_batch_size x gradient_accumulation_steps
+
+
+def recipe_problems(subject: str, params: dict) -> list[str]:
+    """Why a subject's resolved recipe cannot run: too many checkpoints or samples (each names the keys)."""
+    problems = []
+    steps, every = params["max_train_steps"], params["save_every_n_steps"]
+    checkpoints = -(-steps // every)
+    if checkpoints > MAX_CHECKPOINTS:
+        problems.append(f"subject {subject!r}: max_train_steps {steps} / save_every_n_steps {every} writes "
+                        f"{checkpoints} checkpoints (at most {MAX_CHECKPOINTS}); raise save_every_n_steps")
+    samples = steps * params["train_batch_size"] * params["gradient_accumulation_steps"]
+    if samples > MAX_TRAIN_SAMPLES:
+        problems.append(f"subject {subject!r}: max_train_steps x train_batch_size x gradient_accumulation_steps = "
+                        f"{samples} samples (at most {MAX_TRAIN_SAMPLES})")
+    return problems
 
 
 def train_params(config: dict, subject_row: dict) -> dict:

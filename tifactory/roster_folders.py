@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from tifactory.roster import RESERVED_SUBJECTS, resolve_sources, roster_schema, subject_regex
+from tifactory.roster import RESERVED_SUBJECTS, periodic_tail, resolve_sources, roster_schema, subject_regex
 from tifactory.photos.sources import class_word_of, kohya_folder_name, prepared_image_folders
 
 # letters NFKD does not take apart into a base letter + accent
@@ -49,7 +49,23 @@ def subject_name(folder_name: str, max_length: int) -> str:
     text = "".join(char for char in text if not unicodedata.combining(char))
     text = re.sub(r"[^a-z0-9_-]+", "-", text)
     text = re.sub(r"-{2,}", "-", text).lstrip("-_")
-    return text[:max_length].rstrip("-_")
+    text = text[:max_length].rstrip("-_")
+    while (piece := periodic_tail(text)) is not None:  # `aaaa…a`: Snakemake refuses such wildcard values
+        text = text[:-len(piece)].rstrip("-_")
+    return text
+
+
+def symlink_problem(path: str, data_dir: str) -> str | None:
+    """Why a symlinked subfolder of DATA_DIR is not followed (None: not a symlink). A link that leaves
+    DATA_DIR could lead anywhere (`root -> /`); one that points back into it (`loop -> .`, `alias -> eva`)
+    would train on another subject's photos."""
+    if not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    root = os.path.realpath(data_dir)
+    if os.path.commonpath([target, root]) == root:
+        return f"a symlink pointing back into {data_dir} ({os.readlink(path)}); not followed"
+    return f"a symlink leaving {data_dir} (to {target}); not followed: move the folder in, or name it in a roster row"
 
 
 def _has_files(folder: str) -> bool:
@@ -78,8 +94,21 @@ def roster_from_folders(data_dir: str | os.PathLike, class_word: str | None = No
         if name.startswith("."):
             result.skipped.append((name, "hidden"))
             continue
+        link = symlink_problem(path, data_dir)
+        if link:
+            result.skipped.append((name, link))
+            continue
         if not os.path.isdir(path):
             result.skipped.append((name, "not a folder"))
+            continue
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            result.skipped.append((name, "its name is not valid UTF-8 (a roster is UTF-8 text): rename the folder"))
+            continue
+        if name != name.strip():
+            result.skipped.append((name, "its name starts or ends in a blank, which a roster cell drops: rename "
+                                         "the folder"))
             continue
         if _UNSAFE_IN_A_CELL & set(name):
             result.skipped.append((name, "its name holds ';', a tab or a line break, which a roster cell cannot"))

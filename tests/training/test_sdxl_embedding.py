@@ -3,7 +3,6 @@ read back, refused when malformed, and loaded by diffusers with two load_textual
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -18,12 +17,9 @@ def vectors(n=5, seed=0):
 
 
 def metadata():
-    # the family seam adds build_metadata(architecture=...); both signatures are served during the merge
-    extra = {"architecture": sdxl.ARCHITECTURE} if "architecture" in inspect.signature(
-        embedding.build_metadata).parameters else {}
-    shared = embedding.build_metadata(subject="ada", step=1000, resolution=1024, date="2026-12-05",
+    shared = embedding.build_metadata(subject="ada", title="ada-ti", architecture=sdxl.ARCHITECTURE, step=1000, resolution=1024, date="2026-12-05",
                                       recipe={"seed": 1234}, base_model="sd_xl_base_1.0.safetensors",
-                                      base_model_hash="0" * 64, dataset_hash="1" * 64, tokens=["ada"], **extra)
+                                      base_model_hash="0" * 64, dataset_hash="1" * 64, tokens=["ada"])
     return sdxl.sdxl_metadata(shared, 1024)
 
 

@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.modelfiles import SD15_SHAPES, safetensors_header_file, tifactory_embedding
+
+
 def make_workdir(root: Path, repo_config: dict, **config) -> Path:
+    """Two subjects on a real-looking SD1.5 file (header only: what the DAG reads); the demo model never publishes."""
     for subject in ("eva", "tom"):
         (root / "photos" / subject).mkdir(parents=True)
+    safetensors_header_file(root / "sd15.safetensors", SD15_SHAPES)
     (root / "roster.tsv").write_text("subject\tclass_word\tsources\neva\twoman\tphotos/eva\ntom\tman\tphotos/tom\n")
-    (root / "config.yaml").write_text(yaml.safe_dump(dict(repo_config, roster="roster.tsv", **config)))
+    (root / "config.yaml").write_text(yaml.safe_dump(dict(repo_config, roster="roster.tsv",
+                                                          base_model="sd15.safetensors", **config)))
     return root
 
 
@@ -50,14 +56,15 @@ def test_publish_copies_the_embedding_bytes(tmp_path, repo_config, run_snakemake
     final = workdir / "results" / "eva" / "eva-ti.safetensors"
     best = workdir / "results" / "eva" / "eva-ti-best.safetensors"
     final.parent.mkdir(parents=True)
-    final.write_bytes(b"final embedding bytes")
-    best.write_bytes(b"best embedding bytes")
+    tifactory_embedding(final, "eva")
+    tifactory_embedding(best, "eva")
+    best.write_bytes(best.read_bytes() + b"best")
     # only the publish rule may run: the embeddings above stand in for trained ones
     run_snakemake(workdir, str(publish / "eva-ti.safetensors"), str(publish / "eva-ti-best.safetensors"),
                   "--allowed-rules", "publish", cores=1)
-    assert (publish / "eva-ti.safetensors").read_bytes() == b"final embedding bytes"
-    assert (publish / "eva-ti-best.safetensors").read_bytes() == b"best embedding bytes"
+    assert (publish / "eva-ti.safetensors").read_bytes() == final.read_bytes()
+    assert (publish / "eva-ti-best.safetensors").read_bytes() == best.read_bytes()
     assert not list(publish.glob(".*"))  # no temp files left behind
-    final.write_bytes(b"retrained")  # a newer embedding is published again
+    final.write_bytes(final.read_bytes() + b"retrained")  # a newer embedding replaces tifactory's own earlier copy
     run_snakemake(workdir, str(publish / "eva-ti.safetensors"), "--allowed-rules", "publish", cores=1)
-    assert (publish / "eva-ti.safetensors").read_bytes() == b"retrained"
+    assert (publish / "eva-ti.safetensors").read_bytes() == final.read_bytes()

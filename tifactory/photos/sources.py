@@ -101,11 +101,28 @@ def entry_problem(path: str) -> str | None:
     return "not a regular file"
 
 
+def source_link_loop(path: str) -> str | None:
+    """Why a source that is itself a symlinked folder is not read (None: it is not one, or it leads
+    elsewhere): a link to its own folder or one above it (`loop -> .`, `root -> /`) would read that whole
+    tree, the other subjects' photos or the file system with them."""
+    link = path.rstrip(os.sep) or path
+    if not os.path.islink(link) or not os.path.isdir(link):
+        return None
+    target = os.path.realpath(link)
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(link)))
+    if os.path.commonpath([target, parent]) == target:
+        return f"symlink loop: {link} links to {target}, its own folder or one above it (not followed)"
+    return None
+
+
 def expand_source(source: str) -> SourceListing:
     """List one source (a folder, a file, or a glob pattern; `~` expanded). Hidden files and folders are
     skipped; symlinked folders are listed as problems, not entered (so symlink loops end)."""
     path = os.path.expanduser(source)
     entry_problems: dict[str, str] = {}
+    loop = source_link_loop(path)
+    if loop:
+        return SourceListing([], loop, entry_problems)
     if os.path.isdir(path):  # an existing folder wins, even with glob characters in its name
         files = []
         for dirpath, dirnames, filenames in os.walk(path):  # symlinked folders are listed, not entered

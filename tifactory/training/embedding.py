@@ -71,17 +71,18 @@ def reproducible_date() -> str:
     return moment.date().isoformat()
 
 
-def build_metadata(*, subject: str, step: int, resolution: int, date: str, recipe: dict, architecture: str,
+def build_metadata(*, subject: str, title: str, step: int, resolution: int, date: str, recipe: dict, architecture: str,
                    base_model: str, base_model_hash: str, dataset_hash: str,
                    tokens: list[str] | None = None) -> dict[str, str]:
     """modelspec-style keys + provenance; safetensors metadata values must be strings.
+    `title`: the trigger people type (the roster's output_name, by default `<subject>-ti`);
     `architecture`: the model family's modelspec architecture; `base_model`: the model's file or folder name;
     `tokens`: the token strings the vectors trained under (the subject's name, or one derived from it)."""
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
-        "modelspec.title": f"{subject}-ti",
+        "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": date,
         "modelspec.prediction_type": "epsilon",

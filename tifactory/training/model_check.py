@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ TEXT_TOKEN_EMBEDDING_KEYS = (
 )
 
 # Globals an SD checkpoint's pickle may name; torch.load(weights_only=True) accepts these kinds.
-_SAFE_PICKLE_MODULES = ("torch", "collections", "numpy", "_codecs")
+_SAFE_PICKLE_MODULES = ("collections", "_codecs")  # torch.* and numpy.*: only what the loader takes
 _SAFE_BUILTINS = frozenset({"set", "frozenset", "dict", "list", "tuple", "int", "float", "complex", "bool",
                             "bytes", "bytearray", "str", "slice", "range"})
 _INERT_PICKLE_GLOBALS = frozenset({"pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"})
@@ -75,31 +76,69 @@ class Inspection:
 
 # --------------------------------------------------------------------------------------------- reading
 
-def read_safetensors_header(path: str | os.PathLike) -> Inspection:
-    """Tensor shapes and metadata from a safetensors header (8-byte length + JSON); no data read."""
+def open_regular_file(path: str | os.PathLike):
+    """A binary handle on `path`, which must be a regular file (a symlink to one is fine).
+
+    Opened without blocking and checked on the open handle, so a FIFO (`x.safetensors` made by mkfifo),
+    a device (`x.ckpt -> /dev/zero`) or a folder is refused at once instead of hanging or filling memory."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as error:
+        raise ModelCheckError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a regular file")
+            raise ModelCheckError(f"{path} is {kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _shape_of(path: Path, name: str, entry) -> tuple[int, ...]:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+        raise ModelCheckError(f"{path} is not a safetensors file (entry {name!r} has no shape of sizes)")
+    return tuple(shape)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> Inspection:
+    """Tensor shapes and metadata from a safetensors header (8-byte length + JSON); no data read.
+    Only a regular file is read; every malformed header is a ModelCheckError giving its first, true reason."""
+    path = Path(path)
+    try:
+        with open_regular_file(path) as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise ModelCheckError(f"{path} is too short to be a safetensors file ({len(prefix)} bytes)")
             (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length > path.stat().st_size - 8:
+            if length > MAX_HEADER_BYTES or length > os.fstat(handle.fileno()).st_size - 8:
                 raise ModelCheckError(f"{path} is not a safetensors file (header length {length} does not fit)")
-            header = json.loads(handle.read(length).decode("utf-8"))
+            text = handle.read(length)
+        header = json.loads(text.decode("utf-8"))
+    except ModelCheckError:
+        raise  # the first reason stands (ModelCheckError is a ValueError too)
     except OSError as error:
         raise ModelCheckError(f"cannot read {path}: {error}") from error
+    except RecursionError:
+        raise ModelCheckError(f"{path} is not a safetensors file (its header nests too deeply)") from None
     except (UnicodeDecodeError, ValueError) as error:
-        raise ModelCheckError(f"{path} is not a safetensors file (its header is not JSON: {error})") from error
+        raise ModelCheckError(f"{path} is not a safetensors file (its header is not JSON: {error})") from None
     if not isinstance(header, dict):
         raise ModelCheckError(f"{path} is not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    shapes = {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
-            raise ModelCheckError(f"{path} is not a safetensors file (entry {name!r} has no shape)")
-        shapes[name] = tuple(entry["shape"])
-    return Inspection(shapes=shapes, metadata={str(k): str(v) for k, v in metadata.items()})
+    if not isinstance(metadata, dict):
+        raise ModelCheckError(f"{path} is not a safetensors file (its __metadata__ is a JSON "
+                              f"{type(metadata).__name__}, not an object of strings)")
+    shapes = {name: _shape_of(path, name, entry) for name, entry in header.items()}
+    return Inspection(shapes=shapes, metadata={str(k): v if isinstance(v, str) else json.dumps(v)[:200]
+                                               for k, v in metadata.items()})
 
 
 class _Inert:
@@ -120,88 +159,191 @@ class _TensorShape:
     shape: tuple[int, ...]
 
 
+MAX_TENSOR_DIMENSIONS = 64
+
+
 def _rebuild_tensor(storage, offset, size, *args, **kwargs):
+    if len(size) > MAX_TENSOR_DIMENSIONS:
+        raise ValueError(f"a tensor with {len(size)} dimensions")
     return _TensorShape(tuple(int(s) for s in size))
+
+
+def _rebuild_from_type(function, kind, args, state=None):
+    """torch._tensor._rebuild_from_type_v2: (rebuild function, type, its args, state)."""
+    if len(args) > 16:
+        raise ValueError(f"a tensor rebuilt from {len(args)} arguments")
+    return function(*args)
+
+
+class _StateDict(dict):
+    """A state dict (collections.OrderedDict); its pickled attributes (`_metadata`) are dropped."""
+
+    def __setstate__(self, state):
+        pass
 
 
 def _rebuild_parameter(data, *args, **kwargs):
     return data
 
 
-class _ShapeUnpickler(pickle.Unpickler):
+# What reading a pickle may cost, counted per opcode: what each builds (a set ~230 bytes, most objects ~64), the
+# bytes it reads, and the memo. An SD1.5 checkpoint's data.pkl (~1100 tensors) costs ~2.5 M; a crafted one of
+# 20 M EMPTY_SET opcodes (20 KB zipped) would keep ~4.7 GB without the bound and is refused after ~0.2 M.
+MAX_PICKLE_COST = 48 * 2**20
+MAX_PICKLE_MEMO = 1_000_000
+MAX_PICKLE_DEPTH = 1_000  # nested MARKs; nesting of containers is bounded where the result is walked (_flatten)
+_OPCODE_COST = 64
+_EXPENSIVE_OPCODES = {pickle.EMPTY_SET[0]: 232, pickle.FROZENSET[0]: 232, pickle.ADDITEMS[0]: 96,
+                      pickle.EMPTY_DICT[0]: 80, pickle.DICT[0]: 80, pickle.SETITEMS[0]: 96, pickle.SETITEM[0]: 96,
+                      pickle.BINPUT[0]: 128, pickle.LONG_BINPUT[0]: 128, pickle.PUT[0]: 128, pickle.MEMOIZE[0]: 128}
+
+
+class _PickleTooCostly(Exception):
+    pass
+
+
+class _ShapeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: every opcode passes the bounds below
     """Unpickles torch's data.pkl into plain containers and tensor shapes. Nothing is imported: every
-    global maps to a local stand-in, so no code from the file can run."""
+    global maps to a local stand-in, so no code from the file can run. What it may build is bounded
+    (MAX_PICKLE_COST, MAX_PICKLE_MEMO, MAX_PICKLE_DEPTH): a crafted pickle is refused, not expanded."""
 
     def __init__(self, handle):
         super().__init__(handle)
         self.globals_seen: list[str] = []
+        self.cost = 0
+        self.dispatch = {code: self._bounded(code, function) for code, function in pickle._Unpickler.dispatch.items()}
+
+    def _bounded(self, code: int, function):
+        weight = _EXPENSIVE_OPCODES.get(code, _OPCODE_COST)
+
+        def step(unpickler):
+            unpickler.cost += weight
+            if unpickler.cost > MAX_PICKLE_COST:
+                raise _PickleTooCostly(f"it builds more than a checkpoint's pickle does (over {MAX_PICKLE_COST} "
+                                       "bytes' worth of objects)")
+            if len(unpickler.memo) > MAX_PICKLE_MEMO:
+                raise _PickleTooCostly(f"its memo holds over {MAX_PICKLE_MEMO} entries")
+            if len(unpickler.metastack) > MAX_PICKLE_DEPTH:
+                raise _PickleTooCostly(f"it nests over {MAX_PICKLE_DEPTH} levels deep")
+            function(unpickler)
+
+        return step
 
     def find_class(self, module, name):
         qualified = f"{module}.{name}"
-        self.globals_seen.append(qualified)
+        if len(self.globals_seen) < 10_000:
+            self.globals_seen.append(qualified)
         if module == "torch._utils" and name.startswith("_rebuild_tensor"):
             return _rebuild_tensor
         if module == "torch._utils" and name.startswith("_rebuild_parameter"):
             return _rebuild_parameter
-        if qualified == "torch._tensor._rebuild_from_type_v2":  # (rebuild function, type, its args, state)
-            return lambda function, kind, args, state=None: function(*args)
+        if qualified == "torch._tensor._rebuild_from_type_v2":
+            return _rebuild_from_type
         if qualified == "collections.OrderedDict":
-            return dict
+            return self._container(_StateDict)
         if module == "builtins" and name in ("set", "frozenset", "list", "tuple", "dict"):
-            return {"set": set, "frozenset": frozenset, "list": list, "tuple": tuple, "dict": dict}[name]
+            return self._container({"set": set, "frozenset": frozenset, "list": list, "tuple": tuple,
+                                    "dict": dict}[name])
         return _Inert
+
+    def _container(self, kind):
+        """`kind` called from the pickle, charging what it copies (`list(a_big_list)` again and again)."""
+
+        def build(*args):
+            self.cost += _OPCODE_COST * sum(len(arg) for arg in args if hasattr(arg, "__len__"))
+            if self.cost > MAX_PICKLE_COST:
+                raise _PickleTooCostly(f"it builds more than a checkpoint's pickle does (over {MAX_PICKLE_COST} "
+                                       "bytes' worth of objects)")
+            return kind(*args)
+
+        return build
 
     def persistent_load(self, pid):
         return _Inert()
 
 
+class _BoundedReader:
+    """At most `limit` bytes of a pickle stream (each read counts): a claimed length past it is refused."""
+
+    def __init__(self, handle, limit: int):
+        self.handle, self.left = handle, limit
+
+    def _take(self, size: int) -> None:
+        if size > self.left:
+            raise _PickleTooCostly(f"it is longer than {MAX_PICKLE_BYTES} bytes")
+        self.left -= size
+
+    def read(self, size: int = -1) -> bytes:
+        self._take(self.left + 1 if size is None or size < 0 else size)
+        return self.handle.read(size)
+
+    def readinto(self, buffer) -> int:
+        self._take(len(buffer))
+        return self.handle.readinto(buffer)
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.handle.readline(min(self.left + 1, 1 << 16) if size is None or size < 0 else size)
+        self._take(len(line))
+        return line
+
+
 def _unpickle_shapes(handle) -> tuple[object, list[str]]:
-    unpickler = _ShapeUnpickler(handle)
+    unpickler = _ShapeUnpickler(_BoundedReader(handle, MAX_PICKLE_BYTES))
     try:
         return unpickler.load(), unpickler.globals_seen
+    except _PickleTooCostly as error:
+        raise ModelCheckError(f"its pickle is refused: {error}") from None
+    except RecursionError:
+        raise ModelCheckError("its pickle nests too deeply to be a checkpoint") from None
     except Exception as error:  # noqa: BLE001 - any failure of a hostile or broken pickle is a read error
         raise ModelCheckError(f"its pickle cannot be read ({type(error).__name__}: {error})") from None
 
 
 def read_pickle_checkpoint(path: str | os.PathLike) -> Inspection:
-    """Tensor shapes from a torch checkpoint's pickle (zip or legacy format), without torch."""
+    """Tensor shapes from a torch checkpoint's pickle (zip or legacy format), without torch. Only a regular
+    file is read, only its pickle, and what that pickle may build is bounded (see _ShapeUnpickler)."""
     path = Path(path)
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                members = [info for info in archive.infolist() if info.filename.endswith("data.pkl")
-                           and info.filename.count("/") == 1]
-                if not members:
-                    raise ModelCheckError(f"{path} is a zip archive without a torch data.pkl")
-                if members[0].file_size > MAX_PICKLE_BYTES:
-                    raise ModelCheckError(f"{path}: its data.pkl is {members[0].file_size} bytes, too large to inspect")
-                with archive.open(members[0]) as handle:
-                    data, seen = _unpickle_shapes(handle)
-        else:
-            with open(path, "rb") as handle:
-                data, seen = _unpickle_shapes(handle)
+        with open_regular_file(path) as file:
+            if zipfile.is_zipfile(file):
+                with zipfile.ZipFile(file) as archive:
+                    members = [info for info in archive.infolist() if info.filename.endswith("data.pkl")
+                               and info.filename.count("/") == 1]
+                    if not members:
+                        raise ModelCheckError(f"{path} is a zip archive without a torch data.pkl")
+                    if members[0].file_size > MAX_PICKLE_BYTES:
+                        raise ModelCheckError(f"{path}: its data.pkl is {members[0].file_size} bytes, too large "
+                                              "to inspect")
+                    with archive.open(members[0]) as handle:
+                        data, seen = _unpickle_shapes(handle)
+            else:
+                file.seek(0)
+                data, seen = _unpickle_shapes(file)
                 if isinstance(data, int) and data == 0x1950A86A20F9469CFC6C:  # torch's legacy magic number
-                    _unpickle_shapes(handle)  # protocol version
-                    _unpickle_shapes(handle)  # system info
-                    data, more = _unpickle_shapes(handle)
+                    _unpickle_shapes(file)  # protocol version
+                    _unpickle_shapes(file)  # system info
+                    data, more = _unpickle_shapes(file)
                     seen += more
     except ModelCheckError as error:
         message = str(error)
         raise ModelCheckError(message if message.startswith(str(path)) else f"{path}: {message}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as error:
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as error:
         raise ModelCheckError(f"cannot read checkpoint {path}: {error}") from error
     shapes: dict[str, tuple[int, ...]] = {}
-    _flatten(data, "", shapes)
+    _flatten(data, "", shapes, 0)
     unsafe = sorted({name for name in seen if not _safe_global(name)})
     return Inspection(shapes=shapes, unsafe_globals=unsafe)
 
 
-def _flatten(data, prefix: str, out: dict) -> None:
+MAX_STATE_DICT_DEPTH = 32  # nested dicts walked for tensor names (a state dict nests a few levels)
+
+
+def _flatten(data, prefix: str, out: dict, depth: int) -> None:
     """Nested dicts -> dotted keys; a top-level (or nested) 'state_dict' is unwrapped as the loader does."""
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or depth > MAX_STATE_DICT_DEPTH:
         return
     if isinstance(data.get("state_dict"), dict):
-        _flatten(data["state_dict"], prefix, out)
+        _flatten(data["state_dict"], prefix, out, depth + 1)
         return
     for key, value in data.items():
         if not isinstance(key, str):
@@ -209,7 +351,19 @@ def _flatten(data, prefix: str, out: dict) -> None:
         if isinstance(value, _TensorShape):
             out[prefix + key] = value.shape
         elif isinstance(value, dict):
-            _flatten(value, f"{prefix}{key}.", out)
+            _flatten(value, f"{prefix}{key}.", out, depth + 1)
+
+
+# The globals torch.load(weights_only=True) accepts (torch/_weights_only_unpickler.py's allowed list, by
+# pattern); any other torch.* or numpy.* global would make the loader refuse the file, so the DAG check does too.
+_LOADER_GLOBALS = frozenset({
+    "collections.OrderedDict", "collections.Counter", "torch.nn.parameter.Parameter",
+    "torch.serialization._get_layout", "torch.Size", "torch.Tensor", "torch.device", "_codecs.encode",
+    "torch._tensor._rebuild_from_type_v2", "torch.storage.TypedStorage", "torch.storage.UntypedStorage"})
+_LOADER_GLOBAL_PATTERN = re.compile(
+    r"torch\._utils\._rebuild_\w+"
+    r"|torch\.(?:cuda\.)?(?:sparse\.)?[A-Z]\w*(?:Storage|Tensor)"
+    r"|torch\.(?:u?int\d+|float\d*(?:_\w+)?|bfloat16|complex\d+|bool|bits\w+|qu?int\w+|per_(?:tensor|channel)_\w+)")
 
 
 def _safe_global(name: str) -> bool:
@@ -218,6 +372,8 @@ def _safe_global(name: str) -> bool:
         return True
     if module == "builtins":
         return attribute in _SAFE_BUILTINS
+    if name in _LOADER_GLOBALS or _LOADER_GLOBAL_PATTERN.fullmatch(name):
+        return True
     return module.split(".")[0] in _SAFE_PICKLE_MODULES
 
 
@@ -329,9 +485,20 @@ def _sibling_yaml_prediction(path: Path) -> Verdict | None:
     return None
 
 
+MAX_JSON_BYTES = 16 * 2**20  # a diffusers config.json is a few KB
+
+
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular_file(path) as handle:
+            text = handle.read(MAX_JSON_BYTES + 1)
+        if len(text) > MAX_JSON_BYTES:
+            raise ModelCheckError(f"cannot read {path}: over {MAX_JSON_BYTES} bytes, not a config file")
+        data = json.loads(text.decode("utf-8"))
+    except ModelCheckError:
+        raise
+    except RecursionError:
+        raise ModelCheckError(f"cannot read {path}: its JSON nests too deeply") from None
     except (OSError, ValueError) as error:
         raise ModelCheckError(f"cannot read {path}: {error}") from error
     return data if isinstance(data, dict) else {}
@@ -646,7 +813,10 @@ def model_specs(config: dict, *, demo_model_dir: str) -> tuple[dict, list[str]]:
                         entry.get("vae", ""), f"{where}.path", f"{where}.config", f"{where}.vae"))
     for name, path, config_dir, vae, key, config_key, vae_key in entries:
         if name == "base" and path == DEMO_MODEL_NAME:
-            specs[name] = ModelSpec(path=demo_model_dir or DEMO_MODEL_NAME, family=DEMO_MODEL_FAMILY)
+            if vae:  # the demo model takes a vae override too: checked as for any model
+                problems += check_vae(vae, vae_key)
+            specs[name] = ModelSpec(path=demo_model_dir or DEMO_MODEL_NAME, family=DEMO_MODEL_FAMILY,
+                                    vae=os.path.expanduser(vae))
             continue
         family, found = base_model_family(path, key, has_vae_override=bool(vae))
         if config_dir:

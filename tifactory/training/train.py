@@ -36,7 +36,8 @@ from tifactory.training.data import (
     dataset_fingerprint,
     prepare_data,
 )
-from tifactory.training.embedding import build_metadata, checkpoint_name, reproducible_date, save_embedding
+from tifactory.training.embedding import (TRIGGER_SUFFIX, build_metadata, checkpoint_name, reproducible_date,
+                                          save_embedding)
 from tifactory.training.settings import TrainSettings
 from tifactory.training.templates import training_tokens
 
@@ -470,8 +471,10 @@ def model_hash(spec: ModelSpec, preloaded: bool) -> str:
 def train_embedding(*, dataset_toml: str | os.PathLike, model: ModelSpec, subject: str, settings: TrainSettings,
                     final_path: str | os.PathLike, checkpoint_dir: str | os.PathLike, loss_tsv: str | os.PathLike,
                     state_dir: str | os.PathLike, log: Callable[[str], None] = print,
-                    progress_every_s: float | None = None, components=None) -> TrainingResult:
-    """Train one subject's embedding on `model`, phase by phase. `progress_every_s`: a progress line (and
+                    progress_every_s: float | None = None, components=None,
+                    trigger: str | None = None) -> TrainingResult:
+    """Train one subject's embedding on `model`, phase by phase. `trigger`: the word people type, the
+    embedding's title (the roster's output_name; None = `<subject>-ti`). `progress_every_s`: a progress line (and
     loss.tsv rewritten) this often; None = only at checkpoints. `components`: `model` already loaded by its
     family (a benchmark, the GPU worker: a fresh copy of the tokenizers and text encoders, since the
     placeholder tokens change them)."""
@@ -510,7 +513,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, model: ModelSpec, subjec
     run = resume_or_start(state_dir, fingerprint, vectors, optimization, log)
 
     def metadata_for(step: int) -> dict[str, str]:
-        return build_metadata(subject=subject, step=step, resolution=settings.resolution, date=run.date,
+        return build_metadata(subject=subject, title=trigger or f"{subject}{TRIGGER_SUFFIX}", step=step,
+                              resolution=settings.resolution, date=run.date,
                               recipe=settings.as_dict(), architecture=family.architecture, base_model=model.name,
                               base_model_hash=base_model_hash, dataset_hash=dataset_hash, tokens=token_strings)
 

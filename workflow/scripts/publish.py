@@ -1,10 +1,10 @@
-from tifactory.fileio import copy_file_atomic
 from tifactory.jobs import run_job
+from tifactory.publish import publish_embedding
 
 
 def main(smk, log):
-    copy_file_atomic(smk.input[0], smk.output[0])
-    log(f"published {smk.input[0]} -> {smk.output[0]}")
+    log(publish_embedding(smk.input[0], smk.output[0], smk.params.subject,
+                          replace_others=smk.params.replace_others))
 
 
 run_job(snakemake, main)

@@ -9,7 +9,7 @@ def main(smk, log):
         dataset_toml=smk.input.dataset, model=ModelSpec.from_params(smk.params.model), subject=smk.wildcards.subject,
         settings=TrainSettings.from_config(dict(smk.params.recipe)), final_path=smk.output.embedding,
         checkpoint_dir=smk.output.checkpoints, loss_tsv=smk.output.loss, state_dir=smk.params.state_dir,
-        log=log, progress_every_s=smk.config["progress_every_s"])
+        log=log, progress_every_s=smk.config["progress_every_s"], trigger=smk.params.trigger)
 
 
 run_job(snakemake, main)
