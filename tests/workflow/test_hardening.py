@@ -208,9 +208,10 @@ def test_output_name_is_validated_like_the_subject(tmp_path, repo_config):
            "which row 2 already gives" in problems[1]
     assert "row 5 (subject 'bob'), column 'output_name': 'eva' is the name of the subject on row 2" in problems[2]
     assert "row 6 (subject 'kim')" in problems[3]
+    from tifactory.publish import output_name as trigger_of
+
     assert [trigger_of(row) for row in rows] == ["eva-green", "lea-ti"]
     assert "output_name" not in train_params(repo_config, rows[0])  # the trigger is not part of the recipe
-    from tifactory.publish import output_name as trigger_of
     from tifactory.training.embedding import build_metadata
 
     common = dict(step=1, resolution=512, date="2026-01-01", architecture="stable-diffusion-v1/textual-inversion", base_model="m", base_model_hash="", dataset_hash="")
