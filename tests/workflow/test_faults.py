@@ -380,6 +380,7 @@ def test_every_writer_in_the_package_goes_through_a_temporary_file():
         "fileio.py": "the atomic helpers themselves",
         "jobs.py": "the job log, streamed while the job runs (Snakemake owns and cleans it)",
         "tinymodel.py": "builds the whole model in a mkdtemp folder, then renames the folder into place",
+        "tinymodel_sdxl.py": "likewise for the tiny SDXL model",
         "taught.py": "likewise: teaches the model in a mkdtemp folder, then renames the folder into place",
     }
     write_call = re.compile(r"\.(save|write_text|write_bytes|to_csv|savefig|save_pretrained|imwrite)\(|"
