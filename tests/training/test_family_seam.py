@@ -4,7 +4,9 @@ A fixed tiny CPU run (the tiny random SD1.5 model of the test fixtures, two crop
 buckets, 4 steps x 3 samples, seed fixed) writes the same embedding as it did before the seam was built: the
 same tensor bytes, and the same metadata apart from what names the machine's software (package versions, git
 commit) and the base model's file hash (which also covers diffusers' version string in the model's configs).
-The hashes below were recorded on main's code before the move (commit fe13cd7), torch 2.x on x86-64 CPU.
+The hashes below were recorded on main's code before the move (commit fe13cd7), torch 2.x on x86-64 CPU, with
+two intra-op threads: the run pins that count, because a sum split over another number of threads rounds
+differently (under pytest-xdist each worker is otherwise given cores/workers threads).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tifactory.photos.dataset import build_dataset
 FINAL_TENSOR_SHA256 = "7afea20505ec7fe1771a2ba3998ef64ca081c497d5c6f0d5a08e0de398e61930"
 CHECKPOINT_TENSOR_SHA256 = "dbae44950987f76fb786af1887f00f96702eb5f047a7dc04082b6fa83d7530aa"
 STABLE_METADATA_SHA256 = "6122ab0e3f5f4c4a01fff035fb6a80e62e09017a829410d16ca4f9f687121b01"
+RECORDED_THREADS = 2
 VOLATILE_METADATA = ("tifactory.package_versions", "tifactory.git_commit", "tifactory.base_model_sha256")
 
 RECIPE = {
@@ -80,16 +83,24 @@ def stable_metadata(path) -> dict[str, str]:
 
 
 def run_fixed(tmp_path, seam_dataset, tiny_model_dir, monkeypatch):
+    import torch
+
     from tifactory.families import ModelSpec
     from tifactory.training.settings import TrainSettings
     from tifactory.training.train import train_embedding
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")  # 2026-01-01
     out = tmp_path / "run"
-    train_embedding(dataset_toml=seam_dataset, model=ModelSpec(path=tiny_model_dir, family="sd15"), subject="eva",
-                    settings=TrainSettings.from_config(RECIPE),
-                    final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
-                    loss_tsv=out / "loss.tsv", state_dir=out / "state", log=lambda message: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    try:
+        train_embedding(dataset_toml=seam_dataset, model=ModelSpec(path=tiny_model_dir, family="sd15"),
+                        subject="eva",
+                        settings=TrainSettings.from_config(RECIPE),
+                        final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
+                        loss_tsv=out / "loss.tsv", state_dir=out / "state", log=lambda message: None)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
