@@ -75,8 +75,8 @@ def test_wrong_base_model_is_named_before_any_job(dry_workdir, tmp_path):
     result = run_snakemake(dry_workdir, "-n", "--config", f"base_model={xl}", check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output
-    assert (f"model settings in the config are not usable:\n  base_model: {xl} is an SDXL checkpoint "
-            "(conditioner.embedders.* keys); SD1.5 only") in output
+    assert (f"model settings in the config are not usable:\n  base_model: {xl} is an SDXL checkpoint without its "
+            "OpenCLIP bigG text encoder (conditioner.embedders.1.model.* keys)") in output
 
     missing = tmp_path / "v1-5-pruned-emaonly.safetensors"
     good = write(tmp_path / "good.safetensors", sd15_keys())
