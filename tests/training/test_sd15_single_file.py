@@ -111,7 +111,6 @@ def test_a1111_checkpoint_and_vae_ckpt_train_offline(tmp_path, repo_config):
     config = json.loads(json.dumps(repo_config))
     config.update(roster="roster.tsv", base_model=str(checkpoint), base_model_config="", vae=str(vae),
                   eval_models=[{"name": "same", "path": str(checkpoint), "vae": str(vae)}])
-    config["crop"]["resolution"] = 256
     config["dataset"]["repeats"] = 1
     config["train"].update(max_train_steps=2, save_every_n_steps=1, gradient_accumulation_steps=1,
                            micro_batch_size=1, resolution=256, device="cpu", compile=False)
