@@ -49,7 +49,7 @@ def check_sdxl_results(work, hf_home, base_name: str):
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
     assert metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert metadata["modelspec.resolution"] == "256x256" and metadata["tifactory.base_model"] == base_name
-    checkpoints = sorted((work / "results" / "qzv" / "train" / "checkpoints").glob("*.safetensors"))
+    checkpoints = sorted((work / "results" / "qzv" / "checkpoints").glob("*.safetensors"))
     assert [path.name for path in checkpoints] == ["qzv-ti-step00000001.safetensors", "qzv-ti-step00000002.safetensors"]
     crops = sorted((work / "results" / "qzv" / "crops").glob("*.png"))
     sizes = {Image.open(path).size for path in crops if path.name != "contact_sheet.png"}
