@@ -69,7 +69,7 @@ def repo_config() -> dict:
 def settings(identity: bool):
     from tifactory.photos.crop import CropSettings
 
-    return CropSettings.from_config(repo_config(), identity_filter=identity)
+    return CropSettings.from_config(repo_config(), resolution=512, identity_filter=identity)
 
 
 def cpu_seconds() -> float:

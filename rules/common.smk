@@ -14,6 +14,7 @@ from tifactory.roster import (
     keep_explicit_settings,
     list_source_files,
     merged_section,
+    native_sizes,
     read_roster_rows,
     recipe_problems,
     split_sources,
@@ -21,6 +22,7 @@ from tifactory.roster import (
     train_params,
 )
 from tifactory.configuration import non_finite_numbers
+from tifactory.families import family_named
 from tifactory.publish import blocked_files, check_publish_dir, output_name, published_files
 from tifactory.demo.photos import DEMO_SUBJECTS
 from tifactory.training.model_check import check_subject_tokens, model_specs, tokenizer_folder
@@ -133,9 +135,14 @@ def base_model_input(wildcards):
     return model_files(MODELS["base"])
 
 
+# train.resolution (the crops' side too) and the grid's width/height say "auto" = the base model family's
+# native resolution (SD1.5 512, SDXL 1024).
+NATIVE_RESOLUTION = family_named(MODELS["base"].family).native_resolution
+
+
 @functools.cache  # several params of several rules ask, for every job: resolve each subject once
 def _train_params(subject):
-    return train_params(config, ROSTER[subject])
+    return native_sizes(train_params(config, ROSTER[subject]), NATIVE_RESOLUTION, ("resolution",))
 
 
 # Step and checkpoint counts a run could never finish (or that would fill the disk) are named before any job.

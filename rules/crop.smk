@@ -13,7 +13,8 @@ rule crop:
         "../envs/tifactory.yaml"
     threads: 2
     params:
-        crop=config["crop"],
+        # the crops' side is the subject's training resolution (train.resolution, "auto" resolved)
+        crop=lambda wildcards: {**config["crop"], "resolution": subject_train_params(wildcards)["resolution"]},
         faces=config["faces"],
         face_models=FACE_MODELS.params(),
         max_megapixels=config["collect"]["max_megapixels"],

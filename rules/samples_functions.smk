@@ -28,7 +28,7 @@ def sample_settings(wildcards):
     """One subject's samples settings, read here and nowhere else: config `samples` (demo overrides
     applied) plus the subject's init word. The report shows them as they are; rule `samples` takes the
     files as inputs (sample_inputs) and the rest as params (sample_grid_params)."""
-    settings = merged_section(config, "samples")
+    settings = native_sizes(merged_section(config, "samples"), NATIVE_RESOLUTION, ("width", "height"))
     settings["init_word"] = subject_train_params(wildcards)["init_word"]
     return settings
 

@@ -56,6 +56,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL-shaped diffusers folder (tifactory.demo.tinymodel_sdxl)."""
+    from tifactory.demo.tinymodel_sdxl import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny_sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
 def astronaut():
     """scikit-image's astronaut.png as RGB (tests must not modify it)."""
     from support.photos import package_photo

@@ -54,10 +54,20 @@ def _reasons(counts: dict) -> str:
 
 
 def embedding_provenance(path: str | os.PathLike) -> dict[str, str]:
-    from tifactory.training.embedding import load_embedding
+    """The metadata of an embedding tifactory wrote, whatever its family's tensors."""
+    from tifactory.training.embedding import read_embedding
 
-    _, metadata = load_embedding(path)
-    return metadata
+    return read_embedding(path).metadata
+
+
+def family_line(model: dict) -> str:
+    """Which model and family trained the subject (the ModelSpec's params)."""
+    from tifactory.families import family_named
+
+    family = family_named(model["family"])
+    return (f"<p>trained on <code>{html.escape(os.path.basename(str(model['path']).rstrip('/')))}</code>, "
+            f"model family <b>{html.escape(family.name)}</b> ({html.escape(family.title)}, "
+            f"{family.native_resolution} px)</p>")
 
 
 def likeness_summary(path: str | os.PathLike) -> dict:
@@ -86,7 +96,7 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
     likeness = likeness_summary(likeness_json)
     metadata = embedding_provenance(embedding)
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(subject)}</title><style>{STYLE}</style>"
-             f"</head><body><h1>{html.escape(subject)}</h1>"]
+             f"</head><body><h1>{html.escape(subject)}</h1>", family_line(model)]
     parts.append("<h2>Photos and crops</h2>")
     parts.append(_table([["raw items", raw["total"], raw["kept"], raw["rejected"], _reasons(raw)],
                          ["face crops", crops["total"], crops["kept"], crops["rejected"], _reasons(crops)]],

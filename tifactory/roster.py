@@ -308,6 +308,16 @@ def recipe_problems(subject: str, params: dict) -> list[str]:
     return problems
 
 
+AUTO = "auto"  # a size setting that follows the base model family's native resolution
+
+
+def native_sizes(section: dict, native_resolution: int, keys: tuple[str, ...]) -> dict:
+    """`section` with each of `keys` that says "auto" set to `native_resolution` (the base model family's:
+    SD1.5 512, SDXL 1024). train.resolution is the one size setting of crops and training; samples.width and
+    samples.height follow it the same way."""
+    return {key: (native_resolution if key in keys and value == AUTO else value) for key, value in section.items()}
+
+
 def train_params(config: dict, subject_row: dict) -> dict:
     """The full training recipe for one subject: config.train (+ demo overrides) + roster overrides."""
     params = merged_section(config, "train")

@@ -151,7 +151,7 @@ def test_identity_filter_keeps_the_majority_and_rejects_the_others(tmp_path, rep
     """Default config (fresh install): a folder with 8 astronaut photos and 7 other people keeps the astronaut."""
     _subject_folder(tmp_path, astronaut_copies(astronaut), other_people())
     said = []
-    settings = CropSettings.from_config(repo_config, faces={"insightface_pack": str(tmp_path / "no-pack")})
+    settings = CropSettings.from_config(repo_config, resolution=512, faces={"insightface_pack": str(tmp_path / "no-pack")})
     assert settings.identity_filter  # on by default
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv", settings, workers=2,
                        log=said.append)
@@ -178,7 +178,7 @@ def test_reference_photos_decide_and_no_majority_is_said(tmp_path, repo_config, 
     """Three astronauts among seven others: no majority (said, nothing filtered); with a reference photo of
     the astronaut, the seven others are rejected."""
     _subject_folder(tmp_path, astronaut_copies(astronaut)[1:4], other_people())
-    settings = CropSettings.from_config(repo_config, faces={"insightface_pack": str(tmp_path / "no-pack")})
+    settings = CropSettings.from_config(repo_config, resolution=512, faces={"insightface_pack": str(tmp_path / "no-pack")})
     said = []
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", settings, log=said.append)
     assert (frame["status"] == "kept").all()
@@ -196,7 +196,7 @@ def test_reference_photos_decide_and_no_majority_is_said(tmp_path, repo_config, 
 
 def test_identity_filter_can_be_switched_off(tmp_path, repo_config, astronaut):
     _subject_folder(tmp_path, [astronaut], other_people()[:2])
-    settings = CropSettings.from_config(repo_config, identity_filter=False)
+    settings = CropSettings.from_config(repo_config, resolution=512, identity_filter=False)
     said = []
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "c", tmp_path / "c.tsv", settings, log=said.append)
     assert (frame["status"] == "kept").all() and frame["identity_score"].isna().all()

@@ -31,6 +31,7 @@ def crop_settings(**overrides):
         config = yaml.safe_load(handle)
     faces = {key: overrides.pop(key) for key in list(overrides) if key in FaceSettings.__dataclass_fields__}
     overrides.setdefault("identity_filter", False)
+    overrides.setdefault("resolution", 512)  # train.resolution resolved for SD1.5 (the crop side follows it)
     return CropSettings.from_config(config, faces=faces, **overrides)
 
 

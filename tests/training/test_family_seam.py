@@ -35,6 +35,7 @@ RECIPE = {
     "resolution": 128, "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 2048,
     "bucket_reso_steps": 64, "bucket_no_upscale": True, "noise_offset": 0.0, "min_snr_gamma": 0.0,
     "attention": "sdpa", "compile": "auto", "compile_scope": "model", "save_every_n_steps": 2, "device": "cpu",
+    "gradient_checkpointing": False,  # not recorded in the metadata (TrainSettings.NOT_RECORDED)
 }
 
 

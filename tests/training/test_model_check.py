@@ -17,6 +17,8 @@ from tifactory.training.model_check import check_base_model, check_config_dir, c
 from support.pickles import Exploit
 
 UNET = "model.diffusion_model."
+ONLY = ("tifactory trains textual inversions for SD1.5 and SDXL (base and finetunes such as Pony or Illustrious), "
+        "epsilon prediction")
 TEXT = "cond_stage_model.transformer.text_model."
 
 
@@ -108,13 +110,13 @@ def test_sd2_openclip_checkpoint(tmp_path, suffix):
     path = write(tmp_path / f"v2-1_512-ema-pruned{suffix}", state)
     assert only(check_base_model(path)) == (
         f"base_model: {path} is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder cond_stage_model.model.*, "
-        "1024 wide); SD1.5 only (tifactory trains SD1.x textual inversions)")
+        "1024 wide); " + ONLY)
 
 
 def test_1024_wide_cross_attention_alone_is_named(tmp_path):
     state = sd15_keys(**{UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)})
     message = only(check_base_model(write(tmp_path / "odd.safetensors", state)))
-    assert "an SD 2.x checkpoint (UNet cross-attention 1024 wide, SD1.5's is 768); SD1.5 only" in message
+    assert "an SD 2.x checkpoint (UNet cross-attention 1024 wide, SD1.5's is 768); " + ONLY in message
 
 
 def test_sdxl_checkpoint(tmp_path, suffix):
@@ -122,10 +124,10 @@ def test_sdxl_checkpoint(tmp_path, suffix):
              UNET + "label_emb.0.0.weight": torch.zeros(8, 2816),
              "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(768),
              "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1280)}
-    path = write(tmp_path / f"sd_xl_base_1.0{suffix}", state)
+    path = write(tmp_path / f"sd_xl_base_1.0{suffix}", state)  # SDXL is accepted (tests/training/test_model_family.py)
     assert only(check_base_model(path)) == (
-        f"base_model: {path} is an SDXL checkpoint (conditioner.embedders.* keys); SD1.5 only "
-        "(tifactory trains SD1.x textual inversions)")
+        f"base_model: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder")
+    assert check_base_model(path, has_vae_override=True) == []
 
 
 def test_inpainting_checkpoint(tmp_path, suffix):
@@ -133,16 +135,16 @@ def test_inpainting_checkpoint(tmp_path, suffix):
                  sd15_keys(**{UNET + "input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}))
     assert only(check_base_model(path)) == (
         f"base_model: {path} is an inpainting checkpoint (UNet with 9 input channels, SD1.5's has 4); "
-        "SD1.5 only (tifactory trains SD1.x textual inversions)")
+        + ONLY)
 
 
 def test_v_prediction_checkpoint(tmp_path, suffix):
     marked = write(tmp_path / f"vpred{suffix}", sd15_keys(v_pred=torch.zeros(())))
-    assert "is a v-prediction checkpoint (it has a v_pred key); SD1.5 only" in only(check_base_model(marked))
+    assert "is a v-prediction checkpoint (it has a v_pred key); " + ONLY in only(check_base_model(marked))
 
     plain = write(tmp_path / f"with-yaml{suffix}", sd15_keys())
     (tmp_path / "with-yaml.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n    linear_start: 0.00085\n")
-    assert "(with-yaml.yaml beside it says parameterization: v); SD1.5 only" in only(check_base_model(plain))
+    assert "(with-yaml.yaml beside it says parameterization: v); " + ONLY in only(check_base_model(plain))
     (tmp_path / "with-yaml.yaml").write_text("model:\n  params:\n    parameterization: \"eps\"\n")
     assert check_base_model(plain) == []
 
@@ -220,7 +222,7 @@ def test_diffusers_folders(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, inpaint, ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((inpaint / "unet/config.json").read_text())
     (inpaint / "unet/config.json").write_text(json.dumps(dict(config, in_channels=9)))
-    assert "is an inpainting model (unet in_channels = 9, SD1.5's is 4); SD1.5 only" in only(
+    assert "is an inpainting model (unet in_channels = 9, SD1.5's is 4); " + ONLY in only(
         check_base_model(str(inpaint)))
     vpred = tmp_path / "vpred"
     shutil.copytree(tiny_model_dir, vpred, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -228,7 +230,7 @@ def test_diffusers_folders(tiny_model_dir, tmp_path):
     (vpred / "scheduler/scheduler_config.json").write_text(json.dumps(dict(scheduler, prediction_type="v_prediction")))
     assert "is a v_prediction model" in only(check_base_model(str(vpred)))
     (vpred / "text_encoder_2").mkdir()
-    assert "is an SDXL diffusers folder" in only(check_base_model(str(vpred)))
+    assert "is an incomplete SDXL diffusers folder (missing ['tokenizer_2'])" in only(check_base_model(str(vpred)))
     assert "not a diffusers Stable Diffusion folder (missing ['unet', 'text_encoder', 'tokenizer', 'vae']" in only(
         check_base_model(str(tmp_path / "inpaint" / "scheduler")))
 
@@ -245,7 +247,7 @@ def test_config_dir_override(tiny_model_dir, tmp_path):
     shutil.copytree(sd15.SD15_DIR, sd2)
     config = json.loads((sd2 / "unet/config.json").read_text())
     (sd2 / "unet/config.json").write_text(json.dumps(dict(config, cross_attention_dim=1024)))
-    assert "describes an SD 2.x model (unet cross_attention_dim = 1024); SD1.5 only" in only(
+    assert "describes an SD 2.x model (unet cross_attention_dim = 1024); the base model is SD1.5" in only(
         check_config_dir(str(sd2)))
 
 
@@ -273,8 +275,8 @@ def test_check_models_names_every_key(tmp_path, tiny_model_dir):
     problems = check_models(config)
     assert problems == [
         f"vae: {tmp_path / 'nope.ckpt'} does not exist",
-        f"eval_models[1] (dreamshaper).path: {xl} is an SDXL checkpoint (conditioner.embedders.* keys); SD1.5 only "
-        "(tifactory trains SD1.x textual inversions)",
+        f"eval_models[1] (dreamshaper).path: {xl} is an SDXL checkpoint without its CLIP-L text encoder "
+        "(conditioner.embedders.0.transformer.* keys)",
         f"eval_models[1] (dreamshaper).config: {tmp_path / 'cfg'} is not a folder",
     ]
     assert check_models({"base_model": "demo-tiny", "base_model_config": "", "vae": ""}) == []

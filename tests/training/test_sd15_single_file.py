@@ -75,8 +75,8 @@ def test_wrong_base_model_is_named_before_any_job(dry_workdir, tmp_path):
     result = run_snakemake(dry_workdir, "-n", "--config", f"base_model={xl}", check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output
-    assert (f"model settings in the config are not usable:\n  base_model: {xl} is an SDXL checkpoint "
-            "(conditioner.embedders.* keys); SD1.5 only") in output
+    assert (f"model settings in the config are not usable:\n  base_model: {xl} is an SDXL checkpoint without its "
+            "OpenCLIP bigG text encoder (conditioner.embedders.1.model.* keys)") in output
 
     missing = tmp_path / "v1-5-pruned-emaonly.safetensors"
     good = write(tmp_path / "good.safetensors", sd15_keys())
@@ -111,7 +111,6 @@ def test_a1111_checkpoint_and_vae_ckpt_train_offline(tmp_path, repo_config):
     config = json.loads(json.dumps(repo_config))
     config.update(roster="roster.tsv", base_model=str(checkpoint), base_model_config="", vae=str(vae),
                   eval_models=[{"name": "same", "path": str(checkpoint), "vae": str(vae)}])
-    config["crop"]["resolution"] = 256
     config["dataset"]["repeats"] = 1
     config["train"].update(max_train_steps=2, save_every_n_steps=1, gradient_accumulation_steps=1,
                            micro_batch_size=1, resolution=256, device="cpu", compile=False)

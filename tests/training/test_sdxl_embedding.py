@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tifactory.families import family_named
 from tifactory.families import sdxl_embedding as sdxl
 from tifactory.training import embedding
 
@@ -17,16 +18,21 @@ def vectors(n=5, seed=0):
 
 
 def metadata():
-    shared = embedding.build_metadata(subject="ada", title="ada-ti", architecture=sdxl.ARCHITECTURE, step=1000, resolution=1024, date="2026-12-05",
-                                      recipe={"seed": 1234}, base_model="sd_xl_base_1.0.safetensors",
-                                      base_model_hash="0" * 64, dataset_hash="1" * 64, tokens=["ada"])
-    return sdxl.sdxl_metadata(shared, 1024)
+    return embedding.build_metadata(subject="ada", title="ada-ti", architecture=sdxl.ARCHITECTURE, step=1000,
+                                    resolution=1024, date="2026-12-05", recipe={"seed": 1234},
+                                    base_model="sd_xl_base_1.0.safetensors", base_model_hash="0" * 64,
+                                    dataset_hash="1" * 64, tokens=["ada"])
+
+
+def save(path, vectors, metadata, precision):
+    """What training writes: the SDXL family's tensors through the format's one writer."""
+    return embedding.save_embedding(path, family_named("sdxl").embedding_tensors(vectors), metadata, precision)
 
 
 def test_written_file_holds_exactly_clip_l_and_clip_g_in_bf16(tmp_path):
     from safetensors import safe_open
 
-    path = sdxl.save_sdxl_embedding(tmp_path / "ada-ti.safetensors", vectors(), metadata(), "bf16")
+    path = save(tmp_path / "ada-ti.safetensors", vectors(), metadata(), "bf16")
     with safe_open(str(path), framework="pt") as handle:
         assert sorted(handle.keys()) == ["clip_g", "clip_l"]
         stored = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -41,8 +47,8 @@ def test_written_file_holds_exactly_clip_l_and_clip_g_in_bf16(tmp_path):
 
 
 def test_read_back_equals_what_was_written_and_bytes_are_reproducible(tmp_path):
-    first = sdxl.save_sdxl_embedding(tmp_path / "a.safetensors", vectors(), metadata(), "bf16")
-    second = sdxl.save_sdxl_embedding(tmp_path / "b.safetensors", vectors(), metadata(), "bf16")
+    first = save(tmp_path / "a.safetensors", vectors(), metadata(), "bf16")
+    second = save(tmp_path / "b.safetensors", vectors(), metadata(), "bf16")
     assert first.read_bytes() == second.read_bytes()
     read, read_metadata = sdxl.read_sdxl_embedding(first)
     for got, want in zip(read, vectors()):
@@ -58,7 +64,7 @@ def test_read_back_equals_what_was_written_and_bytes_are_reproducible(tmp_path):
 ])
 def test_wrong_vectors_are_refused(bad, tmp_path):
     with pytest.raises(ValueError):
-        sdxl.save_sdxl_embedding(tmp_path / "x.safetensors", bad, {}, "bf16")
+        save(tmp_path / "x.safetensors", bad, {}, "bf16")
     assert not list(tmp_path.iterdir())
 
 
@@ -83,7 +89,7 @@ def test_diffusers_loads_it_with_two_calls(tmp_path):
     from tifactory.demo.tinymodel_sdxl import build_tiny_sdxl_model
 
     pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl_model(tmp_path / "tiny"), local_files_only=True)
-    path = sdxl.save_sdxl_embedding(tmp_path / "zq-ti.safetensors", vectors(n=3), metadata(), "bf16")
+    path = save(tmp_path / "zq-ti.safetensors", vectors(n=3), metadata(), "bf16")
     stored, _ = sdxl.read_sdxl_embedding(path)
     clip_l, clip_g = stored
     pipe.load_textual_inversion(clip_l, token="zq", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)

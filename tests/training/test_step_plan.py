@@ -36,6 +36,7 @@ def record_loop(family_name: str, repo_config) -> tuple[list, list, list]:
     of every sample, as the model call saw them."""
     family = family_named(family_name)
     settings = TrainSettings.from_config(repo_config["train"], init_word="woman", flip_aug=True, seed=1234,
+                                         resolution=family.native_resolution,
                                          train_batch_size=1, gradient_accumulation_steps=15, micro_batch_size=4)
     num_variants = 2
     images = [TrainingImage(path=None, bucket=(64, 64) if bucket == 0 else (64, 128), size=(64, 64))

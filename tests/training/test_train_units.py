@@ -100,7 +100,7 @@ def test_samples_for_step_covers_epochs_in_order():
 
 def recipe(repo_config, **overrides) -> TrainSettings:
     """config.yaml's training recipe with `overrides`."""
-    return TrainSettings.from_config(repo_config["train"], init_word="woman", **overrides)
+    return TrainSettings.from_config(repo_config["train"], init_word="woman", **{"resolution": 512, **overrides})
 
 
 def test_lr_schedules(repo_config):

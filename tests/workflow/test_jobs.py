@@ -88,6 +88,6 @@ def test_bad_crop_settings_raise_crop_error_naming_the_key():
 
     config = yaml.safe_load((REPO_ROOT / "config.yaml").read_text(encoding="utf-8"))
     with pytest.raises(CropError, match=r"crop\.face_share must be in \(0, 1\], got 1.5"):
-        CropSettings.from_config(config, face_share=1.5)
+        CropSettings.from_config(config, resolution=512, face_share=1.5)
     with pytest.raises(CropError, match=r"unknown crop setting\(s\) \['face_shar'\]"):
-        CropSettings.from_config(config, face_shar=0.5)
+        CropSettings.from_config(config, resolution=512, face_shar=0.5)

@@ -16,6 +16,7 @@ from tifactory.errors import TifactoryError
 # family name -> "module:class"; a third family is one new module and one line here
 FAMILIES: dict[str, str] = {
     "sd15": "tifactory.families.sd15:SD15",
+    "sdxl": "tifactory.families.sdxl:SDXL",
 }
 
 

@@ -4,7 +4,8 @@ kohya's `sdxl_train_textual_inversion.py` writes this layout (the vectors for CL
 those for OpenCLIP bigG under `clip_g`) with the modelspec (SAI model spec 1.0) fields, architecture
 `stable-diffusion-xl-v1-base/textual-inversion` and implementation
 `https://github.com/Stability-AI/generative-models`. tifactory.training.embedding owns the format (names,
-the shared metadata, SD1.5's one-tensor file); this module adds SDXL's two tensors to it.
+the metadata, the deterministic writer `save_embedding`); this module checks SDXL's two tensors
+(`embedding_tensors`, what the SDXL family hands the writer) and reads them back strictly.
 
 How the tools load it (`<name>` is the file name, the trigger word):
 * A1111 / Forge: an SDXL embedding is a file with both `clip_l` and `clip_g`; each half goes to its
@@ -22,22 +23,13 @@ Parse-time cheap: torch and safetensors are imported inside the functions.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from tifactory.fileio import atomic_path
-from tifactory.training.embedding import SAFETENSORS_DTYPES, SAVE_DTYPES, SDXL_KEYS, EmbeddingError
+from tifactory.training.embedding import SDXL_ARCHITECTURE, SDXL_KEYS, EmbeddingError
 
-ARCHITECTURE = "stable-diffusion-xl-v1-base/textual-inversion"
-IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+ARCHITECTURE = SDXL_ARCHITECTURE
 WIDTHS = dict(zip(SDXL_KEYS, (768, 1280)))  # clip_l: CLIP ViT-L/14, clip_g: OpenCLIP ViT-bigG/14
-
-
-def sdxl_metadata(metadata: dict[str, str], resolution: int) -> dict[str, str]:
-    """The shared metadata (tifactory.training.embedding.build_metadata) with SDXL's modelspec fields."""
-    return {**metadata, "modelspec.architecture": ARCHITECTURE, "modelspec.implementation": IMPLEMENTATION,
-            "modelspec.resolution": f"{resolution}x{resolution}"}
 
 
 def embedding_tensors(vectors) -> dict:
@@ -61,37 +53,6 @@ def vectors_from_tensors(tensors: dict) -> list:
     if missing:
         raise ValueError(f"not an SDXL embedding: no {missing} tensor(s) (found {sorted(tensors)})")
     return list(embedding_tensors([tensors[key] for key in SDXL_KEYS]).values())
-
-
-def tensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
-    """Several tensors in the safetensors format with a deterministic header (sorted keys, data in key
-    order), as tifactory.training.embedding.safetensors_bytes writes one."""
-    import torch
-
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        data = tensor.view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
-                        "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    return len(header_bytes).to_bytes(8, "little") + header_bytes + b"".join(blobs)
-
-
-def save_sdxl_embedding(path: str | os.PathLike, vectors, metadata: dict[str, str], save_precision: str) -> Path:
-    """Write [clip_l, clip_g] atomically as exactly `clip_l` + `clip_g` in the save precision (bf16/fp16/float)."""
-    import torch
-
-    dtype = getattr(torch, SAVE_DTYPES[save_precision])
-    tensors = {key: tensor.detach().to(device="cpu", dtype=dtype)
-               for key, tensor in embedding_tensors(vectors).items()}
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_bytes(tensors_bytes(tensors, metadata))
-    return Path(path)
 
 
 def read_sdxl_embedding(path: str | os.PathLike) -> tuple[list, dict[str, str]]:

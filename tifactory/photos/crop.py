@@ -285,13 +285,17 @@ class CropSettings:
     @classmethod
     def from_config(cls, config: dict, **overrides) -> "CropSettings":
         """From the whole config (its crop, faces and collect sections); `overrides`: crop keys, or
-        `faces={...}` for face-model keys."""
+        `faces={...}` for face-model keys. `resolution` (the crop side) is not a crop key: it is train.resolution
+        as resolved for the base model's family (rule crop passes it in the crop params)."""
         faces = FaceSettings.from_config(config["faces"], **overrides.pop("faces", {}))
         values = {**config["crop"], "max_megapixels": config["collect"]["max_megapixels"], **overrides}
         names = {f.name for f in fields(cls)} - {"faces"}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise CropError(f"unknown crop setting(s) {unknown}; the crop section knows {sorted(names)}")
+            raise CropError(f"unknown crop setting(s) {unknown}; the crop section knows {sorted(names - {'resolution'})}")
+        if "resolution" not in values:
+            raise CropError("the crop side (resolution) is the training resolution, train.resolution resolved "
+                            "for the base model's family: pass resolution=")
         return cls(faces=faces, **{name: values[name] for name in names if name in values})
 
     @property

@@ -1,7 +1,8 @@
 """The embedding file format, owned here: names, the tensor key, writing, listing and reading.
 
 What tifactory writes: safetensors with the model family's tensors (tifactory.families: SD1.5 one tensor
-`emb_params` [num_vectors, dim]; the keys are spelled here, the family says which it uses) + metadata, named
+`emb_params` [num_vectors, dim]; SDXL exactly `clip_l` [n, 768] + `clip_g` [n, 1280]; the keys are spelled
+here, the family says which it uses) + metadata, named
 `<subject>-ti.safetensors` (the name is the trigger people type) and, every save_every_n_steps,
 `<subject>-ti-step<8 digits>.safetensors` in the checkpoint folder. Loads in A1111/ComfyUI (single-key
 layout) and in diffusers' `load_textual_inversion(path, token=...)`.
@@ -34,6 +35,9 @@ TRIGGER_SUFFIX = "-ti"  # <subject>-ti.safetensors: the file name is the trigger
 CHECKPOINT_STEP = re.compile(r"-step(\d+)\.safetensors$")
 STRING_TO_PARAM = "string_to_param."  # A1111's {"string_to_param": {"*": tensor}}, flattened
 SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding: clip_l is the SD1-sized (768-wide) half
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base/textual-inversion"  # kohya's modelspec.architecture for SDXL
+# modelspec.implementation by architecture, as kohya writes it (SD1.x: diffusers)
+IMPLEMENTATIONS = {SDXL_ARCHITECTURE: "https://github.com/Stability-AI/generative-models"}
 SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "float": "float32"}
 VERSIONED_PACKAGES = ("tifactory", "torch", "diffusers", "transformers", "safetensors")
 
@@ -81,7 +85,7 @@ def build_metadata(*, subject: str, title: str, step: int, resolution: int, date
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": IMPLEMENTATIONS.get(architecture, "diffusers"),
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": date,

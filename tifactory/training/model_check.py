@@ -671,52 +671,29 @@ def check_model_family(path: str, key: str = "base_model", *, has_vae_override: 
         return None, [f"{key}: {error}"]
     if found.refused is None:
         return found.family, []
-    if not found.refused.architecture:
-        return None, [_message(key, path, found.refused)]
-    return None, [f"{key}: {path} is {found.refused.found}; tifactory trains textual inversions for SD1.5 and SDXL "
-                  "(base and finetunes such as Pony or Illustrious), epsilon prediction"]
+    return None, [_message(key, path, found.refused)]
 
 
 # --------------------------------------------------------------------------------------------- checks
 
 def _message(key: str, path: str, verdict: Verdict) -> str:
     if verdict.architecture:
-        return f"{key}: {path} is {verdict.found}; SD1.5 only (tifactory trains SD1.x textual inversions)"
+        return (f"{key}: {path} is {verdict.found}; tifactory trains textual inversions for SD1.5 and SDXL (base and "
+                "finetunes such as Pony or Illustrious), epsilon prediction")
     advice = ""
     if verdict.found.startswith(("a VAE", "a diffusers VAE")):
         advice = "; a VAE goes in the config key vae"
     elif verdict.found.startswith(("a textual-inversion", "a LoRA")):
-        advice = f"; {key} must be a full SD1.5 checkpoint such as v1-5-pruned-emaonly.safetensors"
+        advice = (f"; {key} must be a full SD1.5 or SDXL checkpoint such as v1-5-pruned-emaonly.safetensors or "
+                  "sd_xl_base_1.0.safetensors")
     return f"{key}: {path} is {verdict.found}{advice}"
-
-
-# The family (tifactory.families.FAMILIES) of a model the classification accepts (a verdict of None).
-ACCEPTED_FAMILY = "sd15"
 
 
 def base_model_family(path: str, key: str = "base_model", *,
                       has_vae_override: bool = False) -> tuple[str | None, list[str]]:
-    """(the model family's name, []) for a usable base model (diffusers folder or single file), else
-    (None, problems), each problem naming the config key."""
-    if not path:
-        return None, [f"{key}: empty; set it to an SD1.5 diffusers folder or .safetensors/.ckpt file"]
-    location = Path(os.path.expanduser(path))
-    if not location.exists():
-        return None, [f"{key}: {path} does not exist"]
-    try:
-        if location.is_dir():
-            verdict = classify_folder(location, need_vae=not has_vae_override)
-        else:
-            inspection = inspect_file(location)
-            if inspection.unsafe_globals:
-                return None, [f"{key}: {path} is {_unsafe_message(inspection)}"]
-            verdict = classify_keys(inspection.shapes, inspection.metadata) or _sibling_yaml_prediction(location)
-            if verdict is None and not has_vae_override and not _has(inspection.shapes, VAE):
-                return None, [f"{key}: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or "
-                              "folder"]
-    except ModelCheckError as error:
-        return None, [f"{key}: {error}"]
-    return (ACCEPTED_FAMILY, []) if verdict is None else (None, [_message(key, path, verdict)])
+    """(the model family's name, []) for a usable base model (diffusers folder or single file of a family
+    tifactory trains: SD1.5 or SDXL), else (None, problems), each problem naming the config key."""
+    return check_model_family(path, key, has_vae_override=has_vae_override)
 
 
 def check_base_model(path: str, key: str = "base_model", *, has_vae_override: bool = False) -> list[str]:
@@ -774,20 +751,28 @@ def check_vae(path: str, key: str = "vae") -> list[str]:
     return []
 
 
-def check_config_dir(path: str, key: str = "base_model_config") -> list[str]:
-    """A `base_model_config` override: a diffusers-format SD1.5 folder (configs + tokenizer suffice)."""
+def check_config_dir(path: str, key: str = "base_model_config", family: str = "sd15") -> list[str]:
+    """A `base_model_config` override: a diffusers-format folder of the base model's family (configs and
+    tokenizers suffice)."""
     folder = Path(os.path.expanduser(path))
     if not folder.is_dir():
         return [f"{key}: {path} is not a folder"]
+    sdxl = family == "sdxl"
     needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"]
+    needed += ["text_encoder_2/config.json", "tokenizer_2"] if sdxl else []
+    title = "SDXL" if sdxl else "SD1.5"
     missing = [part for part in needed if not (folder / part).exists()]
     if missing:
-        return [f"{key}: {path} is not a usable diffusers SD1.5 config folder: missing {missing}"]
+        return [f"{key}: {path} is not a usable diffusers {title} config folder: missing {missing}"]
     try:
-        verdict = _classify_config_parts(folder)
+        if sdxl:
+            found = detect_family_folder(folder, need_vae=False)
+            verdict = found.refused or (None if found.family == "sdxl" else Verdict("an SD1.5 folder", True))
+        else:
+            verdict = _classify_config_parts(folder)
     except ModelCheckError as error:
         return [f"{key}: {error}"]
-    return [f"{key}: {path} describes {verdict.found}; SD1.5 only"] if verdict else []
+    return [f"{key}: {path} describes {verdict.found}; the base model is {title}"] if verdict else []
 
 
 def check_models(config: dict) -> list[str]:
@@ -820,7 +805,7 @@ def model_specs(config: dict, *, demo_model_dir: str) -> tuple[dict, list[str]]:
             continue
         family, found = base_model_family(path, key, has_vae_override=bool(vae))
         if config_dir:
-            found += check_config_dir(config_dir, config_key)
+            found += check_config_dir(config_dir, config_key, family or "sd15")
         if vae:
             found += check_vae(vae, vae_key)
         problems += found

@@ -55,6 +55,7 @@ class TrainSettings:
     compile_scope: str
     save_every_n_steps: int
     device: str
+    gradient_checkpointing: bool
 
     def __post_init__(self):
         checks = [(self.num_vectors >= 1, f"num_vectors must be >= 1, got {self.num_vectors}"),
@@ -62,6 +63,9 @@ class TrainSettings:
                   (self.max_train_steps >= 1, f"max_train_steps must be >= 1, got {self.max_train_steps}"),
                   (self.save_every_n_steps >= 1, f"save_every_n_steps must be >= 1, got {self.save_every_n_steps}"),
                   (self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+                  (isinstance(self.resolution, int) and self.resolution >= 64,
+                   f"resolution must be a number of pixels >= 64, got {self.resolution!r} ('auto' is resolved to "
+                   "the base model family's native resolution first: tifactory.roster.native_sizes)"),
                   (self.train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
                    "train_batch_size and gradient_accumulation_steps must be >= 1")]
         for ok, message in checks:
@@ -85,8 +89,14 @@ class TrainSettings:
     def samples_per_step(self) -> int:
         return self.train_batch_size * self.gradient_accumulation_steps
 
+    # settings that change memory and speed, never the numbers: not part of the recorded recipe (the embedding's
+    # metadata, the resume fingerprint), so turning them on changes no file and does not restart a run
+    NOT_RECORDED = ("gradient_checkpointing",)
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as recorded (the embedding's metadata, the resume fingerprint): every setting less
+        NOT_RECORDED."""
+        return {key: value for key, value in asdict(self).items() if key not in self.NOT_RECORDED}
 
     def as_json(self) -> str:
         """The recipe as the embedding's metadata and the resume fingerprint record it (sorted keys)."""

@@ -251,6 +251,8 @@ def place_models(family, components, precision: Precision, settings: TrainSettin
     components.vae.to(device, dtype=family.vae_dtype(dtype))  # the VAE only encodes latents
     if device.type == "cuda":
         components.unet.to(memory_format=torch.channels_last)
+    if settings.gradient_checkpointing:  # recomputed in the backward pass: the same gradient, less memory
+        components.unet.enable_gradient_checkpointing()
     if settings.attention == "xformers":
         try:
             components.unet.enable_xformers_memory_efficient_attention()
