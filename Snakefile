@@ -20,7 +20,15 @@ os.environ.update(
 )
 
 
-configfile: "config.yaml"
+# Every default is in the config.yaml beside this Snakefile, so a project folder elsewhere
+# (`snakemake -s <checkout>/Snakefile --directory <project>`) needs no copy of it. A config.yaml in the
+# working directory, when there is one, overrides it key by key (it may hold only what it changes).
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+if os.path.isfile("config.yaml") and not os.path.samefile("config.yaml", os.path.join(workflow.basedir, "config.yaml")):
+
+    configfile: "config.yaml"
 
 
 # `--config 'train={max_train_steps: 5}'` hands nested values over as strings: read them as the schema's types

@@ -2,7 +2,8 @@
 
 
 rule subject_summary:
-    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance."""
+    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance. It also asks for
+    the best step's embedding (and its published copy) where the likeness job chose one."""
     input:
         unpack(
             lambda wildcards: {
@@ -21,6 +22,7 @@ rule subject_summary:
                 ),
             }
         ),
+        best=best_embedding_files,
     output:
         report(
             "results/{subject}/report/summary.html",
