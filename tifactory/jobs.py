@@ -55,6 +55,17 @@ def claim_job_gpu(smk, log: Callable[[str], None]):
     return claim_gpu(log)
 
 
+_CONSOLE_TAG: list[str] = []  # "<rule> <subject>" of the job this process runs (set by run_job)
+
+
+def console(message: str) -> None:
+    """Also show `message` on the console (the terminal Snakemake runs in), tagged with the job's rule and
+    subject: for progress a person watches (training's step N/M, loss, ETA). Outside a job: nothing (the
+    caller's own log has it)."""
+    if _CONSOLE_TAG:
+        print(f"[{_CONSOLE_TAG[0]}] {message}", file=sys.__stderr__, flush=True)
+
+
 def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
     """Redirect stdout/stderr to the job's log, call main(smk, log), exit 1 with a clear message on error."""
     log_path = smk.log[0]
@@ -66,6 +77,7 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
         print(f"[{time.perf_counter() - started:8.1f}s] {message}", file=log_file, flush=True)
 
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
+    _CONSOLE_TAG[:] = [" ".join([smk.rule, *map(str, wildcards.values())])]
     log(f"job {smk.rule} {wildcards}")
     sidecar_path(log_path).unlink(missing_ok=True)  # a failed rerun must not leave the old record behind
     gpu_claim = None
