@@ -8,6 +8,23 @@ import sys
 import time
 
 
+SHOWN_RENAMES = 5  # renamed folders listed on stderr; the rest are counted (their names are in the roster)
+
+
+def _print_folder_report(result) -> None:
+    """Clashes and skipped folders each on a line (they need a look); renamed folders summarised."""
+    lines = result.report_lines()
+    renamed = [line for line in lines if line.startswith("renamed:")]
+    for line in renamed[:SHOWN_RENAMES]:
+        print(line, file=sys.stderr)
+    if len(renamed) > SHOWN_RENAMES:
+        print(f"renamed: ... and {len(renamed) - SHOWN_RENAMES} more folder(s) (the roster's sources column names "
+              "each folder)", file=sys.stderr)
+    for line in lines:
+        if not line.startswith("renamed:"):
+            print(line, file=sys.stderr)
+
+
 def _roster(args) -> int:
     from tifactory.fileio import write_text_atomic
     from tifactory.roster_folders import roster_from_folders
@@ -18,8 +35,7 @@ def _roster(args) -> int:
     except (ValueError, OSError) as error:
         print(f"tifactory roster: {error}", file=sys.stderr)
         return 2
-    for line in result.report_lines():
-        print(line, file=sys.stderr)
+    _print_folder_report(result)
     if not result.rows:
         print(f"tifactory roster: no usable subfolder in {args.data_dir}; nothing written", file=sys.stderr)
         return 1

@@ -55,6 +55,23 @@ def claim_job_gpu(smk, log: Callable[[str], None]):
     return claim_gpu(log)
 
 
+# Third-party chatter kept out of the job logs (a log holds what tifactory did and what went wrong): the
+# Hugging Face libraries' "Loading weights" / "Fetching files" bars and their info and advisory warnings.
+# setdefault: a user who exports one of these keeps it (e.g. TRANSFORMERS_VERBOSITY=info to debug).
+QUIET_LIBRARIES_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_third_party(environ=None) -> None:
+    """Keep third-party progress bars, advisory warnings and FutureWarnings out of this job's log."""
+    import warnings
+
+    environ = os.environ if environ is None else environ
+    for key, value in QUIET_LIBRARIES_ENV.items():
+        environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes meant for library authors
+
+
 _CONSOLE_TAG: list[str] = []  # "<rule> <subject>" of the job this process runs (set by run_job)
 
 
@@ -69,6 +86,7 @@ def console(message: str) -> None:
 def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
     """Redirect stdout/stderr to the job's log, call main(smk, log), exit 1 with a clear message on error."""
     log_path = smk.log[0]
+    quiet_third_party()  # before any stage imports torch, transformers or diffusers
     log_file = open(log_path, "w", encoding="utf-8", buffering=1)
     sys.stdout = sys.stderr = log_file
     started = time.perf_counter()

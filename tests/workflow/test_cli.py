@@ -114,3 +114,16 @@ def test_console_command_is_declared_and_help_lists_roster(repo_root):
     result = subprocess.run([sys.executable, "-m", "tifactory", "--help"], capture_output=True, text=True,
                             cwd=repo_root, timeout=60)
     assert result.returncode == 0 and "roster" in result.stdout
+
+
+def test_many_renamed_folders_are_summarised_on_stderr(tmp_path, capsys):
+    from tifactory.cli import SHOWN_RENAMES
+
+    data = tmp_path / "data"
+    for index in range(SHOWN_RENAMES + 20):
+        touch(data / f"Person {index:02d}" / "a.jpg")
+    assert main(["roster", str(data), "--class", "woman", "-o", str(tmp_path / "r.tsv")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    renamed = [line for line in err if line.startswith("renamed:")]
+    assert len(renamed) == SHOWN_RENAMES + 1 and renamed[-1].startswith("renamed: ... and 20 more folder(s)")
+    assert len(read_roster_rows(tmp_path / "r.tsv")[0]) == SHOWN_RENAMES + 20
