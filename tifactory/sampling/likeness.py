@@ -195,7 +195,7 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
             {"label": "face share", "x": [r["step"] for r in summary], "y": [r["face_share"] for r in summary],
              "points": True}],
             title=f"{subject}: likeness to the training crops vs step ({recogniser.name}, {metric.kind})",
-            xlabel="step", ylabel="similarity / share", marker_x=marker,
+            xlabel="step", ylabel="similarity / share", marker_x=marker, ylim=(0.0, 1.0),
             marker_label=f"best: step {marker}" if marker is not None else "", note=result["reason"])
         if result["scored"]:
             log(f"likeness scored with {recogniser.label} against {result['reference_faces']} crop faces; "
