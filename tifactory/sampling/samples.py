@@ -51,7 +51,8 @@ class Column:
         if self.prompt.width is not None or self.prompt.height is not None:
             options.append(f"{self.width}x{self.height}")
         extra = f" [{'; '.join(options)}]" if options else ""
-        return f"{self.prompt.text.replace('{token}', token)}{extra} · seed {self.seed}"
+        # the seed first: a long prompt is cut at the end of the label, and the seed tells columns apart
+        return f"seed {self.seed} · {self.prompt.text.replace('{token}', token)}{extra}"
 
 
 def plan_columns(prompts: list[SamplePrompt], *, seeds: list[int], steps: int, guidance_scale: float,
