@@ -40,17 +40,21 @@ rule subject_summary:
         samples=sample_settings,
         model=model_params(),
         eval_models=EVAL_MODELS,
+        verdict=config["verdict"],
     script:
         "../workflow/scripts/subject_summary.py"
 
 
 rule roster_overview:
-    """The roster overview page of the report: one row per subject."""
+    """The roster page a person opens first: per subject its verdict, a sample beside a training crop, the
+    likeness, and a link to its page."""
     input:
         raw=expand("results/{subject}/raw/manifest.tsv", subject=SUBJECTS),
         crops=expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),
         likeness=expand("results/{subject}/samples/likeness.json", subject=SUBJECTS),
         embeddings=expand("results/{subject}/{subject}-ti.safetensors", subject=SUBJECTS),
+        images=expand("results/{subject}/samples/images.tsv", subject=SUBJECTS),
+        scores=expand("results/{subject}/samples/scores.tsv", subject=SUBJECTS),
     output:
         report(
             "results/report/roster.html",
@@ -65,5 +69,6 @@ rule roster_overview:
     params:
         subjects=SUBJECTS,
         class_words=[ROSTER[subject]["class_word"] for subject in SUBJECTS],
+        verdict=config["verdict"],
     script:
         "../workflow/scripts/roster_overview.py"

@@ -79,14 +79,23 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
                     crops_dir: str | os.PathLike, loss_png: str | os.PathLike, grids: dict[str, str],
                     likeness_json: str | os.PathLike, likeness_png: str | os.PathLike, scores_tsv: str | os.PathLike,
                     embedding: str | os.PathLike, recipe: dict, samples: dict, model: dict,
-                    recovery_tsv: str | os.PathLike | None = None) -> Path:
-    """Write one subject's self-contained summary page (with the concept-recovery table when given)."""
+                    recovery_tsv: str | os.PathLike | None = None, verdict_settings=None) -> Path:
+    """Write one subject's self-contained summary page (with the concept-recovery table when given; with its
+    verdict and reasons when `verdict_settings` is given)."""
     raw = manifest_counts(raw_manifest)
     crops = manifest_counts(Path(crops_dir) / "manifest.tsv")
     likeness = likeness_summary(likeness_json)
     metadata = embedding_provenance(embedding)
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(subject)}</title><style>{STYLE}</style>"
-             f"</head><body><h1>{html.escape(subject)}</h1>"]
+             f"</head><body><p><a href='../../report/roster.html#{html.escape(subject)}'>&larr; roster</a></p>"
+             f"<h1>{html.escape(subject)}</h1>"]
+    if verdict_settings is not None:
+        from tifactory.verdict import OK, subject_verdict
+
+        verdict = subject_verdict(subject, verdict_settings, Path(out_html).parent.parent.parent)
+        parts.append(f"<p class='{'good' if verdict.status == OK else 'bad'}'><b>verdict: "
+                     f"{html.escape(verdict.status)}</b>" + "".join(f"<br>&bull; {html.escape(reason)}"
+                                                                    for reason in verdict.reasons) + "</p>")
     parts.append("<h2>Photos and crops</h2>")
     parts.append(_table([["raw items", raw["total"], raw["kept"], raw["rejected"], _reasons(raw)],
                          ["face crops", crops["total"], crops["kept"], crops["rejected"], _reasons(crops)]],
@@ -150,25 +159,98 @@ def recovery_section(recovery_tsv: str | os.PathLike) -> str:
     return "<h2>Concept recovery</h2>" + text + _table([[html.escape(row[c]) for c in header] for row in rows], header)
 
 
-def roster_overview(*, out_html: str | os.PathLike, subjects: list[dict]) -> Path:
-    """One row per subject: class word, photos kept, crops kept, steps, final step, best step, likeness.
-    `subjects`: dicts with subject, class_word, raw_manifest, crops_dir, likeness_json, embedding."""
-    rows = []
+ROSTER_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>tifactory roster: {{ rows|length }} subject(s)</title>
+<style>{{ style }}
+.verdict-ok{color:#060;font-weight:bold} .verdict-weak{color:#b60;font-weight:bold}
+.verdict-failed,.verdict-not-built{color:#b00;font-weight:bold} td.pics img{width:128px;height:auto;margin-right:4px}
+ul.reasons{margin:.2em 0;padding-left:1.2em} .small{font-size:85%;color:#555}</style></head>
+<body><h1>Roster: {{ rows|length }} subject(s)</h1>
+<p>{% for status, n in counts %}<span class="verdict-{{ status|replace(' ', '-') }}">{{ n }} {{ status }}</span>{{ ", " if not loop.last }}{% endfor %}.
+Each subject's own page (crops, loss, likeness per step, sample grids, recipe) is linked from its name.
+A subject is <em>weak</em> when it trained on few crops, without the identity filter, or its samples do not
+look like the person; the reasons are listed. The prompt to type in a UI is the file name:
+<code>photo of &lt;subject&gt;-ti</code>.</p>
+<table><tr><th>subject</th><th>verdict</th><th>sample · training crop</th><th>likeness</th><th>photos kept</th>
+<th>crops kept</th><th>final step</th><th>embedding</th></tr>
+{% for row in rows %}<tr id="{{ row.subject }}">
+<td><a href="{{ row.page }}">{{ row.subject }}</a><div class="small">{{ row.class_word }}</div></td>
+<td><span class="verdict-{{ row.status|replace(' ', '-') }}">{{ row.status }}</span>
+{% if row.reasons %}<ul class="reasons">{% for reason in row.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}</td>
+<td class="pics">{% if row.sample %}<img alt="{{ row.sample_alt }}" title="{{ row.sample_alt }}" src="{{ row.sample }}">{% endif %}
+{% if row.crop %}<img alt="training crop" title="a training crop" src="{{ row.crop }}">{% endif %}
+<div class="small">{{ row.sample_alt }}</div></td>
+<td>{{ row.likeness or "not scored" }}</td><td>{{ row.photos }}</td><td>{{ row.crops }}</td><td>{{ row.final_step }}</td>
+<td><code>{{ row.files|join(", ") }}</code></td></tr>
+{% endfor %}</table></body></html>
+"""
+THUMBNAIL_PX = 256  # the roster page's pictures (shown at 128 px: sharp on high-density screens)
+
+
+def thumbnail_uri(path: str | os.PathLike, side: int = THUMBNAIL_PX) -> str:
+    """A small JPEG of the image at `path` as a data URI (the roster page stays one self-contained file)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def shown_sample(images_tsv: str | os.PathLike, best_step: int | None) -> tuple[Path, int] | None:
+    """The first sample image of the best step, else of the last step (the final embedding): (file, step)."""
+    rows = read_tsv(images_tsv)
+    steps = sorted({int(row["step"]) for row in rows if row.get("step", "").isdigit()})
+    if not steps:
+        return None
+    step = best_step if best_step in steps else steps[-1]
+    first = min((row for row in rows if row.get("step") == str(step)), key=lambda row: int(row.get("column") or 0))
+    return Path(images_tsv).parent / first["file"], step
+
+
+def roster_overview(*, out_html: str | os.PathLike, subjects: list[dict], verdict_settings,
+                    results_dir: str | os.PathLike | None = None) -> Path:
+    """The page a person opens first (results/report/roster.html), built with Jinja2: per subject its verdict
+    with the reasons (tifactory.verdict), the best (or last) step's sample beside a training crop, the likeness
+    value, counts, the embedding files and a link to the subject's page (results/S/report/summary.html).
+    `subjects`: dicts with subject, class_word, raw_manifest, crops_dir, likeness_json, embedding, images_tsv.
+    `results_dir`: where results/S/ are (default: the folder above the page's)."""
+    import jinja2
+
+    from tifactory.verdict import likeness_best_step, subject_verdict
+
+    out_html = Path(out_html)
+    results = Path(results_dir) if results_dir is not None else out_html.parent.parent
+    rows, counts = [], {}
     for entry in subjects:
+        subject = entry["subject"]
         raw = manifest_counts(entry["raw_manifest"])
         crops = manifest_counts(Path(entry["crops_dir"]) / "manifest.tsv")
-        likeness = likeness_summary(entry["likeness_json"])
-        metadata = embedding_provenance(entry["embedding"])
-        best = likeness.get("best_step")
-        rows.append([html.escape(entry["subject"]), html.escape(entry["class_word"]),
-                     f"{raw['kept']} / {raw['total']}", f"{crops['kept']} / {crops['total']}",
-                     html.escape(metadata.get("tifactory.step", "")),
-                     str(best) if likeness.get("scored") and best is not None else "not scored",
-                     html.escape(likeness.get("reason", "")) if not likeness.get("scored") else
-                     html.escape(likeness.get("recogniser", ""))])
-    page = (f"<html><head><meta charset='utf-8'><title>roster</title><style>{STYLE}</style></head><body>"
-            "<h1>Roster overview</h1>"
-            + _table(rows, ["subject", "class", "photos kept", "crops kept", "final step", "best step", "likeness"])
-            + "</body></html>")
+        verdict = subject_verdict(subject, verdict_settings, results)
+        counts[verdict.status] = counts.get(verdict.status, 0) + 1
+        metadata = embedding_provenance(entry["embedding"]) if Path(entry["embedding"]).is_file() else {}
+        sample = shown_sample(entry["images_tsv"], verdict.best_step) if entry.get("images_tsv") else None
+        kept = [row["output"] for row in read_tsv(Path(entry["crops_dir"]) / "manifest.tsv")
+                if row.get("status") == "kept" and row.get("output")]
+        crop = Path(entry["crops_dir"]) / kept[0] if kept else None
+        # S-ti-best is built where the likeness job chose a step (maybe after this page): named from that choice
+        files = [f"{subject}-ti.safetensors"] + (
+            [f"{subject}-ti-best.safetensors"] if likeness_best_step(entry["likeness_json"]) is not None else [])
+        page = Path(os.path.relpath(results / subject / "report" / "summary.html", out_html.parent)).as_posix()
+        rows.append({
+            "subject": subject, "class_word": entry["class_word"], "status": verdict.status,
+            "reasons": list(verdict.reasons), "likeness": verdict.likeness, "page": page,
+            "photos": f"{raw['kept']} / {raw['total']}", "crops": f"{crops['kept']} / {crops['total']}",
+            "final_step": metadata.get("tifactory.step", ""), "files": files,
+            "sample": thumbnail_uri(sample[0]) if sample and sample[0].is_file() else "",
+            "sample_alt": (f"{'best' if sample[1] == verdict.best_step else 'last'} step {sample[1]}" if sample
+                           else ""),
+            "crop": thumbnail_uri(crop) if crop is not None and crop.is_file() else ""})
+    page = jinja2.Environment(autoescape=True).from_string(ROSTER_PAGE).render(
+        rows=rows, style=STYLE, counts=sorted(counts.items()))
     write_text_atomic(out_html, page)
-    return Path(out_html)
+    return out_html
