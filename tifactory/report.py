@@ -163,7 +163,8 @@ ROSTER_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>tifactory roster: {{ rows|length }} subject(s)</title>
 <style>{{ style }}
 .verdict-ok{color:#060;font-weight:bold} .verdict-weak{color:#b60;font-weight:bold}
-.verdict-failed,.verdict-not-built{color:#b00;font-weight:bold} td.pics img{width:128px;height:auto;margin-right:4px}
+.verdict-failed,.verdict-not-built{color:#b00;font-weight:bold} td.pics{white-space:nowrap}
+td.pics img{width:128px;max-width:none;height:auto;margin-right:4px} td.name{white-space:nowrap}
 ul.reasons{margin:.2em 0;padding-left:1.2em} .small{font-size:85%;color:#555}</style></head>
 <body><h1>Roster: {{ rows|length }} subject(s)</h1>
 <p>{% for status, n in counts %}<span class="verdict-{{ status|replace(' ', '-') }}">{{ n }} {{ status }}</span>{{ ", " if not loop.last }}{% endfor %}.
@@ -174,7 +175,7 @@ look like the person; the reasons are listed. The prompt to type in a UI is the 
 <table><tr><th>subject</th><th>verdict</th><th>sample · training crop</th><th>likeness</th><th>photos kept</th>
 <th>crops kept</th><th>final step</th><th>embedding</th></tr>
 {% for row in rows %}<tr id="{{ row.subject }}">
-<td><a href="{{ row.page }}">{{ row.subject }}</a><div class="small">{{ row.class_word }}</div></td>
+<td class="name"><a href="{{ row.page }}">{{ row.subject }}</a><div class="small">{{ row.class_word }}</div></td>
 <td><span class="verdict-{{ row.status|replace(' ', '-') }}">{{ row.status }}</span>
 {% if row.reasons %}<ul class="reasons">{% for reason in row.reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}</td>
 <td class="pics">{% if row.sample %}<img alt="{{ row.sample_alt }}" title="{{ row.sample_alt }}" src="{{ row.sample }}">{% endif %}

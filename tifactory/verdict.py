@@ -92,7 +92,8 @@ def subject_verdict(subject: str, settings: VerdictSettings, results_dir: str | 
     if not likeness:
         reasons.append("likeness not scored (no likeness summary)")
     elif not likeness.get("scored") or likeness.get("best_step") is None:
-        reasons.append(f"likeness not scored ({likeness.get('reason') or 'no best step'})")
+        why = (likeness.get("reason") or "no best step").replace(": likeness not scored, no best step", "")
+        reasons.append(f"likeness not scored, no best step ({why})")
     else:
         best = int(likeness["best_step"])
         rows = {int(row["step"]): row for row in read_tsv_rows(folder / "samples" / "scores.tsv", missing_ok=True)

@@ -89,7 +89,7 @@ def test_roster_page_links_verdicts_and_pictures(roster_page):
     for link in page.links:  # relative to the page: they point at results/S/report/summary.html
         assert (roster_page.parent / link).resolve().parent.parent.name in ("eva-green", "zoe-saldana")
     assert re.search(r'class="verdict-ok">ok</span>', text) and re.search(r'class="verdict-weak">weak</span>', text)
-    assert "too few crops (1 kept, fewer than 2)" in text and "likeness not scored (no face in any sample" in text
+    assert "too few crops (1 kept, fewer than 2)" in text and "likeness not scored, no best step (no face in any sample" in text
     assert "2 of 2 samples the same person, score 0.70 (step 10)" in text  # the likeness value, not the metric's name
     assert "eva-green-ti.safetensors, eva-green-ti-best.safetensors" in text
     assert "zoe-saldana-ti-best" not in text  # no best step, no -best file named

@@ -56,7 +56,7 @@ def test_verdicts_name_their_reasons(tmp_path):
         "too few crops", "identity filter not applied", "likeness low", "likeness not rising"]
     noface = subject_verdict("noface", SETTINGS, results)
     assert noface.status == WEAK and noface.best_step is None
-    assert noface.reasons[0].startswith("likeness not scored (no face in any sample")
+    assert noface.reasons[0].startswith("likeness not scored, no best step (no face in any sample")
     assert subject_verdict("gone", SETTINGS, results).status == FAILED
     # no best step, no -best file: the workflow asks for S-ti-best only where likeness_best_step says so
     assert likeness_best_step(results / "good" / "samples" / "likeness.json") == 20
@@ -69,7 +69,7 @@ def test_verdicts_name_their_reasons(tmp_path):
     assert lines[0] == "tifactory: 3 of 3 subject(s) have their embedding (1 ok, 2 weak)"
     assert any(line.startswith("  WEAK zoe: too few crops (1 kept, fewer than 3); identity filter not applied")
                for line in lines)
-    assert any(line.startswith("  WEAK noface: likeness not scored (no face in any sample") for line in lines)
+    assert any(line.startswith("  WEAK noface: likeness not scored, no best step (no face in any sample") for line in lines)
     assert not any("WEAK good" in line for line in lines)
     # the real file names (published copies here) and the prompt: the file name is the trigger
     assert ("  good: /ui/embeddings/good-ti.safetensors, /ui/embeddings/good-ti-best.safetensors -> prompt "
