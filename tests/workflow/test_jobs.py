@@ -125,3 +125,31 @@ def test_training_progress_reaches_the_console_once_per_step(tmp_path, monkeypat
     assert "loss 0.2500" in lines[0] and "ETA" in lines[0]
     log = (tmp_path / "job.log").read_text(encoding="utf-8")
     assert log.count("step 10/20:") == 1 and log.count("step 20/20:") == 1
+
+
+def test_third_party_bars_and_future_warnings_stay_out_of_the_log(tmp_path, monkeypatch):
+    import warnings
+
+    from tifactory.jobs import QUIET_LIBRARIES_ENV
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    for key in QUIET_LIBRARIES_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # a user's own choice is kept
+
+    def main(smk, log):
+        from tqdm import tqdm
+
+        for _ in tqdm(range(3), desc="Loading weights"):
+            pass
+        warnings.warn("`foo` is deprecated", FutureWarning)
+        log("loaded")
+
+    with warnings.catch_warnings():
+        run_job(_smk(tmp_path), main)
+        import os
+
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and os.environ["TQDM_DISABLE"] == "1"
+    log = (tmp_path / "job.log").read_text(encoding="utf-8")
+    assert "loaded" in log and "Loading weights" not in log and "deprecated" not in log
