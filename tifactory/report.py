@@ -164,7 +164,7 @@ ROSTER_PAGE = """<!doctype html>
 <style>{{ style }}
 .verdict-ok{color:#060;font-weight:bold} .verdict-weak{color:#b60;font-weight:bold}
 .verdict-failed,.verdict-not-built{color:#b00;font-weight:bold} td.pics{white-space:nowrap}
-td.pics img{width:128px;max-width:none;height:auto;margin-right:4px} td.name{white-space:nowrap}
+td.pics img{width:128px;max-width:none;height:auto;margin-right:4px} td.name,td.files{white-space:nowrap}
 ul.reasons{margin:.2em 0;padding-left:1.2em} .small{font-size:85%;color:#555}</style></head>
 <body><h1>Roster: {{ rows|length }} subject(s)</h1>
 <p>{% for status, n in counts %}<span class="verdict-{{ status|replace(' ', '-') }}">{{ n }} {{ status }}</span>{{ ", " if not loop.last }}{% endfor %}.
@@ -182,7 +182,7 @@ look like the person; the reasons are listed. The prompt to type in a UI is the 
 {% if row.crop %}<img alt="training crop" title="a training crop" src="{{ row.crop }}">{% endif %}
 <div class="small">{{ row.sample_alt }}</div></td>
 <td>{{ row.likeness or "not scored" }}</td><td>{{ row.photos }}</td><td>{{ row.crops }}</td><td>{{ row.final_step }}</td>
-<td><code>{{ row.files|join(", ") }}</code></td></tr>
+<td class="files">{% for file in row.files %}<code>{{ file }}</code><br>{% endfor %}</td></tr>
 {% endfor %}</table></body></html>
 """
 THUMBNAIL_PX = 256  # the roster page's pictures (shown at 128 px: sharp on high-density screens)

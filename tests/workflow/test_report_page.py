@@ -91,7 +91,7 @@ def test_roster_page_links_verdicts_and_pictures(roster_page):
     assert re.search(r'class="verdict-ok">ok</span>', text) and re.search(r'class="verdict-weak">weak</span>', text)
     assert "too few crops (1 kept, fewer than 2)" in text and "likeness not scored, no best step (no face in any sample" in text
     assert "2 of 2 samples the same person, score 0.70 (step 10)" in text  # the likeness value, not the metric's name
-    assert "eva-green-ti.safetensors, eva-green-ti-best.safetensors" in text
+    assert "<code>eva-green-ti.safetensors</code><br><code>eva-green-ti-best.safetensors</code>" in text
     assert "zoe-saldana-ti-best" not in text  # no best step, no -best file named
     alts = [image["alt"] for image in page.images]
     assert alts == ["best step 10", "training crop", "last step 20", "training crop"]
