@@ -282,7 +282,7 @@ class Sampler:
         for row, step in enumerate(row_steps):
             label = f"step 0 ({init_word})" if step == 0 else f"step {step}"
             rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
-        grid = compose_grid(rows, [column.label(subject) for column in columns], title=title)
+        grid = compose_grid(rows, [column.label(f"{subject}-ti") for column in columns], title=title)
         grid_path = out_dir / "grid.png"
         pending.append(writer.submit(save_png, grid, grid_path))
         pending.append(writer.submit(write_preview, grid, out_dir / "grid_preview.jpg"))
