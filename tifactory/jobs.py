@@ -58,7 +58,8 @@ def claim_job_gpu(smk, log: Callable[[str], None]):
 # Third-party chatter kept out of the job logs (a log holds what tifactory did and what went wrong): the
 # Hugging Face libraries' "Loading weights" / "Fetching files" bars and their info and advisory warnings.
 # setdefault: a user who exports one of these keeps it (e.g. TRANSFORMERS_VERBOSITY=info to debug).
-# TQDM_DISABLE covers the bars of libraries with no switch of their own (diffusers' "Loading pipeline components").
+# TQDM_DISABLE covers the bars of libraries with no switch of their own (diffusers' "Loading pipeline components");
+# tqdm reads it when first imported, which in a job is after run_job has set it.
 QUIET_LIBRARIES_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                        "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TQDM_DISABLE": "1"}
 

@@ -137,6 +137,9 @@ def test_third_party_bars_and_future_warnings_stay_out_of_the_log(tmp_path, monk
     for key in QUIET_LIBRARIES_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # a user's own choice is kept
+    # tqdm reads TQDM_* when it is imported, as in a job's fresh process (nothing imports it before run_job)
+    for name in [name for name in sys.modules if name == "tqdm" or name.startswith("tqdm.")]:
+        monkeypatch.delitem(sys.modules, name)
 
     def main(smk, log):
         from tqdm import tqdm
