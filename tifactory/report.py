@@ -35,12 +35,11 @@ def manifest_counts(path: str | os.PathLike) -> dict:
             "rejected": sum(row.get("status") != "kept" for row in rows), "reasons": reasons}
 
 
-def image_tag(path: str | os.PathLike, alt: str) -> str:
-    """An <img> with the file inlined as a data URI (the report page is self-contained)."""
+def data_uri(path: str | os.PathLike) -> str:
+    """The file as a data URI (the report pages are self-contained)."""
     path = Path(path)
     mime = "image/jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "image/png"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -50,7 +49,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 def _reasons(counts: dict) -> str:
-    return html.escape(", ".join(f"{reason} ×{n}" for reason, n in counts["reasons"].items()) or "–")
+    return ", ".join(f"{reason} ×{n}" for reason, n in counts["reasons"].items()) or "–"
 
 
 def embedding_provenance(path: str | os.PathLike) -> dict[str, str]:
@@ -64,15 +63,37 @@ def likeness_summary(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def likeness_text(summary: dict) -> str:
-    if not summary.get("scored"):
-        return f'<span class="bad">likeness NOT scored: {html.escape(summary.get("reason", ""))}</span>'
-    if summary.get("best_step") is None:
-        return f'<span class="bad">scored, but no best step: {html.escape(summary.get("reason", ""))}</span>'
-    return (f'<span class="good">best step: {summary["best_step"]}</span> '
-            f'(copied to <code>{html.escape(summary["subject"])}-ti-best.safetensors</code>; '
-            f'{html.escape(summary.get("recogniser", ""))})'
-            + (f' <span class="bad">{html.escape(summary["reason"])}</span>' if summary.get("reason") else ""))
+SUBJECT_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{{ subject }}</title><style>{{ style }}</style></head><body>
+<p><a href="../../report/roster.html#{{ subject }}">&larr; roster</a></p>
+<h1>{{ subject }}</h1>
+{% if verdict %}<p class="{{ 'good' if verdict.status == 'ok' else 'bad' }}"><b>verdict: {{ verdict.status }}</b>
+{% for reason in verdict.reasons %}<br>&bull; {{ reason }}{% endfor %}</p>{% endif %}
+{% macro table(header, rows) %}<table><tr>{% for cell in header %}<th>{{ cell }}</th>{% endfor %}</tr>
+{% for row in rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>{% endfor %}</table>{% endmacro %}
+<h2>Photos and crops</h2>
+{{ table(["stage", "items", "kept", "rejected", "reasons"], counts) }}
+{% if identity %}<p>identity filter: {{ identity }}{% if identity_note %} &mdash; {{ identity_note }}{% endif %}</p>{% endif %}
+{% if sheet %}<img alt="crop contact sheet" src="{{ sheet }}">{% endif %}
+<h2>Loss</h2><img alt="loss curve" src="{{ loss }}">
+<h2>Likeness</h2><p>
+{% if not likeness.scored %}<span class="bad">likeness NOT scored: {{ likeness.reason }}</span>
+{% elif likeness.best_step is none %}<span class="bad">scored, but no best step: {{ likeness.reason }}</span>
+{% else %}<span class="good">best step: {{ likeness.best_step }}</span> (copied to
+<code>{{ subject }}-ti-best.safetensors</code>; {{ likeness.recogniser }}){% if likeness.reason %}
+<span class="bad">{{ likeness.reason }}</span>{% endif %}{% endif %}</p>
+{% if scores %}{{ table(scores[0].keys(), scores_rows) }}{% endif %}
+<img alt="likeness vs step" src="{{ likeness_png }}">
+{{ recovery }}
+<h2>Sample grids</h2>
+{% for name, uri in grids %}<h3>{{ name }}</h3><img alt="grid on {{ name }}" src="{{ uri }}">{% endfor %}
+<h2>Recipe</h2>
+{{ table(["train", "value"], recipe) }}
+{{ table(["samples", "value"], samples) }}
+<h2>Provenance</h2>
+{{ table(["key", "value"], provenance) }}
+</body></html>
+"""
 
 
 def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: str | os.PathLike,
@@ -80,60 +101,42 @@ def subject_summary(*, subject: str, out_html: str | os.PathLike, raw_manifest: 
                     likeness_json: str | os.PathLike, likeness_png: str | os.PathLike, scores_tsv: str | os.PathLike,
                     embedding: str | os.PathLike, recipe: dict, samples: dict, model: dict,
                     recovery_tsv: str | os.PathLike | None = None, verdict_settings=None) -> Path:
-    """Write one subject's self-contained summary page (with the concept-recovery table when given; with its
+    """Write one subject's self-contained page with Jinja2 (with the concept-recovery table when given; with its
     verdict and reasons when `verdict_settings` is given)."""
-    raw = manifest_counts(raw_manifest)
-    crops = manifest_counts(Path(crops_dir) / "manifest.tsv")
-    likeness = likeness_summary(likeness_json)
-    metadata = embedding_provenance(embedding)
-    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(subject)}</title><style>{STYLE}</style>"
-             f"</head><body><p><a href='../../report/roster.html#{html.escape(subject)}'>&larr; roster</a></p>"
-             f"<h1>{html.escape(subject)}</h1>"]
-    if verdict_settings is not None:
-        from tifactory.verdict import OK, subject_verdict
+    import jinja2
+    from markupsafe import Markup
 
-        verdict = subject_verdict(subject, verdict_settings, Path(out_html).parent.parent.parent)
-        parts.append(f"<p class='{'good' if verdict.status == OK else 'bad'}'><b>verdict: "
-                     f"{html.escape(verdict.status)}</b>" + "".join(f"<br>&bull; {html.escape(reason)}"
-                                                                    for reason in verdict.reasons) + "</p>")
-    parts.append("<h2>Photos and crops</h2>")
-    parts.append(_table([["raw items", raw["total"], raw["kept"], raw["rejected"], _reasons(raw)],
-                         ["face crops", crops["total"], crops["kept"], crops["rejected"], _reasons(crops)]],
-                        ["stage", "items", "kept", "rejected", "reasons"]))
     from tifactory.photos.crop import read_identity
     from tifactory.summary import identity_text
 
+    raw = manifest_counts(raw_manifest)
+    crops = manifest_counts(Path(crops_dir) / "manifest.tsv")
+    metadata = embedding_provenance(embedding)
     identity = read_identity(crops_dir)
-    if identity:
-        parts.append(f"<p>identity filter: {html.escape(identity_text(identity))}"
-                     + (f" &mdash; {html.escape(identity['note'])}" if identity.get("note") else "") + "</p>")
-    sheet = Path(crops_dir) / "contact_sheet.png"
-    if sheet.is_file():
-        parts.append(image_tag(sheet, "crop contact sheet"))
-    parts.append("<h2>Loss</h2>" + image_tag(loss_png, "loss curve"))
-    parts.append("<h2>Likeness</h2><p>" + likeness_text(likeness) + "</p>")
+    verdict = None
+    if verdict_settings is not None:
+        from tifactory.verdict import subject_verdict
+
+        verdict = subject_verdict(subject, verdict_settings, Path(out_html).parent.parent.parent)
     scores = read_tsv(scores_tsv)
-    if scores:
-        header = list(scores[0])
-        parts.append(_table([[html.escape(row[c]) for c in header] for row in scores], header))
-    parts.append(image_tag(likeness_png, "likeness vs step"))
-    if recovery_tsv:
-        parts.append(recovery_section(recovery_tsv))
-    parts.append("<h2>Sample grids</h2>")
-    for name, path in grids.items():
-        parts.append(f"<h3>{html.escape(name)}</h3>" + image_tag(path, f"grid on {name}"))
-    parts.append("<h2>Recipe</h2>")
-    parts.append(_table([[html.escape(k), f"<code>{html.escape(json.dumps(v))}</code>"]
-                         for k, v in sorted(recipe.items())], ["train", "value"]))
-    parts.append(_table([[html.escape(k), f"<code>{html.escape(json.dumps(v))}</code>"]
-                         for k, v in sorted(samples.items())], ["samples", "value"]))
-    parts.append("<h2>Provenance</h2>")
-    rows = [[html.escape(k), f"<code>{html.escape(str(v))}</code>"] for k, v in sorted(model.items())]
-    rows += [[html.escape(k), f"<code>{html.escape(v)}</code>"] for k, v in sorted(metadata.items())
-             if k != "tifactory.recipe"]
-    parts.append(_table(rows, ["key", "value"]))
-    parts.append("</body></html>")
-    write_text_atomic(out_html, "\n".join(parts))
+    sheet = Path(crops_dir) / "contact_sheet.png"
+    provenance = [[key, Markup("<code>{}</code>").format(value)] for key, value in sorted(model.items())]
+    provenance += [[key, Markup("<code>{}</code>").format(value)] for key, value in sorted(metadata.items())
+                   if key != "tifactory.recipe"]
+    page = jinja2.Environment(autoescape=True).from_string(SUBJECT_PAGE).render(
+        subject=subject, style=STYLE, verdict=verdict,
+        counts=[["raw items", raw["total"], raw["kept"], raw["rejected"], _reasons(raw)],
+                ["face crops", crops["total"], crops["kept"], crops["rejected"], _reasons(crops)]],
+        identity=identity_text(identity) if identity else "", identity_note=(identity or {}).get("note", ""),
+        sheet=data_uri(sheet) if sheet.is_file() else "", loss=data_uri(loss_png),
+        likeness=likeness_summary(likeness_json), scores=scores,
+        scores_rows=[list(row.values()) for row in scores], likeness_png=data_uri(likeness_png),
+        recovery=Markup(recovery_section(recovery_tsv)) if recovery_tsv else "",
+        grids=[(name, data_uri(path)) for name, path in grids.items()],
+        recipe=[[key, Markup("<code>{}</code>").format(json.dumps(value))] for key, value in sorted(recipe.items())],
+        samples=[[key, Markup("<code>{}</code>").format(json.dumps(value))] for key, value in sorted(samples.items())],
+        provenance=provenance)
+    write_text_atomic(out_html, page)
     return Path(out_html)
 
 

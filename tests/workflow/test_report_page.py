@@ -113,3 +113,35 @@ def test_roster_page_renders_in_chromium(roster_page, tmp_path):
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     green = (pixels[..., 1] > 170) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
     assert red.sum() > 128 * 100 and green.sum() > 2 * 128 * 100  # the pictures are drawn at 128 px
+
+
+def test_subject_page_shows_verdict_links_back_and_escapes(roster_page):
+    from tifactory.report import subject_summary
+
+    results = roster_page.parent.parent
+    for subject in ("eva-green", "zoe-saldana"):
+        folder = results / subject
+        for name in ("train/loss.png", "samples/likeness.png", "samples/grid_preview.jpg"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / name)
+        out = subject_summary(
+            subject=subject, out_html=folder / "report" / "summary.html", raw_manifest=folder / "raw" / "manifest.tsv",
+            crops_dir=folder / "crops", loss_png=folder / "train" / "loss.png",
+            grids={"base": str(folder / "samples" / "grid_preview.jpg")},
+            likeness_json=folder / "samples" / "likeness.json", likeness_png=folder / "samples" / "likeness.png",
+            scores_tsv=folder / "samples" / "scores.tsv", embedding=folder / f"{subject}-ti.safetensors",
+            recipe={"init_word": "<script>alert(1)</script>"}, samples={"seeds": [1, 2]}, model={"base_model": "m"},
+            verdict_settings=SETTINGS)
+        text = out.read_text(encoding="utf-8")
+        page = Page()
+        page.feed(text)
+        assert page.links == [f"../../report/roster.html#{subject}"]
+        assert (out.parent / "../../report/roster.html").resolve() == roster_page.resolve()
+        assert "<script>" not in text and "&lt;script&gt;" in text
+        assert [image["alt"] for image in page.images] == ["loss curve", "likeness vs step", "grid on base"]
+        assert all(image["src"].startswith("data:image/") for image in page.images)
+        if subject == "eva-green":
+            assert "verdict: ok" in text and "best step: 10" in text and "eva-green-ti-best.safetensors" in text
+        else:
+            assert "verdict: weak" in text and "too few crops (1 kept, fewer than 2)" in text
+            assert "likeness NOT scored: no face in any sample" in text and "ti-best" not in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 from tifactory.fileio import atomic_path
@@ -74,8 +75,8 @@ def line_plot(path: str | os.PathLike, series: list[dict], *, title: str, xlabel
     finite = [[(x, y) for x, y in zip(s["x"], s["y"]) if y is not None and math.isfinite(y)] for s in series]
     values = [y for points in finite for _, y in points]
     if not values:
-        axes.text(0.5, 0.5, note or "no data", transform=axes.transAxes, ha="center", va="center",
-                  color="#cb181d", wrap=True)
+        axes.text(0.5, 0.5, textwrap.fill(note or "no data", 70), transform=axes.transAxes, ha="center",
+                  va="center", color="#cb181d")
         axes.set_xticks([])
         axes.set_yticks([])
     else:
@@ -89,8 +90,7 @@ def line_plot(path: str | os.PathLike, series: list[dict], *, title: str, xlabel
             axes.axvline(marker_x, color="#cb181d", linewidth=2, label=marker_label or None)
         axes.legend(loc="best", fontsize=9, framealpha=0.9)
         if note:
-            axes.set_xlabel(f"{xlabel}\n{note}")  # under the axis, where it cannot cover a curve
-            axes.xaxis.label.set_wrap(True)
+            axes.set_xlabel(f"{xlabel}\n{textwrap.fill(note, 110)}")  # under the axis: it covers no curve
     with atomic_path(path) as tmp_path:
         figure.savefig(tmp_path, format="png", dpi=dpi)
     return Path(path)
