@@ -59,14 +59,17 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def settings(identity: bool):
+def repo_config() -> dict:
     import yaml
 
+    with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def settings(identity: bool):
     from tifactory.photos.crop import CropSettings
 
-    with open(Path(__file__).resolve().parent.parent / "config.yaml", encoding="utf-8") as handle:
-        config = yaml.safe_load(handle)
-    return CropSettings.from_config(config, identity_filter=identity)
+    return CropSettings.from_config(repo_config(), identity_filter=identity)
 
 
 def cpu_seconds() -> float:
@@ -76,13 +79,14 @@ def cpu_seconds() -> float:
 
 
 def run_ours(photos_dir: Path, out: Path, workers: int, count: int, identity: bool) -> dict:
-    from tifactory.photos.collect import collect_photos
+    from tifactory.photos.collect import CollectSettings, collect_photos
     from tifactory.photos.crop import crop_faces, read_identity
 
     chosen = settings(identity)
     cpu_started = cpu_seconds()
     started = time.perf_counter()
-    raw = collect_photos([str(photos_dir)], out / "raw.tsv", workers=workers)
+    raw = collect_photos([str(photos_dir)], out / "raw.tsv", CollectSettings.from_config(repo_config()),
+                         workers=workers)
     collected = time.perf_counter()
     crops = crop_faces(out / "raw.tsv", out / "crops", out / "crops.tsv", chosen, workers=workers)
     finished = time.perf_counter()

@@ -33,6 +33,8 @@ def one_step_gradient(components, precision: str, seed: int, args, workdir: Path
     import yaml
 
     import tifactory.training.train as train
+    from tifactory.families import ModelSpec
+    from tifactory.training.settings import TrainSettings
 
     with open(REPO / "config.yaml", encoding="utf-8") as handle:
         params = dict(yaml.safe_load(handle)["train"])
@@ -51,7 +53,8 @@ def one_step_gradient(components, precision: str, seed: int, args, workdir: Path
     train.make_optimizer = recording_optimizer
     try:
         run_dir = Path(tempfile.mkdtemp(dir=workdir))
-        train.train_embedding(dataset_toml=args.toml, base_model="random-sd15", subject="gradcheck", params=params,
+        train.train_embedding(dataset_toml=args.toml, model=ModelSpec(path="random-sd15", family="sd15"),
+                              subject="gradcheck", settings=TrainSettings.from_config(params),
                               final_path=run_dir / "out.safetensors", checkpoint_dir=run_dir / "ckpt",
                               loss_tsv=run_dir / "loss.tsv", state_dir=run_dir / "state",
                               log=lambda message: print(f"  [{precision} seed {seed}] {message}", file=sys.stderr),

@@ -1,6 +1,6 @@
 """Where a GPU job's load phase goes (issue 15): interpreter start, `import torch`, `import diffusers,
 transformers`, the model classes, tifactory's training module, CUDA start-up, then reading a 4 GB fp32
-diffusers folder onto the GPU through the jobs' own `load_components` (UNet in bf16 as the train job does,
+diffusers folder onto the GPU through the jobs' own `SD15.load` (tifactory.families) (UNet in bf16 as the train job does,
 then again in fp16 as the samples job does), and each model's `from_pretrained` and a raw safetensors read
 alone for comparison.
 
@@ -53,17 +53,18 @@ def child(folder: Path, device: str, spawned_at: float) -> dict:
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
     mark("import the model classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, ...)")
     import tifactory.training.train  # noqa: F401
-    from tifactory.training.models import load_components
+    from tifactory.families import ModelSpec, load_model
     mark("import tifactory.training.train")
     if device == "cuda":
         torch.cuda.init()
         torch.zeros(1, device=device)
     mark("CUDA start-up (init + first allocation)")
-    components = load_components(folder, device=device, unet_dtype=torch.bfloat16)
-    mark("load_components, UNet bf16 (train job)")
+    spec = ModelSpec(path=folder, family="sd15")
+    components = load_model(spec, device=device, unet_dtype=torch.bfloat16)
+    mark("SD15.load, UNet bf16 (train job)")
     del components
-    components = load_components(folder, device=device, unet_dtype=torch.float16)
-    mark("load_components again, UNet fp16 (samples job)")
+    components = load_model(spec, device=device, unet_dtype=torch.float16)
+    mark("SD15.load again, UNet fp16 (samples job)")
     del components
     UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.bfloat16,
                                          device_map={"": device}, local_files_only=True)

@@ -41,8 +41,8 @@ def full_size_components(workdir: Path, seed: int = 0, device: str = "cpu"):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tifactory.training.models import Components
     from tifactory.demo.tinymodel import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
+    from tifactory.families.base import Components
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(workdir / "tokenizer"))
@@ -54,7 +54,8 @@ def full_size_components(workdir: Path, seed: int = 0, device: str = "cpu"):
         vae = AutoencoderKL(**SD15_VAE).eval()
     scheduler = DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER_CONFIG.items()
                                            if k not in ("skip_prk_steps",)})
-    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler)
+    return Components(tokenizers=[tokenizer], text_encoders=[text_encoder], vae=vae, unet=unet,
+                      noise_scheduler=scheduler)
 
 
 def write_checkpoints(folder: Path, subject: str, steps: list[int], num_vectors: int = 5, seed: int = 0):
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     import torch
 
     from tifactory.sampling.prompts import parse_prompt_line
-    from tifactory.sampling.samples import Sampler
+    from tifactory.families import ModelSpec, family_named, load_model
+    from tifactory.sampling.samples import SampleSettings, Sampler
     from tifactory.training.embedding import list_checkpoints
 
     steps = args.steps or (2 if args.tiny else 30)
@@ -98,13 +100,12 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else tmp / "samples"
         started = time.perf_counter()
         if args.tiny:
-            from tifactory.training.models import load_components
             from tifactory.demo.tinymodel import build_tiny_model
 
-            components = load_components(build_tiny_model(tmp / "tiny", seed=0))
+            components = load_model(ModelSpec(path=build_tiny_model(tmp / "tiny", seed=0), family="sd15"))
         else:
             components = full_size_components(tmp, device="cuda" if args.device.startswith("cuda") else "cpu")
-        sampler = Sampler(components, scheduler=args.scheduler, device=args.device)
+        sampler = Sampler(family_named("sd15"), components, scheduler=args.scheduler, device=args.device)
         if sampler.device.type == "cuda":
             torch.cuda.synchronize()
         load_s = time.perf_counter() - started
@@ -118,10 +119,12 @@ def main(argv=None) -> int:
             results = []
             for _ in range(max(1, args.repeat)):
                 t0 = time.perf_counter()
+                settings = SampleSettings(seeds=[1, 2], steps=steps, guidance_scale=7.5, width=size, height=size,
+                                          scheduler=args.scheduler, device=args.device, batch_size=batch_size,
+                                          init_word="woman")
                 result = sampler.render_grid(
-                    subject="subj", init_word="woman", checkpoints=list_checkpoints(tmp / "checkpoints"),
-                    prompts=prompts, seeds=[1, 2], steps=steps, guidance_scale=7.5, width=size, height=size,
-                    batch_size=batch_size, out_dir=out, log=lambda message: print(message, flush=True))
+                    subject="subj", settings=settings, checkpoints=list_checkpoints(tmp / "checkpoints"),
+                    prompts=prompts, out_dir=out, log=lambda message: print(message, flush=True))
                 if sampler.device.type == "cuda":
                     torch.cuda.synchronize()
                 results.append(time.perf_counter() - t0)

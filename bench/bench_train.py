@@ -75,12 +75,12 @@ def build_random_sd15(device: str, tiny: bool, workdir: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tifactory.training.models import Components
     from tifactory.demo.tinymodel import build_tiny_model, write_tiny_tokenizer
+    from tifactory.families import ModelSpec, load_model
+    from tifactory.families.base import Components
 
     if tiny:
-        from tifactory.training.models import load_components
-        return load_components(build_tiny_model(workdir / "tiny-model"))
+        return load_model(ModelSpec(path=build_tiny_model(workdir / "tiny-model"), family="sd15"))
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(workdir / "tokenizer")))
     torch.manual_seed(0)
     with torch.device(device):
@@ -96,7 +96,7 @@ def build_random_sd15(device: str, tiny: bool, workdir: Path):
             pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False)
-    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+    return Components(tokenizers=[tokenizer], text_encoders=[text_encoder], vae=vae, unet=unet,
                       noise_scheduler=scheduler)
 
 
@@ -124,6 +124,8 @@ def make_dataset(root: Path, num_images: int, size: int) -> Path:
 def run_variant(variant: str, args) -> dict:
     import yaml
 
+    from tifactory.families import ModelSpec
+    from tifactory.training.settings import TrainSettings
     from tifactory.training.train import train_embedding
 
     spec = parse_variant(variant)
@@ -147,8 +149,9 @@ def run_variant(variant: str, args) -> dict:
         profiler = stack.enter_context(SteadyProfiler(args, variant, spec["profile_cpu"])) if spec["profile"] \
             else None
         flops = stack.enter_context(StepFlops(args, variant)) if spec["flops"] else None
-        result = train_embedding(dataset_toml=toml, base_model="random-sd15" if not args.tiny else "tiny",
-                                 subject="benchsubject", params=params, final_path=workdir / "out.safetensors",
+        model = ModelSpec(path="random-sd15" if not args.tiny else "tiny", family="sd15")  # in memory: components
+        result = train_embedding(dataset_toml=toml, model=model, subject="benchsubject",
+                                 settings=TrainSettings.from_config(params), final_path=workdir / "out.safetensors",
                                  checkpoint_dir=workdir / "checkpoints", loss_tsv=workdir / "loss.tsv",
                                  state_dir=workdir / "state",
                                  log=lambda message: print(f"  [{variant}] {message}", file=sys.stderr),

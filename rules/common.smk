@@ -19,7 +19,7 @@ from tifactory.roster import (
     train_params,
 )
 from tifactory.demo.photos import DEMO_SUBJECTS
-from tifactory.training.model_check import check_models, check_subject_tokens, tokenizer_folder
+from tifactory.training.model_check import check_subject_tokens, model_specs, tokenizer_folder
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
 from tifactory.jobs import share_compile_cache
 
@@ -72,8 +72,10 @@ if DEMO_MODEL_WARNING:
 # subjects whose sources are prepared kohya datasets (tifactory.photos.sources): rule prepared_crops replaces the crop
 PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
 
-# Wrong models are named before any job runs (file headers and key names only; no torch).
-_model_problems = check_models(config, demo_model_name=DEMO_MODEL_NAME)
+# Every model as the ModelSpec the jobs get (its family detected from its files), and wrong models named
+# before any job runs (file headers and key names only; no torch). "base" is the base model; the others are
+# the eval_models entries by name.
+MODELS, _model_problems = model_specs(config, demo_model_dir=DEMO_MODEL_DIR)
 if _model_problems:
     raise WorkflowError("model settings in the config are not usable:\n  " + "\n  ".join(_model_problems))
 
@@ -118,18 +120,13 @@ def collect_inputs(wildcards):
     return demo_folders + list_source_files(others)
 
 
+def model_files(spec):
+    """The files and folders a ModelSpec names (the model, its config folder, its VAE): a job's inputs."""
+    return [path for path in (spec.path, spec.config_dir, spec.vae) if path]
+
+
 def base_model_input(wildcards):
-    if is_demo(config):
-        return DEMO_MODEL_DIR
-    return [path for path in (config["base_model"], config["vae"], config["base_model_config"]) if path]
-
-
-def model_params():
-    return {
-        "base_model": DEMO_MODEL_DIR if is_demo(config) else config["base_model"],
-        "base_model_config": config["base_model_config"],
-        "vae": config["vae"],
-    }
+    return model_files(MODELS["base"])
 
 
 @functools.cache  # several params of several rules ask, for every job: resolve each subject once

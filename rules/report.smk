@@ -38,7 +38,7 @@ rule subject_summary:
     params:
         recipe=subject_train_params,
         samples=sample_settings,
-        model=model_params(),
+        model=MODELS["base"].as_params(),
         eval_models=EVAL_MODELS,
         verdict=config["verdict"],
     script:

@@ -28,7 +28,7 @@ rule samples:
         gpu=1,
     params:
         samples=sample_grid_params,
-        model=lambda wildcards: SAMPLE_MODELS[sample_model(wildcards)],
+        model=lambda wildcards: MODELS[sample_model(wildcards)].as_params(),
         embeddings=sample_extra_embeddings,
         label=sample_model,
     script:

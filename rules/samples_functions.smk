@@ -3,19 +3,9 @@
 
 
 # Every model gets the same grid from one `samples` rule. The base model is the model named "base" (the
-# schema keeps that name out of `eval_models`), beside each `eval_models` entry (transfer check).
-SAMPLE_MODELS = {
-    "base": model_params(),
-    **{
-        entry["name"]: {
-            "base_model": entry["path"],
-            "base_model_config": entry.get("config", ""),
-            "vae": entry.get("vae", ""),
-        }
-        for entry in config.get("eval_models", [])
-    },
-}
-EVAL_MODELS = [name for name in SAMPLE_MODELS if name != "base"]
+# schema keeps that name out of `eval_models`), beside each `eval_models` entry (transfer check): MODELS, the
+# ModelSpecs of rules/common.smk.
+EVAL_MODELS = [name for name in MODELS if name != "base"]
 
 
 def samples_dir(subject, model):
@@ -57,12 +47,12 @@ def sample_inputs(wildcards):
     return {
         "prompts": workflow_file(sample_settings(wildcards)["prompts"]),
         "embeddings": list(sample_extra_embeddings(wildcards).values()),
-        "model": [path for path in SAMPLE_MODELS[sample_model(wildcards)].values() if path],
+        "model": model_files(MODELS[sample_model(wildcards)]),
     }
 
 
 def sample_grid_params(wildcards):
-    """The grid's settings, as tifactory.sampling.samples.render_sample_grid takes them (files aside)."""
+    """The grid's settings, as tifactory.sampling.samples.SampleSettings.from_config takes them (files aside)."""
     settings = sample_settings(wildcards)
     return {key: value for key, value in settings.items() if key not in SAMPLE_FILE_KEYS}
 
@@ -86,7 +76,7 @@ def samples_targets():
 
 def subject_grids(wildcards):
     """model -> the grid preview of each model, for the subject's report page."""
-    return {name: f"{samples_dir(wildcards.subject, name)}/grid_preview.jpg" for name in SAMPLE_MODELS}
+    return {name: f"{samples_dir(wildcards.subject, name)}/grid_preview.jpg" for name in MODELS}
 
 
 def best_embedding_files(wildcards):

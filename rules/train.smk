@@ -21,7 +21,7 @@ rule train:
         gpu=1,
     params:
         recipe=subject_train_params,
-        model=model_params(),
+        model=MODELS["base"].as_params(),
         state_dir="results/{subject}/train_state",
     script:
         "../workflow/scripts/train.py"

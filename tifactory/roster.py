@@ -28,6 +28,7 @@ from tifactory.errors import TifactoryError
 
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 DEMO_MODEL_NAME = "demo-tiny"
+DEMO_MODEL_FAMILY = "sd15"  # the demo model (tifactory.demo.tinymodel) is SD1.5-shaped
 # results/summary/ and results/report/ hold roster-wide outputs: no subject may take those names.
 RESERVED_SUBJECTS = ("summary", "report")
 INTEGER_COLUMNS = {"num_vectors", "max_train_steps", "gradient_accumulation_steps", "save_every_n_steps",

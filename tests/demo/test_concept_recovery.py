@@ -45,6 +45,8 @@ from tifactory.demo.taught import (  # noqa: E402
     recovery_figures,
     write_concept_dataset,
 )
+from support.models import sd15_spec  # noqa: E402
+from tifactory.training.settings import TrainSettings  # noqa: E402
 from tifactory.training.train import train_embedding  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -85,7 +87,8 @@ def _train(taught_model, concept, seed, root: Path, recipe: dict):
                                            "bucket_reso_steps", "bucket_no_upscale")}
     toml = write_concept_dataset(concept, root / "dataset", subject="zqx", class_word=INIT_WORD, count=IMAGES,
                                  size=info["image_size"], repeats=10, bucket=bucket)
-    result = train_embedding(dataset_toml=toml, base_model=str(taught_model), subject="zqx", params=params,
+    result = train_embedding(dataset_toml=toml, model=sd15_spec(taught_model), subject="zqx",
+                             settings=TrainSettings.from_config(params),
                              final_path=root / "zqx-ti.safetensors", checkpoint_dir=root / "checkpoints",
                              loss_tsv=root / "loss.tsv", state_dir=root / "state", log=lambda message: None)
     from safetensors.torch import load_file

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from tifactory.photos.collect import collect_photos, load_upright_rgb
-from support.photos import run_crop
+from support.photos import collect_settings, run_crop
 from tifactory.demo.photos import DEMO_SUBJECTS, make_demo_photos
 from tifactory.faces.detection import YuNetDetector
 
 
 def _pipeline(root: Path, subject: str):
     photos = make_demo_photos(subject, root / "photos")
-    raw = collect_photos([str(root / "photos")], root / "raw.tsv")
+    raw = collect_photos([str(root / "photos")], root / "raw.tsv", collect_settings())
     crops = run_crop(root / "raw.tsv", root / "crops", root / "crops.tsv")
     return photos, raw, crops
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tifactory.training.models import model_fingerprint
+from tifactory.families.loading import model_fingerprint
 from tifactory.training.templates import TEMPLATES
 from tifactory.demo.tinymodel import TOKENIZER_WORDS, build_tiny_model, save_single_file
 
@@ -231,6 +231,6 @@ def test_single_file_fp16_and_bad_extension(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_package_import_stays_cheap():
-    code = "import sys, tifactory.training.models, tifactory.demo.tinymodel; print(sorted({'torch','diffusers','transformers'} & set(sys.modules)))"
+    code = "import sys, tifactory.families.sd15, tifactory.families.loading, tifactory.demo.tinymodel; print(sorted({'torch','diffusers','transformers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from support.photos import package_photo
+from support.photos import collect_settings, package_photo
 from tifactory.photos.collect import collect_photos
 from tifactory.photos.crop import CropSettings, crop_faces, read_identity
 from tifactory.faces.identity import majority_reference
@@ -144,7 +144,7 @@ def _subject_folder(tmp_path, astronauts, others):
         place(photo, 10 + i).save(photos / f"astronaut_{i}.jpg", quality=92)
     for i, photo in enumerate(others):
         place(photo, 50 + i).save(photos / f"other_{i}.jpg", quality=92)
-    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     return photos
 
 

@@ -41,7 +41,7 @@ onnx = pytest.importorskip("onnx")  # a dependency of insightface itself (its mo
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from tifactory.photos.collect import collect_photos  # noqa: E402
-from support.photos import run_crop as crop_faces  # noqa: E402
+from support.photos import collect_settings, run_crop as crop_faces  # noqa: E402
 from tifactory.faces.detection import InsightFaceDetector  # noqa: E402
 from tifactory.faces.models import FaceModelError, FaceSettings, load_detector, load_recogniser, resolve  # noqa: E402
 from tifactory.faces.packs import pack_status  # noqa: E402
@@ -296,7 +296,7 @@ def _identity_photos(folder: Path) -> Path:
             photos / f"subject_{variant}.jpg", quality=95)
     Image.fromarray(face_photo(1280, 960, identity=2, variant=5)).save(photos / "someone_else.jpg", quality=95)
     Image.new("RGB", (1280, 960), (40, 50, 60)).save(photos / "dark.jpg", quality=95)  # nothing lit: no face
-    collect_photos([str(photos)], folder / "raw.tsv", near_duplicate_distance=-1)
+    collect_photos([str(photos)], folder / "raw.tsv", collect_settings(near_duplicate_distance=-1))
     return folder / "raw.tsv"
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from support.photos import collect_settings
 from tifactory.photos.collect import (
     RAW_MANIFEST_COLUMNS,
     collect_photos,
@@ -61,7 +62,7 @@ def test_exif_rotated_jpeg_comes_out_upright(tmp_path, astronaut, orientation):
     reference = photos / "a_reference.png"
     by_hand.save(reference)
 
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     jpeg_row, png_row = _row(frame, rotated), _row(frame, reference)
     assert (jpeg_row["width"], jpeg_row["height"]) == (400, 512)
     assert jpeg_row["exif_orientation"] == orientation
@@ -96,7 +97,7 @@ def test_bad_files_are_rejected_with_reason(tmp_path, astronaut):
     (photos / ".cache").mkdir()
     astronaut.save(photos / ".cache" / "thumb.png")
 
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     by_name = {Path(s).name: row for s, row in zip(frame["source"], frame.to_dict("records"))}
     assert set(by_name) == {
         "good.png",
@@ -130,7 +131,7 @@ def test_too_small_and_alpha(tmp_path, astronaut):
     rgba.putalpha(alpha)
     rgba.save(photos / "transparent.png")
 
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     tiny = _row(frame, photos / "tiny.png")
     assert tiny["status"] == "rejected" and tiny["reason"].startswith("too small (50x40")
     transparent = _row(frame, photos / "transparent.png")
@@ -141,7 +142,7 @@ def test_too_small_and_alpha(tmp_path, astronaut):
     assert transparent["pixel_sha256"] == ""  # only computed to confirm an exact duplicate
     assert "alpha-flattened" in transparent["colour"]
 
-    strict = collect_photos([str(photos)], tmp_path / "raw2.tsv", min_side_px=600)
+    strict = collect_photos([str(photos)], tmp_path / "raw2.tsv", collect_settings(min_side_px=600))
     assert set(strict["status"]) == {"rejected"}
 
 
@@ -155,7 +156,7 @@ def test_duplicates_keep_first_in_sorted_order(tmp_path, astronaut):
     astronaut.save(photos / "c.bmp", format="BMP")  # other format, same pixels
     astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "d.png")  # different
 
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     assert _row(frame, first)["status"] == "kept"
     assert _row(frame, photos / "d.png")["status"] == "kept"
     for name in ("b.png", "c.bmp", "z/copy.png"):
@@ -172,7 +173,7 @@ def test_missing_sources_and_globs(tmp_path, astronaut):
     missing = tmp_path / "no_such_folder"
     sources = [str(missing), str(photos / "*.gif"), str(photos / "*.png"), str(photos / "*.jpg")]
 
-    frame = collect_photos(sources, tmp_path / "out" / "raw.tsv")
+    frame = collect_photos(sources, tmp_path / "out" / "raw.tsv", collect_settings())
     assert list(frame.columns) == RAW_MANIFEST_COLUMNS
     missing_row = _row(frame, missing)
     assert (missing_row["status"], missing_row["reason"]) == ("rejected", "source not found")
@@ -183,7 +184,7 @@ def test_missing_sources_and_globs(tmp_path, astronaut):
     assert len(frame) == 4
 
     # a folder and a glob naming the same file list it once
-    again = collect_photos([str(photos), str(photos / "*.png")], tmp_path / "raw2.tsv")
+    again = collect_photos([str(photos), str(photos / "*.png")], tmp_path / "raw2.tsv", collect_settings())
     assert len(again) == 2 and set(again["status"]) == {"kept"}
 
 
@@ -194,8 +195,8 @@ def test_manifest_round_trip_and_determinism(tmp_path, astronaut):
     (photos / "bad.jpg").write_text("nope", encoding="utf-8")
     first = tmp_path / "m1" / "raw.tsv"
     second = tmp_path / "m2" / "raw.tsv"
-    frame = collect_photos([str(photos)], first)
-    collect_photos([str(photos)], second)
+    frame = collect_photos([str(photos)], first, collect_settings())
+    collect_photos([str(photos)], second, collect_settings())
     assert first.read_bytes() == second.read_bytes()
     assert not [p for p in first.parent.iterdir() if p.name != "raw.tsv"]  # no temp files left
 
@@ -225,7 +226,7 @@ def test_phone_photos_heic_and_avif_decode_upright(tmp_path, astronaut, fmt, suf
         pillow_heif.from_pillow(stored).save(path, quality=90, exif=exif.tobytes())
     else:
         stored.save(path, format=fmt, quality=90, exif=exif.tobytes())
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     row = _row(frame, path)
     assert row["status"] == "kept" and row["format"] == fmt, row.to_dict()
     assert (row["width"], row["height"]) == (400, 512)

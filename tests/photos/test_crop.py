@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from tifactory.photos.collect import collect_photos
-from support.photos import run_crop
+from support.photos import collect_settings, run_crop
 from tifactory.photos.crop import CROP_MANIFEST_COLUMNS, compute_crop_box, crop_file_name
 from tifactory.faces.detection import Face, YuNetDetector
 from support.photos import package_photo
 
 
 def _run(tmp_path: Path, photos: Path, **crop_kwargs) -> pd.DataFrame:
-    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     return run_crop(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv", **crop_kwargs)
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.photos.collect import collect_photos
-from support.photos import run_crop
+from support.photos import collect_settings, run_crop
 from tifactory.faces.detection import YuNetDetector
 from support.photos import package_photo
 
@@ -113,7 +113,7 @@ def test_hanks_and_t1_placed_scaled_rotated_and_at_borders(tmp_path, tiles, back
     # the six-person group photo stored sideways (EXIF 8): still six faces, rejected as ambiguous
     _save(tiles["t1"], photos / "t1_group.jpg", 8)
 
-    collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(near_duplicate_distance=-1))
     frame = run_crop(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv")
     rows = _rows(frame)
     assert rows["t1_group.jpg"]["reason"] == "ambiguous: 6 faces of similar size"
@@ -164,7 +164,7 @@ def test_dominant_face_kept_similar_faces_ambiguous(tmp_path, tiles, background)
     canvas, _ = _place(background, person, person_face, 1.6, 150, 300)
     canvas.paste(hanks.resize((290, 290), Image.Resampling.LANCZOS), (1000, 400))
     _save(canvas, photos / "b_two_faces.jpg")
-    collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(near_duplicate_distance=-1))
     rows = _rows(run_crop(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv"))
     dominant = rows["a_dominant.jpg"]
     assert dominant["status"] == "kept" and dominant["n_faces"] == 2, dominant["reason"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tifactory.photos.collect import collect_photos
-from support.photos import run_crop as crop_faces
+from support.photos import collect_settings, run_crop as crop_faces
 from tifactory.photos.crop import eye_angle, face_sharpness, render_crop
 from tifactory.faces.detection import HaarDetector, YuNetDetector
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve
@@ -68,7 +68,7 @@ def test_placed_scaled_rotated_and_border_photos_are_framed_accurately(tmp_path,
         canvas, centre, side = _place(background, astronaut, scale, x, y)
         _save_with_orientation(canvas, photos / f"{name}.jpg", orientation)
         truth[f"{name}.jpg"] = (centre, side, canvas.size)
-    collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(near_duplicate_distance=-1))
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv")
     detector = YuNetDetector(score_threshold=0.6, max_side=640)
     for name, row in _rows(frame).items():
@@ -98,7 +98,7 @@ def test_eye_line_rotation_levels_the_eyes(tmp_path, astronaut, background):
     photos.mkdir()
     canvas, _, _ = _place(background, astronaut, 1.5, 500, 250)
     canvas.rotate(14, resample=Image.Resampling.BICUBIC, center=(900, 650)).save(photos / "tilted.png")
-    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     plain = crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv").iloc[0]
     levelled = crop_faces(tmp_path / "raw.tsv", tmp_path / "c2", tmp_path / "c2.tsv", rotate=True,
                           pad_mode="blur").iloc[0]
@@ -132,7 +132,7 @@ def test_blur_gate_and_measured_values(tmp_path, astronaut, background):
     canvas, _, _ = _place(background, astronaut, 1.5, 500, 250)
     canvas.save(photos / "a_sharp.png")
     canvas.filter(ImageFilter.GaussianBlur(4)).save(photos / "b_soft.png")
-    collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(near_duplicate_distance=-1))
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv", min_sharpness=20)
     rows = _rows(frame)
     assert rows["a_sharp.png"]["status"] == "kept" and rows["a_sharp.png"]["sharpness"] > 100
@@ -170,7 +170,7 @@ def _three_astronauts_and_a_person(photos, astronaut, background, person_name: s
 def test_identity_filter_with_stand_in_recogniser(tmp_path, astronaut, background):
     photos = tmp_path / "photos"
     _three_astronauts_and_a_person(photos, astronaut, background, "someone_else.jpg")
-    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     frame = crop_faces(tmp_path / "raw.tsv", tmp_path / "crops", tmp_path / "crops.tsv",
                        recogniser=HistogramStandIn())
     rows = _rows(frame)
@@ -206,7 +206,7 @@ def test_reference_photos_decide_who_the_subject_is(tmp_path, astronaut, backgro
     reference.mkdir()
     person.resize((525, 675), Image.Resampling.LANCZOS).save(reference / "person_ref.jpg", quality=92)
     (reference / "notes.txt").write_text("not a photo", encoding="utf-8")
-    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     kwargs = dict(recogniser=HistogramStandIn())
 
     rows = _rows(crop_faces(tmp_path / "raw.tsv", tmp_path / "c1", tmp_path / "c1.tsv", **kwargs))
@@ -281,7 +281,7 @@ def test_mixed_bag_manifest_contact_sheet_and_summary(tmp_path, astronaut, backg
     astronaut.resize((150, 150), Image.Resampling.LANCZOS).save(photos / "e_tiny_face.jpg", quality=92)
     (photos / "f_duplicate.jpg").write_bytes((photos / "a_good.jpg").read_bytes())
     (photos / "g_broken.jpg").write_bytes((photos / "a_good.jpg").read_bytes()[:300])
-    collect_photos([str(photos)], tmp_path / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     crops = tmp_path / "crops"
     frame = crop_faces(tmp_path / "raw.tsv", crops, crops / "manifest.tsv")
     rows = _rows(frame)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support.photos import collect_settings
 from tifactory.photos.collect import collect_photos, load_upright_rgb
 from tifactory.demo.photos import package_file
 from tifactory.photos.fetch import cache_path, read_url_list
@@ -85,14 +86,14 @@ def test_url_list_download_cache_and_rejects(tmp_path, server):
     assert read_url_list(photos / "list.txt") == urls
     cache = tmp_path / "cache"
 
-    offline = collect_photos([str(photos)], tmp_path / "off.tsv", url_cache=cache)
+    offline = collect_photos([str(photos)], tmp_path / "off.tsv", collect_settings(url_cache=cache))
     assert list(offline["source"]) == urls and not hits
     assert set(offline["status"]) == {"rejected"}
     assert offline.loc[0, "reason"].startswith("not downloaded: network disabled")
     assert offline.loc[5, "reason"] == "unsupported URL scheme (ftp; http/https only)"
 
     kwargs = dict(url_cache=cache, allow_network=True, max_download_mb=1, timeout_s=5, retries=1, backoff_s=0.01)
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", **kwargs)
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(**kwargs))
     by_url = dict(zip(frame["source"], frame.to_dict("records")))
     first = by_url[urls[1]]  # retried after a 503; same bytes as urls[0], whose URL sorts later
     assert first["status"] == "kept", first["reason"]
@@ -106,7 +107,7 @@ def test_url_list_download_cache_and_rejects(tmp_path, server):
     assert not (Path("/etc/passwd").read_bytes()[:4] in cache_path(cache, urls[4]).read_bytes()
                 if cache_path(cache, urls[4]).exists() else False)
     before = dict(hits)
-    again = collect_photos([str(photos)], tmp_path / "raw2.tsv", **kwargs)
+    again = collect_photos([str(photos)], tmp_path / "raw2.tsv", collect_settings(**kwargs))
     assert hits["/photo.jpg?x=../../etc/passwd"] == before["/photo.jpg?x=../../etc/passwd"]  # cached
     assert list(again["status"]) == list(frame["status"])
 
@@ -119,8 +120,8 @@ def test_streamed_size_cap_timeout_retries_and_backoff(tmp_path, server):
     (photos / "list.txt").write_text("\n".join(urls), encoding="utf-8")
     cache = tmp_path / "cache"
     started = time.perf_counter()
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", url_cache=cache, allow_network=True,
-                           max_download_mb=1, timeout_s=0.2, retries=2, backoff_s=0.1)
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(
+        url_cache=cache, allow_network=True, max_download_mb=1, timeout_s=0.2, retries=2, backoff_s=0.1))
     elapsed = time.perf_counter() - started
     big, slow = (frame.loc[i].to_dict() for i in range(2))
     assert big["reason"] == "download failed: too large (> 1000000 bytes)" and hits["/streamed-big.jpg"] == 1
@@ -159,7 +160,7 @@ def test_embedded_icc_profiles_are_applied(tmp_path):
     Image.new("RGB", (80, 80), (128, 64, 200)).save(photos / "broken.jpg", icc_profile=b"not a profile" * 20)
     Image.new("L", (80, 80), 90).save(photos / "grey.png")
     Image.new("LA", (80, 80), (90, 0)).save(photos / "grey_alpha.png")
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", near_duplicate_distance=-1)
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(near_duplicate_distance=-1))
     rows = {Path(s).name: r for s, r in zip(frame["source"], frame.to_dict("records"))}
     assert set(frame["status"]) == {"kept"}
     # linear-light values re-encoded for sRGB: 128 -> 188, 64 -> 137, 200 -> 229 (lcms)
@@ -191,7 +192,8 @@ def test_normalisation_modes_bomb_and_animation(tmp_path, astronaut):
     astronaut.save(photos / "tagged.png", icc_profile=srgb)
     Image.new("RGB", (3000, 3000)).save(photos / "huge.png")
 
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", max_megapixels=5, near_duplicate_distance=-1)
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv",
+                           collect_settings(max_megapixels=5, near_duplicate_distance=-1))
     rows = {Path(s).name: r for s, r in zip(frame["source"], frame.to_dict("records"))}
     assert rows["huge.png"]["reason"].startswith("decompression-bomb guard (3000x3000")
     assert "CMYK->RGB" in rows["cmyk.jpg"]["colour"]
@@ -216,9 +218,9 @@ def test_near_duplicates_keep_the_larger(tmp_path, astronaut):
     astronaut.resize((300, 300), Image.Resampling.LANCZOS).save(photos / "a_small.jpg", quality=80)
     astronaut.save(photos / "b_big.png")
     astronaut.crop((0, 300, 512, 512)).save(photos / "c_other.png")
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv")
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings())
     rows = {Path(s).name: r for s, r in zip(frame["source"], frame.to_dict("records"))}
     assert rows["b_big.png"]["status"] == "kept" and rows["c_other.png"]["status"] == "kept"
     assert rows["a_small.jpg"]["reason"].startswith(f"near-duplicate of {photos / 'b_big.png'} (phash distance ")
-    off = collect_photos([str(photos)], tmp_path / "raw2.tsv", near_duplicate_distance=-1)
+    off = collect_photos([str(photos)], tmp_path / "raw2.tsv", collect_settings(near_duplicate_distance=-1))
     assert set(off["status"]) == {"kept"}

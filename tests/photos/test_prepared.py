@@ -157,6 +157,7 @@ def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config
 def test_exif_rotated_images_are_trained_as_stored_and_said(tmp_path):
     """kohya (and tifactory) train a prepared image as stored: an EXIF orientation tag gets a warning in the crop
     manifest, with the size training sees (the stored one), not the upright size."""
+    from support.photos import collect_settings
     from tifactory.photos.collect import collect_photos
     from tifactory.photos.prepared import adopt_prepared
 
@@ -166,7 +167,7 @@ def test_exif_rotated_images_are_trained_as_stored_and_said(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees to view": upright it is 280x450
     Image.open(rotated).save(rotated, exif=exif)
     noise_image(folder / "plain.jpg", (512, 512), seed=2)
-    collect_photos([str(tmp_path / "eva")], tmp_path / "raw.tsv", prepared=True)
+    collect_photos([str(tmp_path / "eva")], tmp_path / "raw.tsv", collect_settings(), prepared=True)
     manifest = adopt_prepared(tmp_path / "raw.tsv", tmp_path / "crops", resolution=512, contact_sheet=False)
     rows = {Path(row["source"]).name: row for row in manifest.to_dict("records")}
     assert rows["rotated.jpg"]["status"] == "kept"

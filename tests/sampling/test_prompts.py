@@ -49,29 +49,38 @@ def test_apply_weights_keeps_mean():
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model_dir):
-    from tifactory.training.models import load_components
+    from support.models import load_sd15
+    from tifactory.families import family_named
 
-    components = load_components(tiny_model_dir)
-    return PromptEncoder(components.tokenizer, components.text_encoder)
+    return PromptEncoder(family_named("sd15"), load_sd15(tiny_model_dir))
 
 
 def test_encoder_embeddings_weights_and_combination(encoder):
-    vocab = encoder.text_encoder.get_input_embeddings().weight.shape[0]
+    text_encoder = encoder.components.text_encoder
+    vocab = text_encoder.get_input_embeddings().weight.shape[0]
     eva = torch.randn(3, 768)
-    encoder.set("eva", eva)
-    encoder.set("neg", torch.randn(2, 768))
+    encoder.set("eva", [eva])
+    encoder.set("neg", [torch.randn(2, 768)])
     ids, weights = encoder.token_ids("a photo of (eva:0.8) and neg, eva-like")
     placeholders = [i for i in ids if i >= vocab]
     assert placeholders == [vocab, vocab + 1, vocab + 2, vocab + 3, vocab + 4]  # eva's 3 + neg's 2; eva-like is text
     assert weights[ids.index(vocab)] == pytest.approx(0.8) and weights[ids.index(vocab + 3)] == 1.0
-    table = encoder.text_encoder.get_input_embeddings().weight
+    table = text_encoder.get_input_embeddings().weight
     assert torch.allclose(table[vocab:vocab + 3], eva)
-    plain = encoder.encode("a photo of eva")
+
+    def embeds(text):
+        [(key, value)] = encoder.encode(text).items()  # SD1.5: the one prompt_embeds tensor
+        assert key == "prompt_embeds"
+        return value
+
+    plain = embeds("a photo of eva")
     assert plain.shape == (1, 77, 768)
-    assert torch.allclose(encoder.encode("a photo of (eva:1.0)"), plain)
-    assert not torch.allclose(encoder.encode("a photo of (eva:1.4)"), plain)
-    encoder.set("eva", torch.randn(3, 768))  # a new checkpoint: same slots, new vectors
-    assert encoder.text_encoder.get_input_embeddings().weight.shape[0] == vocab + 5
-    assert not torch.allclose(encoder.encode("a photo of eva"), plain)
+    assert torch.allclose(embeds("a photo of (eva:1.0)"), plain)
+    assert not torch.allclose(embeds("a photo of (eva:1.4)"), plain)
+    encoder.set("eva", [torch.randn(3, 768)])  # a new checkpoint: same slots, new vectors
+    assert text_encoder.get_input_embeddings().weight.shape[0] == vocab + 5
+    assert not torch.allclose(embeds("a photo of eva"), plain)
     with pytest.raises(PromptError, match="shape"):
-        encoder.set("bad", torch.randn(2, 64))
+        encoder.set("bad", [torch.randn(2, 64)])
+    with pytest.raises(PromptError, match="this model has 1"):
+        encoder.set("two", [torch.randn(2, 768), torch.randn(2, 768)])

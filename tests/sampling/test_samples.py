@@ -15,7 +15,8 @@ from PIL import Image
 
 from tifactory.training.embedding import save_embedding
 from tifactory.sampling.plots import line_plot, nice_ticks, plot_loss, smooth, y_range
-from tifactory.sampling.samples import load_sampler, plan_columns, render_sample_grid
+from support.models import sd15_spec
+from tifactory.sampling.samples import SampleSettings, load_sampler, plan_columns, render_sample_grid
 from tifactory.sampling.prompts import parse_prompt_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +47,13 @@ def rendered(tmp_path_factory, tiny_model_dir):
                        torch.randn(2, 768, generator=torch.Generator().manual_seed(step)), {}, "bf16")
     prompts = root / "prompts.txt"
     prompts.write_text("a photo of {token}\n(portrait of {token}:0.8), smiling --n blurry --d 5 --s 3 --w 72\n")
-    kwargs = dict(base_model=str(tiny_model_dir), subject="eva", init_word="woman", checkpoint_dir=checkpoints,
-                  prompts_file=prompts, seeds=[1, 2], steps=2, guidance_scale=7.5, width=64, height=64,
-                  scheduler="euler_a", device="cpu")
-    render_sample_grid(out_dir=root / "a", batch_size=16, **kwargs)
+    settings = SampleSettings(seeds=[1, 2], steps=2, guidance_scale=7.5, width=64, height=64, scheduler="euler_a",
+                              device="cpu", batch_size=16, init_word="woman")
+    kwargs = dict(model=sd15_spec(tiny_model_dir), subject="eva", checkpoint_dir=checkpoints, prompts_file=prompts)
+    render_sample_grid(out_dir=root / "a", settings=settings, **kwargs)
     messages = []
-    render_sample_grid(out_dir=root / "b", batch_size=1, log=messages.append, progress_every_s=1e-9, **kwargs)
+    render_sample_grid(out_dir=root / "b", settings=SampleSettings.from_config(settings.__dict__, batch_size=1),
+                       log=messages.append, progress_every_s=1e-9, **kwargs)
     (root / "b.log").write_text("\n".join(messages))
     return root
 
@@ -91,7 +93,7 @@ def test_seed_changes_image(rendered):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
 def test_schedulers_load(tiny_model_dir, scheduler):
-    sampler = load_sampler(base_model=str(tiny_model_dir), scheduler=scheduler, device="cpu")
+    sampler = load_sampler(model=sd15_spec(tiny_model_dir), scheduler=scheduler, device="cpu")
     assert type(sampler.pipe.scheduler).__name__ == {"ddim": "DDIMScheduler",
                                                      "dpmpp_2m": "DPMSolverMultistepScheduler"}[scheduler]
 

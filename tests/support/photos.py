@@ -45,3 +45,15 @@ def run_crop(raw_manifest, out_dir, manifest, **kwargs):
     if run.get("recogniser") is not None:
         kwargs.setdefault("identity_filter", True)
     return crop_faces(raw_manifest, out_dir, manifest, crop_settings(**kwargs), **run)
+
+
+def collect_settings(**overrides):
+    """The collect stage's settings from the repo's config.yaml with `overrides` (collect keys)."""
+    from pathlib import Path
+
+    import yaml
+
+    from tifactory.photos.collect import CollectSettings
+
+    with open(Path(__file__).resolve().parents[2] / "config.yaml", encoding="utf-8") as handle:
+        return CollectSettings.from_config(yaml.safe_load(handle), **overrides)

@@ -11,16 +11,18 @@ import types
 import pytest
 import torch
 
-from tifactory.training import models
+from tifactory.families.sd15 import SD15
 from tifactory.fileio import sha256_file
-from tifactory.training.models import Components, ModelLoadError, load_components, model_fingerprint
+from support.models import load_sd15
+from tifactory.families.base import Components
+from tifactory.families.loading import ModelLoadError, model_fingerprint
 from tifactory.demo.tinymodel import save_single_file, vae_diffusers_to_ldm
 from support.pickles import Exploit
 
 
 @pytest.fixture(scope="module")
 def folder_components(tiny_model_dir) -> Components:
-    return load_components(tiny_model_dir)
+    return load_sd15(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +70,22 @@ def test_folder_components(folder_components):
 
 def test_folder_missing_parts_and_bad_paths(tiny_model_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
-        load_components(tmp_path / "nope")
+        load_sd15(tmp_path / "nope")
     partial = tmp_path / "partial"
     shutil.copytree(tiny_model_dir, partial, ignore=shutil.ignore_patterns("unet"))
     with pytest.raises(ModelLoadError, match=r"missing sub-folder\(s\) \['unet'\]"):
-        load_components(partial)
+        load_sd15(partial)
     weird = tmp_path / "model.bin"
     weird.write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="unsupported extension '.bin'"):
-        load_components(weird)
+        load_sd15(weird)
 
 
 # ----------------------------------------------------------------------------- single files
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_single_file_equals_folder(single_files, tiny_model_dir, folder_components, suffix):
-    c = load_components(single_files[suffix], config_dir=tiny_model_dir)
+    c = load_sd15(single_files[suffix], config_dir=tiny_model_dir)
     for name in ("text_encoder", "vae", "unet"):
         assert_same_weights(getattr(c, name), getattr(folder_components, name))
         assert_float32_cpu(getattr(c, name))
@@ -97,7 +99,7 @@ def test_single_file_equals_folder(single_files, tiny_model_dir, folder_componen
 
 def test_fp16_single_file_loads_as_float32(tiny_model_dir, tmp_path, folder_components):
     path = save_single_file(tiny_model_dir, tmp_path / "half.safetensors", dtype=torch.float16)
-    c = load_components(path, config_dir=tiny_model_dir)
+    c = load_sd15(path, config_dir=tiny_model_dir)
     assert_float32_cpu(c.unet)
     reference = folder_components.unet.state_dict()
     for key, tensor in c.unet.state_dict().items():
@@ -117,7 +119,7 @@ def test_full_checkpoint_with_ema_weights_loads_the_trained_ones(tiny_model_dir,
     from tifactory.training.model_check import check_base_model
 
     assert check_base_model(str(full)) == []
-    c = load_components(full, config_dir=tiny_model_dir)
+    c = load_sd15(full, config_dir=tiny_model_dir)
     assert_same_weights(c.unet, folder_components.unet)
 
 
@@ -129,19 +131,19 @@ def test_single_file_without_config_is_described_by_the_shipped_sd15_configs(sin
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="do not match the architecture described by the configs in") as info:
-        load_components(single_files[".safetensors"])
+        load_sd15(single_files[".safetensors"])
     assert str(sd15.SD15_DIR) in str(info.value)
-    assert models.resolve_config_dir(None, single_files[".ckpt"]) == sd15.SD15_DIR
+    assert SD15().resolve_config_dir("", single_files[".ckpt"]) == sd15.SD15_DIR
     monkeypatch.setattr(sd15, "SD15_DIR", tmp_path / "nowhere")  # an install without resources/
     with pytest.raises(ModelLoadError, match="shipped SD1.5 configs are incomplete"):
-        load_components(single_files[".safetensors"])
+        load_sd15(single_files[".safetensors"])
 
 
 def test_incomplete_or_mismatched_config_dir(single_files, tiny_model_dir, tmp_path):
     incomplete = tmp_path / "incomplete"
     shutil.copytree(tiny_model_dir, incomplete, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
     with pytest.raises(ModelLoadError, match=r"config_dir .* missing \['tokenizer'\]"):
-        load_components(single_files[".safetensors"], config_dir=incomplete)
+        load_sd15(single_files[".safetensors"], config_dir=incomplete)
 
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -149,13 +151,13 @@ def test_incomplete_or_mismatched_config_dir(single_files, tiny_model_dir, tmp_p
     unet_config["layers_per_block"] = 2
     (other / "unet/config.json").write_text(json.dumps(unet_config))
     with pytest.raises(ModelLoadError, match="UNet weights .* do not match the architecture"):
-        load_components(single_files[".safetensors"], config_dir=other)
+        load_sd15(single_files[".safetensors"], config_dir=other)
 
 
 def test_config_dir_needs_only_configs(single_files, tiny_model_dir, tmp_path, folder_components):
     configs_only = tmp_path / "configs"
     shutil.copytree(tiny_model_dir, configs_only, ignore=shutil.ignore_patterns("*.safetensors"))
-    c = load_components(single_files[".ckpt"], config_dir=configs_only)
+    c = load_sd15(single_files[".ckpt"], config_dir=configs_only)
     assert_same_weights(c.unet, folder_components.unet)
 
 
@@ -165,16 +167,16 @@ def test_not_an_sd1_checkpoint(tmp_path, tiny_model_dir):
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down.alpha": torch.ones(1)}, str(path))
     with pytest.raises(ModelLoadError, match="is a LoRA/LyCORIS network, not a full model"):
-        load_components(path, config_dir=tiny_model_dir)
+        load_sd15(path, config_dir=tiny_model_dir)
     sd2 = tmp_path / "sd2.safetensors"
     save_file({"model.diffusion_model.x": torch.ones(1), "cond_stage_model.model.token_embedding.weight": torch.ones(1)},
               str(sd2))
     with pytest.raises(ModelLoadError, match="2.x"):
-        load_components(sd2, config_dir=tiny_model_dir)
+        load_sd15(sd2, config_dir=tiny_model_dir)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="cannot read safetensors"):
-        load_components(broken, config_dir=tiny_model_dir)
+        load_sd15(broken, config_dir=tiny_model_dir)
 
 
 # ----------------------------------------------------------------------------- pickle safety
@@ -191,9 +193,9 @@ def test_code_executing_pickle_is_refused(tmp_path, tiny_model_dir, writer, suff
         with open(path, "wb") as handle:
             pickle.dump(payload, handle, protocol=2)
     with pytest.raises(ModelLoadError, match="refusing to load .*posix.system"):
-        load_components(path, config_dir=tiny_model_dir)
+        load_sd15(path, config_dir=tiny_model_dir)
     with pytest.raises(ModelLoadError, match="refusing to load"):
-        load_components(tiny_model_dir, vae=path)
+        load_sd15(tiny_model_dir, vae=path)
     assert not marker.exists()
     if writer == "pickle.dump" and suffix == ".ckpt":  # control: the payload is live when unpickled freely
         with open(path, "rb") as handle:
@@ -205,11 +207,11 @@ def test_corrupt_ckpt_is_a_load_error(tmp_path, single_files, tiny_model_dir):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(single_files[".ckpt"].read_bytes()[:100_000])
     with pytest.raises(ModelLoadError, match="cannot read checkpoint"):
-        load_components(truncated, config_dir=tiny_model_dir)
+        load_sd15(truncated, config_dir=tiny_model_dir)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ModelLoadError, match="truncated|refusing to load|cannot read"):
-        load_components(garbage, config_dir=tiny_model_dir)
+        load_sd15(garbage, config_dir=tiny_model_dir)
 
 
 def test_lightning_callback_metadata_is_tolerated(monkeypatch, tmp_path, single_files, tiny_model_dir,
@@ -233,7 +235,7 @@ def test_lightning_callback_metadata_is_tolerated(monkeypatch, tmp_path, single_
     for name in ["pytorch_lightning", "pytorch_lightning.callbacks", module_name]:
         monkeypatch.delitem(sys.modules, name)  # loading must not need (or import) Lightning
 
-    c = load_components(path, config_dir=tiny_model_dir)
+    c = load_sd15(path, config_dir=tiny_model_dir)
     assert_same_weights(c.unet, folder_components.unet)
     assert module_name not in sys.modules
 
@@ -267,7 +269,7 @@ def test_vae_override_from_single_file(tmp_path, tiny_model_dir, folder_componen
     else:
         torch.save({"state_dict": state}, path)
 
-    c = load_components(tiny_model_dir, vae=path)
+    c = load_sd15(tiny_model_dir, vae=path)
     expected = {key: tensor + 1.0 for key, tensor in folder_components.vae.state_dict().items()}
     ours = c.vae.state_dict()
     assert ours.keys() == expected.keys()
@@ -281,23 +283,23 @@ def test_vae_override_on_single_file_base(tmp_path, single_files, tiny_model_dir
     from safetensors.torch import save_file
 
     save_file(shifted_vae_state(folder_components), str(path))
-    c = load_components(single_files[".safetensors"], vae=path, config_dir=tiny_model_dir)
+    c = load_sd15(single_files[".safetensors"], vae=path, config_dir=tiny_model_dir)
     reference = folder_components.vae.state_dict()
     assert all(torch.equal(t, reference[k] + 1.0) for k, t in c.vae.state_dict().items())
 
 
 def test_vae_override_from_folders(tiny_model_dir, folder_components, tmp_path):
     for vae in (tiny_model_dir / "vae", tiny_model_dir):
-        c = load_components(tiny_model_dir, vae=vae)
+        c = load_sd15(tiny_model_dir, vae=vae)
         assert_same_weights(c.vae, folder_components.vae)
     with pytest.raises(ModelLoadError, match="VAE not found"):
-        load_components(tiny_model_dir, vae=tmp_path / "missing.ckpt")
+        load_sd15(tiny_model_dir, vae=tmp_path / "missing.ckpt")
     not_vae = tmp_path / "not_vae.safetensors"
     from safetensors.torch import save_file
 
     save_file({"something.else": torch.ones(1)}, str(not_vae))
     with pytest.raises(ModelLoadError, match="no VAE weights"):
-        load_components(tiny_model_dir, vae=not_vae)
+        load_sd15(tiny_model_dir, vae=not_vae)
 
 
 # ----------------------------------------------------------------------------- fingerprint

@@ -9,16 +9,18 @@ import os
 import pytest
 import torch
 
-from tifactory.training import models
+from tifactory.families.base import Components
+from tifactory.families.loading import Placement
+from tifactory.families.sd15 import SD15
 from tifactory.jobs import COMPILE_CACHE_ENV, share_compile_cache
-from tifactory.training.models import load_components
+from support.models import load_sd15
 from tifactory.demo.tinymodel import save_single_file
 from tifactory.training.train import compile_repeated_blocks
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    return load_components(tiny_model_dir)
+    return load_sd15(tiny_model_dir)
 
 
 def assert_loaded(components, reference, unet_dtype):
@@ -35,21 +37,21 @@ def assert_loaded(components, reference, unet_dtype):
 
 def test_folder_loads_unet_in_its_dtype_through_the_device_path(tiny_model_dir, reference):
     # the path a GPU job takes (device_map: each weight materialised where it goes), here with the CPU as device
-    place = models.Placement(device=torch.device("cpu"), unet_dtype=torch.bfloat16)
-    loaded = models.load_folder(tiny_model_dir, skip_vae=False, place=place)
-    components = models.Components(tokenizer=loaded["tokenizer"], text_encoder=loaded["text_encoder"],
-                                   vae=loaded["vae"], unet=loaded["unet"], noise_scheduler=None)
+    place = Placement(device=torch.device("cpu"), unet_dtype=torch.bfloat16)
+    loaded = SD15().load_folder(tiny_model_dir, skip_vae=False, place=place)
+    components = Components(tokenizers=loaded["tokenizers"], text_encoders=loaded["text_encoders"],
+                            vae=loaded["vae"], unet=loaded["unet"], noise_scheduler=None)
     assert_loaded(components, reference, torch.bfloat16)
 
 
 def test_single_file_loads_unet_in_its_dtype(tiny_model_dir, reference, tmp_path):
     path = save_single_file(tiny_model_dir, tmp_path / "tiny.safetensors")
-    components = load_components(path, config_dir=tiny_model_dir, device="cpu", unet_dtype=torch.float16)
+    components = load_sd15(path, config_dir=tiny_model_dir, device="cpu", unet_dtype=torch.float16)
     assert_loaded(components, reference, torch.float16)
 
 
 def test_default_load_is_float32_on_the_cpu(tiny_model_dir, reference):
-    components = load_components(tiny_model_dir, device=None)
+    components = load_sd15(tiny_model_dir, device=None)
     assert_loaded(components, reference, torch.float32)
     assert {p.device.type for p in components.unet.parameters()} == {"cpu"}
 
@@ -63,7 +65,7 @@ def test_compile_cache_comes_from_the_config(tmp_path, monkeypatch):
 
 
 def test_compile_repeated_blocks_compiles_each_block_and_keeps_outputs(tiny_model_dir):
-    components = load_components(tiny_model_dir)
+    components = load_sd15(tiny_model_dir)
     unet, text_encoder = components.unet, components.text_encoder
     ids = torch.tensor([[1, 2, 3, 4]])
     latents = torch.randn(2, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -19,15 +19,11 @@ from PIL import Image, ImageOps
 
 torch = pytest.importorskip("torch")
 
-from tifactory.training.models import load_components  # noqa: E402
+from support.models import load_sd15  # noqa: E402
 from tifactory.training.templates import OBJECT_TEMPLATES, placeholder_tokens  # noqa: E402
-from tifactory.training.train import (  # noqa: E402
-    caption_prompts,
-    denoising_loss,
-    load_image_tensor,
-    make_placeholder_embedding,
-    TrainingImage,
-)
+from tifactory.families import family_named  # noqa: E402
+from tifactory.training.data import TrainingImage, caption_prompts, load_image_tensor  # noqa: E402
+from tifactory.training.train import denoising_loss  # noqa: E402
 
 SUBJECT = "zqx"
 NUM_VECTORS = 3
@@ -58,7 +54,7 @@ def batch_images(tmp_path_factory) -> list[Path]:
 
 def _fixed_batch(tiny_model_dir, images, *, flip: bool, seed: int = 0):
     """latents (from the model's VAE), noise, offset noise and timesteps for one accumulated batch."""
-    vae = load_components(tiny_model_dir).vae
+    vae = load_sd15(tiny_model_dir).vae
     generator = torch.Generator().manual_seed(seed)
     pixels = []
     for index, path in enumerate(images):
@@ -82,33 +78,31 @@ def _vectors(text_encoder, tokenizer, seed: int = 1):
 
 def _tifactory_loss_and_grad(tiny_model_dir, prompts, latents, noise, offset, timesteps, *, noise_offset,
                              min_snr_gamma, micro_batch):
-    components = load_components(tiny_model_dir)
-    tokenizer, text_encoder, unet = components.tokenizer, components.text_encoder, components.unet
-    for module in (text_encoder, unet):
+    """tifactory's path: the SD1.5 family adds the placeholders, tokenises, conditions and calls the UNet."""
+    family = family_named("sd15")
+    components = load_sd15(tiny_model_dir)
+    for module in (*components.text_encoders, components.unet):
         module.requires_grad_(False).eval()
     tokens = placeholder_tokens(SUBJECT, NUM_VECTORS)
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    vectors = _vectors(text_encoder, tokenizer)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    embedding = make_placeholder_embedding(text_encoder.get_input_embeddings(), ids[0], vectors)
-    text_encoder.set_input_embeddings(embedding)
-    input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids
+    [trainable] = family.add_placeholders(components, tokens, INIT_WORD, lambda message: None)
+    vectors = _vectors(components.text_encoder, components.tokenizer)
+    trainable.data.copy_(vectors)
+    ids_per_encoder = family.tokenize(components, prompts)
     alphas_cumprod = components.noise_scheduler.alphas_cumprod.float()
 
-    def predict_noise(noisy_latents, steps, token_ids):
-        return unet(noisy_latents, steps, text_encoder(token_ids)[0]).sample
+    def predict_noise(noisy_latents, steps, ids):
+        conditioning = family.extra_conditioning(family.encode_text(components, ids), None)
+        return family.predict_noise(components.unet, noisy_latents, steps, conditioning)
 
     total = torch.zeros(())
     for start in range(0, len(prompts), micro_batch):
         chunk = slice(start, start + micro_batch)
-        loss = denoising_loss(predict_noise, latents[chunk], noise[chunk], timesteps[chunk], input_ids[chunk],
-                              alphas_cumprod, divisor=len(prompts), min_snr_gamma=min_snr_gamma,
-                              noise_offset=noise_offset, offset_noise=offset[chunk])
+        loss = denoising_loss(predict_noise, latents[chunk], noise[chunk], timesteps[chunk],
+                              [ids[chunk] for ids in ids_per_encoder], alphas_cumprod, divisor=len(prompts),
+                              min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, offset_noise=offset[chunk])
         loss.backward()
         total += loss.detach()
-    return total, embedding.vectors.grad.clone(), vectors
+    return total, trainable.grad.clone(), vectors
 
 
 def _kohya_reference(tiny_model_dir, prompts, latents, noise, offset, timesteps, *, noise_offset, min_snr_gamma):
@@ -187,7 +181,7 @@ def test_loss_and_gradient_equal_kohya_reference(case, tiny_model_dir, batch_ima
     template, flip, noise_offset, min_snr_gamma, micro_batch = CASES[case]
     token_string = " ".join(placeholder_tokens(SUBJECT, NUM_VECTORS))
     if template == "caption":
-        ours = caption_prompts([TrainingImage(path, (SIZE, SIZE)) for path in batch_images], SUBJECT,
+        ours = caption_prompts([TrainingImage(path, (SIZE, SIZE), (SIZE, SIZE)) for path in batch_images], SUBJECT,
                                token_string, lambda message: None)
         theirs = _caption_prompts_kohya(batch_images)
     else:
@@ -195,7 +189,7 @@ def test_loss_and_gradient_equal_kohya_reference(case, tiny_model_dir, batch_ima
     assert ours == theirs
     latents, noise, offset, timesteps = _fixed_batch(tiny_model_dir, batch_images, flip=flip)
     if flip:  # the reference mirrors the picture itself (PIL), before it becomes a tensor
-        vae = load_components(tiny_model_dir).vae
+        vae = load_sd15(tiny_model_dir).vae
         for index in range(1, len(batch_images), 2):
             mirrored = batch_images[index].with_name(f"mirrored{index}.png")
             with Image.open(batch_images[index]) as image:

@@ -8,6 +8,8 @@ from PIL import Image
 
 from tifactory.photos.dataset import build_dataset
 from tifactory.training.embedding import checkpoint_name, load_embedding
+from support.models import sd15_spec
+from tifactory.training.settings import TrainSettings
 from tifactory.training.train import TrainingError, train_embedding
 
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
@@ -45,14 +47,15 @@ def params(repo_config):
 def run(tmp_path, name, dataset_toml, tiny_model_dir, params, **kwargs):
     out = tmp_path / name
     final = out / "eva-ti.safetensors"
-    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="eva", params=params,
-                    final_path=final, checkpoint_dir=out / "checkpoints", loss_tsv=out / "loss.tsv",
+    train_embedding(dataset_toml=dataset_toml, model=sd15_spec(tiny_model_dir), subject="eva",
+                    settings=TrainSettings.from_config(params), final_path=final, checkpoint_dir=out / "checkpoints",
+                    loss_tsv=out / "loss.tsv",
                     state_dir=out / "state", log=kwargs.get("log", lambda message: None))
     return out, final
 
 
 def test_embedding_contract_and_only_new_vectors_train(tmp_path, dataset_toml, tiny_model_dir, params):
-    from tifactory.training.models import load_components
+    from support.models import load_sd15
 
     out, final = run(tmp_path, "a", dataset_toml, tiny_model_dir, params)
     vectors, metadata = load_embedding(final)
@@ -67,7 +70,7 @@ def test_embedding_contract_and_only_new_vectors_train(tmp_path, dataset_toml, t
     loss_lines = (out / "loss.tsv").read_text().splitlines()
     assert len(loss_lines) == 5 and all(float(line.split("\t")[1]) > 0 for line in loss_lines[1:])
     # the vectors moved away from the init word's embedding
-    components = load_components(tiny_model_dir)
+    components = load_sd15(tiny_model_dir)
     woman = components.tokenizer("woman", add_special_tokens=False).input_ids[0]
     init = components.text_encoder.get_input_embeddings().weight[woman].detach()
     assert not torch.allclose(vectors.float(), init.expand(5, -1), atol=1e-3)
@@ -176,8 +179,9 @@ def test_subject_named_like_a_word_trains_under_a_derived_token(tmp_path, datase
     messages = []
     out = tmp_path / "photo"
     final = out / "photo-ti.safetensors"
-    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="photo",
-                    params=dict(params, max_train_steps=2), final_path=final, checkpoint_dir=out / "checkpoints",
+    train_embedding(dataset_toml=dataset_toml, model=sd15_spec(tiny_model_dir), subject="photo",
+                    settings=TrainSettings.from_config(params, max_train_steps=2), final_path=final,
+                    checkpoint_dir=out / "checkpoints",
                     loss_tsv=out / "loss.tsv", state_dir=out / "state", log=messages.append)
     vectors, metadata = load_embedding(final)
     assert tuple(vectors.shape) == (5, 768)
@@ -200,8 +204,9 @@ def test_progress_lines_and_loss_table_as_training_goes(tmp_path, dataset_toml, 
         if message.startswith("step ") and (out / "loss.tsv").exists():
             seen_rows.append(len((out / "loss.tsv").read_text().splitlines()) - 1)
 
-    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="eva", params=params,
-                    final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
+    train_embedding(dataset_toml=dataset_toml, model=sd15_spec(tiny_model_dir), subject="eva",
+                    settings=TrainSettings.from_config(params), final_path=out / "eva-ti.safetensors",
+                    checkpoint_dir=out / "checkpoints",
                     loss_tsv=out / "loss.tsv", state_dir=out / "state", log=log, progress_every_s=1e-6)
     progress = [m for m in messages if m.startswith("step ")]
     # a line at every loss read-back (every 10 steps and the first), each with rate, loss and ETA

@@ -6,15 +6,10 @@ import types
 
 import pytest
 
-from tifactory.training.train import (
-    bucket_resolution,
-    epoch_order,
-    TrainingError,
-    lr_lambda_for,
-    make_optimizer,
-    samples_for_step,
-    spread_init_ids,
-)
+from tifactory.families.base import spread_init_ids
+from tifactory.training.data import bucket_resolution, epoch_order, samples_for_step
+from tifactory.training.settings import TrainSettings
+from tifactory.training.train import TrainingError, lr_lambda_for, make_optimizer
 from tifactory.training.templates import OBJECT_TEMPLATES, known_to, placeholder_tokens, training_tokens
 
 BUCKETS = {"resolution": 512, "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
@@ -72,14 +67,14 @@ def test_spread_init_ids_repeats_or_truncates_with_warning():
     ((1024, 512), (704, 320)),       # aspect kept, area <= 512², sides multiples of 64
 ])
 def test_bucket_resolution(size, bucket):
-    result = bucket_resolution(*size, BUCKETS)
+    result = bucket_resolution(*size, **BUCKETS)
     assert result == bucket
     assert result[0] * result[1] <= 512 * 512 and result[0] % 64 == 0 and result[1] % 64 == 0
 
 
 def test_bucket_upscale_allowed_when_asked():
-    assert bucket_resolution(300, 300, dict(BUCKETS, bucket_no_upscale=False)) == (512, 512)
-    assert bucket_resolution(300, 700, dict(BUCKETS, enable_bucket=False)) == (512, 512)
+    assert bucket_resolution(300, 300, **dict(BUCKETS, bucket_no_upscale=False)) == (512, 512)
+    assert bucket_resolution(300, 700, **dict(BUCKETS, enable_bucket=False)) == (512, 512)
 
 
 def test_epoch_order_repeats_each_image_and_depends_on_seed_and_epoch():
@@ -103,15 +98,20 @@ def test_samples_for_step_covers_epochs_in_order():
     assert samples_for_step(7, 5, repeats, 1, 2, 27) == stream[35:40]
 
 
-def test_lr_schedules():
+def recipe(repo_config, **overrides) -> TrainSettings:
+    """config.yaml's training recipe with `overrides`."""
+    return TrainSettings.from_config(repo_config["train"], init_word="woman", **overrides)
+
+
+def test_lr_schedules(repo_config):
     base = {"max_train_steps": 100, "lr_warmup_steps": 10}
-    constant = lr_lambda_for(dict(base, lr_scheduler="constant", lr_warmup_steps=0))
+    constant = lr_lambda_for(recipe(repo_config, **dict(base, lr_scheduler="constant", lr_warmup_steps=0)))
     assert constant(0) == constant(99) == 1.0
-    warm = lr_lambda_for(dict(base, lr_scheduler="constant_with_warmup"))
+    warm = lr_lambda_for(recipe(repo_config, **dict(base, lr_scheduler="constant_with_warmup")))
     assert warm(0) == pytest.approx(0.1) and warm(50) == 1.0
-    linear = lr_lambda_for(dict(base, lr_scheduler="linear"))
+    linear = lr_lambda_for(recipe(repo_config, **dict(base, lr_scheduler="linear")))
     assert linear(10) == pytest.approx(1.0) and linear(100) == pytest.approx(0.0)
-    cosine = lr_lambda_for(dict(base, lr_scheduler="cosine"))
+    cosine = lr_lambda_for(recipe(repo_config, **dict(base, lr_scheduler="cosine")))
     assert cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -119,20 +119,20 @@ OPTIMIZER_PARAMS = {"optimizer": "AdamW", "learning_rate": 0.005, "adam_beta1": 
                     "adam_epsilon": 1e-6, "weight_decay": 0.02}
 
 
-def test_make_optimizer_adamw_uses_the_config():
+def test_make_optimizer_adamw_uses_the_config(repo_config):
     import torch
 
     vectors = torch.zeros(5, 8, requires_grad=True)
-    optimizer = make_optimizer(OPTIMIZER_PARAMS, [vectors])
+    optimizer = make_optimizer(recipe(repo_config, **OPTIMIZER_PARAMS), [vectors])
     group = optimizer.param_groups[0]
     assert type(optimizer) is torch.optim.AdamW
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.005, (0.9, 0.98), 1e-6, 0.02)
 
 
-def test_make_optimizer_adamw8bit_needs_bitsandbytes(monkeypatch):
+def test_make_optimizer_adamw8bit_needs_bitsandbytes(monkeypatch, repo_config):
     import torch
 
-    params = dict(OPTIMIZER_PARAMS, optimizer="AdamW8bit")
+    params = recipe(repo_config, **dict(OPTIMIZER_PARAMS, optimizer="AdamW8bit"))
     vectors = torch.zeros(5, 8, requires_grad=True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
     with pytest.raises(TrainingError, match="needs bitsandbytes"):

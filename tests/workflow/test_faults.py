@@ -214,9 +214,12 @@ def dataset_toml(tmp_path_factory):
 
 
 def _train(out: Path, dataset_toml, tiny_model_dir, params, log=lambda message: None):
+    from support.models import sd15_spec
+    from tifactory.training.settings import TrainSettings
     from tifactory.training.train import train_embedding
 
-    train_embedding(dataset_toml=dataset_toml, base_model=str(tiny_model_dir), subject="eva", params=params,
+    train_embedding(dataset_toml=dataset_toml, model=sd15_spec(tiny_model_dir), subject="eva",
+                    settings=TrainSettings.from_config(params),
                     final_path=out / "eva-ti.safetensors", checkpoint_dir=out / "checkpoints",
                     loss_tsv=out / "loss.tsv", state_dir=out / "state", log=log)
     return out / "eva-ti.safetensors"

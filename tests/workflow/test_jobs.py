@@ -67,7 +67,7 @@ def test_every_stage_error_is_a_tifactory_error_keeping_its_builtin_base():
     from tifactory.sampling.prompts import PromptError
     from tifactory.training.embedding import EmbeddingError
     from tifactory.training.model_check import ModelCheckError
-    from tifactory.training.models import ModelLoadError
+    from tifactory.families.loading import ModelLoadError
     from tifactory.training.sd15 import SD15ResourceError
     from tifactory.training.train import TrainingError
 

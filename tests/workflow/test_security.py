@@ -65,12 +65,13 @@ def test_crafted_resume_state_is_refused_and_training_starts_over(tmp_path):
 @pytest.mark.parametrize("name", ["evil.pth", "evil.safetensors"])
 def test_crafted_base_model_file_is_refused(tmp_path, tiny_model_dir, name):
     """.pth (the third pickle suffix) and a pickle disguised as .safetensors (never unpickled)."""
-    from tifactory.training.models import ModelLoadError, load_components
+    from support.models import load_sd15
+    from tifactory.families.loading import ModelLoadError
 
     marker = tmp_path / "pwned"
     path = _evil_pickle(tmp_path / name, marker, {"state_dict": {}})
     with pytest.raises(ModelLoadError, match="refusing to load|cannot read safetensors"):
-        load_components(path, config_dir=tiny_model_dir)
+        load_sd15(path, config_dir=tiny_model_dir)
     assert not marker.exists()
 
 
@@ -139,6 +140,7 @@ def _files(root: Path) -> set[Path]:
 
 def test_url_sources_are_bounded_in_time_and_refuse_scheme_changes(tmp_path, server):
     """(The size cap on a body without Content-Length and socket timeouts are in test_fetch_normalise.py.)"""
+    from support.photos import collect_settings
     from tifactory.photos.collect import collect_photos
 
     base, hits = server
@@ -156,8 +158,8 @@ def test_url_sources_are_bounded_in_time_and_refuse_scheme_changes(tmp_path, ser
     cache = tmp_path / "cache"
     before = _files(tmp_path)
     started = time.monotonic()
-    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", url_cache=cache, allow_network=True,
-                           max_download_mb=1, timeout_s=1.0, retries=1, backoff_s=0.01)
+    frame = collect_photos([str(photos)], tmp_path / "raw.tsv", collect_settings(
+        url_cache=cache, allow_network=True, max_download_mb=1, timeout_s=1.0, retries=1, backoff_s=0.01))
     elapsed = time.monotonic() - started
     reason = dict(zip(frame["source"], frame["reason"]))
     status = dict(zip(frame["source"], frame["status"]))
@@ -193,7 +195,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     import pandas as pd
 
     from tifactory.photos.collect import collect_photos
-    from support.photos import run_crop
+    from support.photos import collect_settings, run_crop
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -203,7 +205,7 @@ def test_hostile_source_file_names_stay_inside_the_crop_folder(tmp_path):
     os.symlink("../secret.txt", photos / "outside.jpg")  # a link out of the folder: read, rejected, not copied
     out = tmp_path / "results" / "crops"
     before = _files(tmp_path)
-    collect_photos([str(photos)], tmp_path / "results" / "raw.tsv")
+    collect_photos([str(photos)], tmp_path / "results" / "raw.tsv", collect_settings())
     frame = run_crop(tmp_path / "results" / "raw.tsv", out, out / "manifest.tsv", detector="yunet")
     new = _files(tmp_path) - before
     assert all(out in p.parents or p == tmp_path / "results" / "raw.tsv" for p in new), new

@@ -450,11 +450,12 @@ def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, othe
     import torch
     from safetensors.torch import load_file
 
-    from tifactory.training.models import load_components
+    from tifactory.families import ModelSpec, load_model
+    from tifactory.roster import DEMO_MODEL_FAMILY
+    from tifactory.training.data import load_image_tensor
     from tifactory.training.templates import OBJECT_TEMPLATES
-    from tifactory.training.train import load_image_tensor
 
-    components = load_components(model_dir)
+    components = load_model(ModelSpec(path=model_dir, family=DEMO_MODEL_FAMILY))
     concepts = load_file(str(Path(model_dir) / CONCEPTS_FILE))
     num_vectors = concepts[target].shape[0] if vectors is None else vectors.shape[0]
     tokenizer, text_encoder = components.tokenizer, components.text_encoder.eval()

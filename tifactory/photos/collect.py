@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, fields
 
 from tifactory.errors import TifactoryError
 from tifactory.fileio import sha256_file, write_tsv_atomic
@@ -32,7 +33,47 @@ _HASH_SIDE = 256  # JPEGs are decoded at the smallest DCT scale with a long side
 
 
 class CollectError(TifactoryError, ValueError):
-    """A raw manifest that is not one (a stale or hand-edited file)."""
+    """A raw manifest that is not one (a stale or hand-edited file), or bad collect settings."""
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """config.yaml's `collect:` section: what is kept (size, decompression-bomb guard, near-duplicates) and how
+    URL lists are fetched (network switch, cache, size cap, timeout, retries with backoff)."""
+
+    min_side_px: int
+    max_megapixels: float
+    near_duplicate_distance: int
+    allow_network: bool
+    url_cache: str
+    max_download_mb: float
+    timeout_s: float
+    retries: int
+    backoff_s: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "url_cache", os.fspath(self.url_cache))
+        checks = [(self.min_side_px >= 1, f"min_side_px must be >= 1, got {self.min_side_px}"),
+                  (self.max_megapixels > 0, f"max_megapixels must be > 0, got {self.max_megapixels}"),
+                  (self.retries >= 0, f"retries must be >= 0, got {self.retries}")]
+        for ok, message in checks:
+            if not ok:
+                raise CollectError(f"bad collect setting: collect.{message}")
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "CollectSettings":
+        """From the whole config (its collect section) and `overrides` (collect keys)."""
+        values = {**config["collect"], **overrides}
+        names = [item.name for item in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        missing = [name for name in names if name not in values]
+        if unknown or missing:
+            raise CollectError(f"collect settings: unknown {unknown}, missing {missing}")
+        return cls(**{name: values[name] for name in names})
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
 
 
 def load_upright_rgb(path: str | os.PathLike):
@@ -150,16 +191,8 @@ def _deduplicate(candidates: list[tuple[dict, int, int]], near_duplicate_distanc
 def collect_photos(
     sources: list[str] | str,
     manifest_path: str | os.PathLike,
+    settings: CollectSettings,
     *,
-    min_side_px: int = 64,
-    max_megapixels: float = 100.0,
-    near_duplicate_distance: int = 6,
-    allow_network: bool = False,
-    url_cache: str | os.PathLike = "cache/urls",
-    max_download_mb: float = 30.0,
-    timeout_s: float = 20.0,
-    retries: int = 2,
-    backoff_s: float = 1.0,
     workers: int = 1,
     prepared: bool = False,
 ):
@@ -167,7 +200,7 @@ def collect_photos(
 
     `sources`: folders (all files inside, recursively; hidden files and folders skipped), glob
     patterns (`**` allowed), single files, and URL-list files (text files whose lines are URLs; see
-    tifactory.photos.fetch: downloads only with `allow_network`, http/https only, cached by URL). Items are
+    tifactory.photos.fetch: downloads only with `settings.allow_network`, http/https only, cached by URL). Items are
     processed in sorted order (files by absolute path, then URLs in list order).
 
     Every item is one row: kept, or rejected with a reason (undecodable, decompression-bomb guard,
@@ -235,9 +268,9 @@ def collect_photos(
             items.append(row)
             continue
         for url in urls:
-            fetched = fetch_url(url, url_cache, allow_network=allow_network,
-                                max_bytes=int(max_download_mb * 1e6), timeout_s=timeout_s,
-                                retries=retries, backoff_s=backoff_s)
+            fetched = fetch_url(url, settings.url_cache, allow_network=settings.allow_network,
+                                max_bytes=int(settings.max_download_mb * 1e6), timeout_s=settings.timeout_s,
+                                retries=settings.retries, backoff_s=settings.backoff_s)
             row = _empty_row(url)
             if fetched.path is None:
                 row["reason"] = fetched.problem
@@ -247,10 +280,8 @@ def collect_photos(
     rows.extend(items)
 
     todo = [row for row in items if row["file"]]
-    max_pixels = int(max_megapixels * 1e6)
-
     def examine(row):
-        return _examine(row, row["file"], min_side_px=min_side_px, max_pixels=max_pixels)
+        return _examine(row, row["file"], min_side_px=settings.min_side_px, max_pixels=settings.max_pixels)
 
     if workers > 1 and len(todo) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -262,7 +293,7 @@ def collect_photos(
         for row, *_ in candidates:
             row["status"] = "kept"
     else:
-        _deduplicate(candidates, near_duplicate_distance)
+        _deduplicate(candidates, settings.near_duplicate_distance)
 
     frame = pd.DataFrame(rows, columns=RAW_MANIFEST_COLUMNS)
     for column in ("width", "height", "exif_orientation"):

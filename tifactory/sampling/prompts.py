@@ -8,7 +8,8 @@ sd-scripts style: ` --n <negative prompt>`, ` --d <seed>`, ` --s <steps>`, ` --l
 Weights (AUTOMATIC1111 syntax): `(text)` multiplies the attention to `text` by 1.1, `[text]` divides it by
 1.1, `(text:0.8)` sets the multiplier; brackets nest (multipliers multiply); `\\(` `\\)` `\\[` `\\]` are
 literal brackets. The weights scale the text encoder's output per token, then the whole tensor is
-rescaled so its mean stays that of the unweighted encoding (A1111's method).
+rescaled so its mean stays that of the unweighted encoding (A1111's method). The model family
+(tifactory.families) says which encoder outputs make the pipeline's prompt embeddings.
 
 Embeddings: any textual-inversion trigger word in the table (the subject's `{token}`, extra embeddings such
 as a negative embedding) becomes its vectors in place; several can be combined with plain words. The files
@@ -152,42 +153,51 @@ def parse_weights(text: str, *, where: str = "prompt") -> list[tuple[str, float]
 
 @dataclass
 class PromptEncoder:
-    """Turns weighted prompt text into SD1.5 conditioning [1, 77, 768], with textual-inversion vectors.
+    """Turns weighted prompt text into the sampling pipeline's prompt embeddings, with textual-inversion vectors,
+    through the model family (tifactory.families): SD1.5 `prompt_embeds` [1, 77, 768].
 
-    `embeddings` maps a trigger word to its vectors ([n, dim]); change them between calls with `set`.
+    `components` is the loaded model; a trigger word's vectors (one [n, dim] tensor per text encoder) go into
+    new rows of every encoder's token table with `set`, which may be called again to swap a checkpoint's in.
     """
 
-    tokenizer: object
-    text_encoder: object
-    embeddings: dict = field(default_factory=dict)
+    family: object
+    components: object
+    embeddings: dict = field(default_factory=dict)  # trigger -> its vectors, one tensor per encoder
     _slots: dict = field(default_factory=dict, init=False)  # trigger -> first placeholder id
-    _vocab_size: int = field(default=0, init=False)
 
-    def set(self, trigger: str, vectors) -> None:
-        """Install (or replace) the vectors of one trigger word."""
+    def set(self, trigger: str, vectors: list) -> None:
+        """Install (or replace) the vectors of one trigger word: one [n, dim] tensor per text encoder."""
         import torch
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", trigger):
             raise PromptError(f"embedding trigger {trigger!r} must be one word")
-        vectors = torch.as_tensor(vectors).detach()
-        table = self.text_encoder.get_input_embeddings()
-        if vectors.ndim != 2 or vectors.shape[1] != table.weight.shape[1]:
-            raise PromptError(f"embedding {trigger!r} has shape {tuple(vectors.shape)}; this model needs "
-                              f"[n, {table.weight.shape[1]}]")
-        if not self._vocab_size:
-            self._vocab_size = table.weight.shape[0]
+        encoders = self.components.text_encoders
+        vectors = [torch.as_tensor(tensor).detach() for tensor in vectors]
+        if len(vectors) != len(encoders):
+            raise PromptError(f"embedding {trigger!r} has vectors for {len(vectors)} text encoder(s); this model has "
+                              f"{len(encoders)}")
+        widths = [encoder.get_input_embeddings().weight.shape[1] for encoder in encoders]
+        counts = {tensor.shape[0] if tensor.ndim == 2 else -1 for tensor in vectors}
+        if any(tensor.ndim != 2 or tensor.shape[1] != width for tensor, width in zip(vectors, widths)) \
+                or len(counts) != 1:
+            raise PromptError(f"embedding {trigger!r} has shape(s) {[tuple(tensor.shape) for tensor in vectors]}; "
+                              f"this model needs {' and '.join(f'[n, {width}]' for width in widths)}")
+        count = vectors[0].shape[0]
         previous = self.embeddings.get(trigger)
-        if previous is None or previous.shape[0] != vectors.shape[0]:
-            self._slots[trigger] = table.weight.shape[0]
-            self.text_encoder.resize_token_embeddings(table.weight.shape[0] + vectors.shape[0])
-            table = self.text_encoder.get_input_embeddings()
+        if previous is None or previous[0].shape[0] != count:
+            self._slots[trigger] = encoders[0].get_input_embeddings().weight.shape[0]
+            for encoder in encoders:
+                encoder.resize_token_embeddings(self._slots[trigger] + count)
         start = self._slots[trigger]
         with torch.no_grad():
-            table.weight[start:start + vectors.shape[0]] = vectors.to(table.weight.device, table.weight.dtype)
+            for encoder, tensor in zip(encoders, vectors):
+                table = encoder.get_input_embeddings()
+                table.weight[start:start + count] = tensor.to(table.weight.device, table.weight.dtype)
         self.embeddings[trigger] = vectors
 
     def token_ids(self, text: str, *, where: str = "prompt") -> tuple[list[int], list[float]]:
-        """Token ids (without BOS/EOS) and one weight per token."""
+        """Token ids (without BOS/EOS) and one weight per token (the family's tokenizers share a vocabulary)."""
+        tokenizer = self.components.tokenizers[0]
         ids: list[int] = []
         weights: list[float] = []
         pattern = (re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(self._slots, key=len, reverse=True)))
@@ -196,33 +206,38 @@ class PromptEncoder:
             parts = pattern.split(piece) if pattern else [piece]
             for index, part in enumerate(parts):
                 if index % 2:  # a trigger word
-                    count = self.embeddings[part].shape[0]
+                    count = self.embeddings[part][0].shape[0]
                     new = list(range(self._slots[part], self._slots[part] + count))
                 else:
-                    new = self.tokenizer(part, add_special_tokens=False).input_ids if part.strip() else []
+                    new = tokenizer(part, add_special_tokens=False).input_ids if part.strip() else []
                 ids += new
                 weights += [weight] * len(new)
         return ids, weights
 
-    def encode(self, text: str, *, where: str = "prompt", log=None):
-        """Conditioning [1, max_length, dim] for one weighted prompt (truncated to one CLIP window)."""
+    def encode(self, text: str, *, where: str = "prompt", log=None) -> dict:
+        """The pipeline's prompt-embedding arguments for one weighted prompt (truncated to one CLIP window),
+        as the family builds them (SD1.5: {"prompt_embeds": [1, 77, 768]})."""
         import torch
 
         ids, weights = self.token_ids(text, where=where)
-        room = self.tokenizer.model_max_length - 2
+        first = self.components.tokenizers[0]
+        room = first.model_max_length - 2
         if len(ids) > room:
             if log:
                 log(f"{where}: {len(ids)} tokens, truncated to {room}")
             ids, weights = ids[:room], weights[:room]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        full = [self.tokenizer.bos_token_id] + ids + [self.tokenizer.eos_token_id]
         full_weights = [1.0] + weights + [1.0]
-        full += [pad] * (room + 2 - len(full))
         full_weights += [1.0] * (room + 2 - len(full_weights))
-        device = self.text_encoder.get_input_embeddings().weight.device
+        ids_per_encoder = []
+        for tokenizer, encoder in zip(self.components.tokenizers, self.components.text_encoders):
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            full = [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+            full += [pad] * (room + 2 - len(full))
+            ids_per_encoder.append(torch.tensor([full], device=encoder.get_input_embeddings().weight.device))
+        device = ids_per_encoder[0].device
         with torch.no_grad():
-            hidden = self.text_encoder(torch.tensor([full], device=device))[0]
-        return apply_weights(hidden, torch.tensor(full_weights, device=device, dtype=hidden.dtype))
+            return self.family.prompt_embeddings(self.components, ids_per_encoder,
+                                                 torch.tensor(full_weights, device=device))
 
 
 def apply_weights(hidden, weights):

@@ -1,7 +1,8 @@
 """Sample grids: one row per checkpoint step (step 0 = the init word alone), one column per prompt × seed.
 
-`load_sampler` loads a base model once; `Sampler.render_grid` encodes every (step, prompt) with the
-weighted-prompt encoder of `tifactory.sampling.prompts` (the subject's vectors swapped in per checkpoint), then
+`load_sampler` loads a base model once (through its family, tifactory.families); `Sampler.render_grid` encodes
+every (step, prompt) with the weighted-prompt encoder of `tifactory.sampling.prompts` (the subject's vectors
+swapped in per checkpoint), then
 samples all images of the grid in batches (images of different steps share a batch: only their prompt
 embeddings differ). Every image has its own CPU generator seeded with its column's seed, so an image does
 not depend on the batch it lands in. Outputs in `out_dir`: each image, `images.tsv`, the labelled
@@ -15,18 +16,56 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from tifactory.families import ModelSpec, family_named
 from tifactory.fileio import atomic_path, write_text_atomic
 from tifactory.sampling.prompts import PromptError, SamplePrompt, read_prompts
-from tifactory.training.embedding import list_checkpoints, read_embedding
+from tifactory.training.embedding import list_checkpoints
 
 SCHEDULERS = ("ddim", "euler_a", "dpmpp_2m")
 PREVIEW_MAX_SIDE = 1600
 IMAGES_COLUMNS = ("step", "column", "prompt", "seed", "negative", "steps", "guidance_scale", "width", "height",
                   "file")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """One subject's sample-grid settings: config.yaml's `samples:` section (demo overrides applied) less its
+    files (prompts, extra embeddings: the rule's inputs), plus the subject's init word (the step-0 row)."""
+
+    seeds: tuple[int, ...]
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    device: str
+    batch_size: int
+    init_word: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        checks = [(self.scheduler in SCHEDULERS, f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}"),
+                  (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                  (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+                  (bool(self.seeds), "seeds is empty")]
+        for ok, message in checks:
+            if not ok:
+                raise PromptError(f"bad sample setting: samples.{message}")
+
+    @classmethod
+    def from_config(cls, samples: dict, **overrides) -> "SampleSettings":
+        """From the subject's `samples` settings (rules/samples_functions.smk's sample_grid_params)."""
+        values = {**samples, **overrides}
+        names = [item.name for item in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        missing = [name for name in names if name not in values]
+        if unknown or missing:
+            raise PromptError(f"sample settings: unknown {unknown}, missing {missing}")
+        return cls(**{name: values[name] for name in names})
 
 
 @dataclass(frozen=True)
@@ -175,24 +214,19 @@ def write_preview(grid, path: str | os.PathLike, max_side: int = PREVIEW_MAX_SID
 
 
 class Sampler:
-    """A loaded base model ready to render grids (pipeline + weighted-prompt encoder)."""
+    """A loaded base model ready to render grids (the family's pipeline + the weighted-prompt encoder)."""
 
-    def __init__(self, components, *, scheduler: str, device: str = "auto"):
-        import torch
-        from diffusers import StableDiffusionPipeline
-
-        from tifactory.sampling.prompts import PromptEncoder
+    def __init__(self, family, components, *, scheduler: str, device: str):
         from tifactory.device import pick_device
+        from tifactory.sampling.prompts import PromptEncoder
 
+        self.family = family
         self.device = pick_device(device)
         self.dtype = self.dtype_for(self.device)
-        self.pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).to(self.device, self.dtype)
+        self.pipe = family.pipeline(components, make_scheduler(scheduler, components.noise_scheduler.config))
+        self.pipe.to(self.device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        self.encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder)
+        self.encoder = PromptEncoder(family, components)
 
     @staticmethod
     def dtype_for(device):
@@ -202,9 +236,10 @@ class Sampler:
 
     def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print,
                progress_every_s: float | None = None) -> list:
-        """jobs: dicts with cond, uncond ([1, 77, dim]), seed, steps, guidance_scale, width, height.
-        Returns one PIL image per job, in order. Jobs that share steps/CFG/size share batches. With
-        `progress_every_s`, a line (images done / total, ETA) that often and after the last batch."""
+        """jobs: dicts with cond, uncond (the family's prompt-embedding arguments, PromptEncoder.encode), seed,
+        steps, guidance_scale, width, height. Returns one PIL image per job, in order. Jobs that share
+        steps/CFG/size share batches. With `progress_every_s`, a line (images done / total, ETA) that often
+        and after the last batch."""
         import torch
 
         images: list = [None] * len(jobs)
@@ -216,9 +251,12 @@ class Sampler:
         for (steps, guidance_scale, width, height), indices in groups.items():
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
+                embeddings = {key: torch.cat([jobs[i]["cond"][key] for i in batch]).to(self.device, self.dtype)
+                              for key in jobs[batch[0]]["cond"]}
+                embeddings.update({f"negative_{key}": torch.cat([jobs[i]["uncond"][key] for i in batch]).to(
+                    self.device, self.dtype) for key in jobs[batch[0]]["uncond"]})
                 output = self.pipe(
-                    prompt_embeds=torch.cat([jobs[i]["cond"] for i in batch]).to(self.device, self.dtype),
-                    negative_prompt_embeds=torch.cat([jobs[i]["uncond"] for i in batch]).to(self.device, self.dtype),
+                    **embeddings,
                     generator=[torch.Generator(device="cpu").manual_seed(jobs[i]["seed"]) for i in batch],
                     num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
                 for i, image in zip(batch, output.images):
@@ -230,10 +268,8 @@ class Sampler:
                     log(f"sampled {done}/{len(jobs)} images in {now - started:.1f} s, "
                         f"ETA {(now - started) / done * (len(jobs) - done):.0f} s")
         return images
-
-    def render_grid(self, *, subject: str, init_word: str, checkpoints: list[tuple[int, Path]],
-                    prompts: list[SamplePrompt], seeds: list[int], steps: int, guidance_scale: float,
-                    width: int, height: int, batch_size: int, out_dir: str | os.PathLike,
+    def render_grid(self, *, subject: str, settings: SampleSettings, checkpoints: list[tuple[int, Path]],
+                    prompts: list[SamplePrompt], out_dir: str | os.PathLike,
                     extra_embeddings: dict[str, str] | None = None, title: str = "",
                     log: Callable[[str], None] = print, progress_every_s: float | None = None) -> dict:
         """Render step 0 and every checkpoint; write the images, images.tsv, grid.png, grid_preview.jpg.
@@ -242,14 +278,15 @@ class Sampler:
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for trigger, path in sorted((extra_embeddings or {}).items()):
-            self.encoder.set(trigger, read_embedding(path).vectors.float())
-        columns = plan_columns(prompts, seeds=seeds, steps=steps, guidance_scale=guidance_scale, width=width,
-                               height=height)
+            self.encoder.set(trigger, [tensor.float() for tensor in self.family.read_vectors(path)])
+        init_word, batch_size = settings.init_word, settings.batch_size
+        columns = plan_columns(prompts, seeds=list(settings.seeds), steps=settings.steps,
+                               guidance_scale=settings.guidance_scale, width=settings.width, height=settings.height)
         row_steps = [0] + [step for step, _ in checkpoints]
         jobs = []
         for step, path in [(0, None)] + list(checkpoints):
             if path is not None:
-                self.encoder.set(subject, read_embedding(path).vectors.float())
+                self.encoder.set(subject, [tensor.float() for tensor in self.family.read_vectors(path)])
             token = init_word if path is None else subject
             encoded_texts: dict = {}  # the same text in several columns is encoded once per row
             for column in columns:
@@ -298,24 +335,25 @@ class Sampler:
         return {"grid": grid_path, "rows": row_steps, "columns": len(columns), **timings}
 
 
-def load_sampler(*, base_model: str, base_model_config: str = "", vae: str = "", scheduler: str = "ddim",
-                 device: str = "auto") -> Sampler:
-    from tifactory.training.models import load_components
+def load_sampler(*, model: ModelSpec, scheduler: str, device: str, components=None) -> Sampler:
+    """`model` loaded by its family for sampling (weights read straight onto the device, the UNet in the
+    sampling dtype), or `components` already loaded (the GPU worker)."""
     from tifactory.device import pick_device
 
-    target = pick_device(device)  # weights are read straight onto it, the UNet in the sampling dtype
-    components = load_components(base_model, vae=vae or None, config_dir=base_model_config or None,
-                                 device=target, unet_dtype=Sampler.dtype_for(target))
-    return Sampler(components, scheduler=scheduler, device=device)
+    family = family_named(model.family)
+    if components is None:
+        target = pick_device(device)
+        components = family.load(model, device=target, unet_dtype=Sampler.dtype_for(target))
+    return Sampler(family, components, scheduler=scheduler, device=device)
 
 
-def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str = "", subject: str,
-                       init_word: str, checkpoint_dir: str | os.PathLike, prompts_file: str | os.PathLike,
-                       seeds: list[int], steps: int, guidance_scale: float, width: int, height: int,
-                       scheduler: str, device: str, out_dir: str | os.PathLike, batch_size: int = 8,
-                       extra_embeddings: dict[str, str] | None = None, model_label: str = "",
-                       log: Callable[[str], None] = print, progress_every_s: float | None = None) -> Path:
-    """The samples stage: read the prompts, load the model, render the grid of every checkpoint."""
+def render_sample_grid(*, model: ModelSpec, settings: SampleSettings, subject: str,
+                       checkpoint_dir: str | os.PathLike, prompts_file: str | os.PathLike,
+                       out_dir: str | os.PathLike, extra_embeddings: dict[str, str] | None = None,
+                       model_label: str = "", log: Callable[[str], None] = print,
+                       progress_every_s: float | None = None, components=None) -> Path:
+    """The samples stage: read the prompts, load the model (or take `components`, already loaded), render the
+    grid of every checkpoint."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
@@ -324,13 +362,12 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
     from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
     imported = time.perf_counter() - started
-    sampler = load_sampler(base_model=base_model, base_model_config=base_model_config, vae=vae,
-                           scheduler=scheduler, device=device)
-    log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s "
-        f"(of which {imported:.1f}s importing diffusers and transformers); scheduler {scheduler}")
-    title = f"{subject} on {model_label or os.path.basename(str(base_model).rstrip('/'))} · {scheduler}"
+    sampler = load_sampler(model=model, scheduler=settings.scheduler, device=settings.device, components=components)
+    log(f"loaded {model.name} ({model.family}) on {sampler.device} ({sampler.dtype}) in "
+        f"{time.perf_counter() - started:.1f}s (of which {imported:.1f}s importing diffusers and transformers); "
+        f"scheduler {settings.scheduler}")
+    title = f"{subject} on {model_label or model.name} · {settings.scheduler}"
     result = sampler.render_grid(
-        subject=subject, init_word=init_word, checkpoints=checkpoints, prompts=prompts, seeds=seeds, steps=steps,
-        guidance_scale=guidance_scale, width=width, height=height, batch_size=batch_size, out_dir=out_dir,
+        subject=subject, settings=settings, checkpoints=checkpoints, prompts=prompts, out_dir=out_dir,
         extra_embeddings=extra_embeddings, title=title, log=log, progress_every_s=progress_every_s)
     return result["grid"]

@@ -1,6 +1,7 @@
 """The embedding file format, owned here: names, the tensor key, writing, listing and reading.
 
-What tifactory writes: safetensors with one tensor `emb_params` [num_vectors, dim] + metadata, named
+What tifactory writes: safetensors with the model family's tensors (tifactory.families: SD1.5 one tensor
+`emb_params` [num_vectors, dim]; the keys are spelled here, the family says which it uses) + metadata, named
 `<subject>-ti.safetensors` (the name is the trigger people type) and, every save_every_n_steps,
 `<subject>-ti-step<8 digits>.safetensors` in the checkpoint folder. Loads in A1111/ComfyUI (single-key
 layout) and in diffusers' `load_textual_inversion(path, token=...)`.
@@ -70,14 +71,15 @@ def reproducible_date() -> str:
     return moment.date().isoformat()
 
 
-def build_metadata(*, subject: str, step: int, resolution: int, date: str, recipe: dict,
+def build_metadata(*, subject: str, step: int, resolution: int, date: str, recipe: dict, architecture: str,
                    base_model: str, base_model_hash: str, dataset_hash: str,
                    tokens: list[str] | None = None) -> dict[str, str]:
     """modelspec-style keys + provenance; safetensors metadata values must be strings.
+    `architecture`: the model family's modelspec architecture; `base_model`: the model's file or folder name;
     `tokens`: the token strings the vectors trained under (the subject's name, or one derived from it)."""
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.title": f"{subject}-ti",
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -87,7 +89,7 @@ def build_metadata(*, subject: str, step: int, resolution: int, date: str, recip
         "tifactory.step": str(step),
         "tifactory.seed": str(recipe["seed"]),
         "tifactory.recipe": json.dumps(recipe, sort_keys=True),
-        "tifactory.base_model": os.path.basename(str(base_model).rstrip("/")),
+        "tifactory.base_model": base_model,
         "tifactory.base_model_sha256": base_model_hash,
         "tifactory.dataset_sha256": dataset_hash,
         "tifactory.package_versions": json.dumps(package_versions(), sort_keys=True),
@@ -101,8 +103,8 @@ def build_metadata(*, subject: str, step: int, resolution: int, date: str, recip
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def safetensors_bytes(name: str, tensor, metadata: dict[str, str]) -> bytes:
-    """One tensor in the safetensors format with a deterministic header (sorted keys).
+def safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """Tensors in the safetensors format with a deterministic header (sorted keys, data in key order).
 
     safetensors' own writer orders metadata keys differently from run to run; reproducible embeddings
     need the same bytes for the same inputs, so the (simple) format is written here: an 8-byte
@@ -110,25 +112,31 @@ def safetensors_bytes(name: str, tensor, metadata: dict[str, str]) -> bytes:
     """
     import torch
 
-    data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-    header = {
-        "__metadata__": dict(sorted(metadata.items())),
-        name: {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
-               "shape": list(tensor.shape), "data_offsets": [0, len(data)]},
-    }
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")],
+                        "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
     header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
-    return len(header_bytes).to_bytes(8, "little") + header_bytes + data
+    return len(header_bytes).to_bytes(8, "little") + header_bytes + b"".join(chunks)
 
 
-def save_embedding(path: str | os.PathLike, vectors, metadata: dict[str, str], save_precision: str) -> Path:
-    """Write `vectors` ([num_vectors, dim]) atomically as `emb_params` in the save precision."""
+def save_embedding(path: str | os.PathLike, tensors, metadata: dict[str, str], save_precision: str) -> Path:
+    """Write `tensors` ({key: [num_vectors, dim]}, as the model family's `embedding_tensors` names them; a
+    single tensor is SD1.5's `emb_params`) atomically in the save precision."""
     import torch
 
+    if isinstance(tensors, torch.Tensor):
+        tensors = {EMBEDDING_KEY: tensors}
     dtype = getattr(torch, SAVE_DTYPES[save_precision])
-    tensor = vectors.detach().to(device="cpu", dtype=dtype).contiguous()
+    stored = {key: value.detach().to(device="cpu", dtype=dtype).contiguous() for key, value in tensors.items()}
     with atomic_path(path) as tmp_path:
-        tmp_path.write_bytes(safetensors_bytes(EMBEDDING_KEY, tensor, metadata))
+        tmp_path.write_bytes(safetensors_bytes(stored, metadata))
     return Path(path)
 
 

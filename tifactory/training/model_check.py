@@ -1,6 +1,7 @@
 """Is this an SD1.5 model (or VAE)? Decided from file headers and key names, before any job runs.
 
-The Snakefile calls `check_models(config)` while it builds the DAG, so a wrong `base_model`, `vae`,
+The Snakefile calls `model_specs(config)` while it builds the DAG: it answers which model family
+(tifactory.families) each model is, as the `ModelSpec` the jobs get, and a wrong `base_model`, `vae`,
 `base_model_config` or `eval_models` entry is one clear message naming its config key instead of a
 failed job. What is read, without torch:
 
@@ -15,7 +16,7 @@ What is recognised: SD1.x checkpoints (768-wide text encoder, 4 UNet input chann
 prediction) pass; SDXL, SD2.x (1024-wide OpenCLIP text encoder), inpainting or other UNets with more
 than 4 input channels, v-prediction checkpoints (a `v_pred` key, modelspec metadata, or a `.yaml`
 beside the file saying `parameterization: v`), textual-inversion embeddings, LoRA/LyCORIS files and bare
-VAEs are each named. `classify_keys` also backs the loader's own check at job time (tifactory.training.models).
+VAEs are each named. `classify_keys` also backs the loader's own check at job time (tifactory.families.sd15).
 
 Import cost: standard library only.
 """
@@ -386,6 +387,129 @@ def _classify_config_parts(folder: Path) -> Verdict | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------- families
+
+SDXL_TEXT = "conditioner.embedders.0.transformer."  # CLIP-L, transformers' names
+SDXL_TEXT_2 = "conditioner.embedders.1.model."  # OpenCLIP bigG
+SDXL_WIDTHS = {SDXL_TEXT + "text_model.embeddings.token_embedding.weight": 768,
+               SDXL_TEXT_2 + "token_embedding.weight": 1280,
+               UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": 2048}
+EDM_KEYS = ("edm_mean", "edm_std")
+
+
+@dataclass(frozen=True)
+class FamilyVerdict:
+    """Which model family a file or folder is (`family` "sd15" | "sdxl"), or why it is refused (`refused`,
+    a Verdict naming the tensor or config key that tells; then `family` is None)."""
+
+    family: str | None
+    refused: Verdict | None = None
+
+
+def detect_family_keys(shapes: dict, metadata: dict | None = None) -> FamilyVerdict:
+    """The family of an original-layout checkpoint from its tensor names and shapes (and metadata)."""
+    metadata = metadata or {}
+    edm = [key for key in EDM_KEYS if key in shapes]
+    if edm:
+        return FamilyVerdict(None, Verdict(f"an EDM model such as Playground v2.5 (it has {' and '.join(edm)} "
+                                           "keys; its noise schedule is not SD's)", True))
+    if not _has(shapes, "conditioner.embedders."):
+        verdict = classify_keys(shapes, metadata)
+        return FamilyVerdict(None if verdict else "sd15", verdict)
+    if not _has(shapes, SDXL_TEXT) and _has(shapes, "conditioner.embedders.0.model."):
+        return FamilyVerdict(None, Verdict("an SDXL refiner (conditioner.embedders.0 is OpenCLIP bigG, "
+                                           "conditioner.embedders.0.model.*; it has no CLIP-L text encoder)", True))
+    for prefix, what in ((UNET, "UNet"), (SDXL_TEXT, "CLIP-L text encoder"), (SDXL_TEXT_2, "OpenCLIP bigG text encoder")):
+        if not _has(shapes, prefix):
+            return FamilyVerdict(None, Verdict(f"an SDXL checkpoint without its {what} ({prefix}* keys)", False))
+    if "v_pred" in shapes:
+        return FamilyVerdict(None, Verdict("a v-prediction SDXL checkpoint (it has a v_pred key)", True))
+    prediction = metadata.get("modelspec.prediction_type", "").lower()
+    if prediction in ("v", "v_prediction", "v-prediction"):
+        return FamilyVerdict(None, Verdict(f"a v-prediction SDXL checkpoint (metadata modelspec.prediction_type = "
+                                           f"{prediction})", True))
+    unet_in = shapes.get(UNET_IN)
+    if unet_in is not None and len(unet_in) == 4 and unet_in[1] != SD15_UNET_IN_CHANNELS:
+        what = "an SDXL inpainting" if unet_in[1] == 9 else "an SDXL"
+        return FamilyVerdict(None, Verdict(f"{what} checkpoint ({UNET_IN} has {unet_in[1]} input channels, "
+                                           f"not {SD15_UNET_IN_CHANNELS})", True))
+    for key, width in SDXL_WIDTHS.items():
+        if key in shapes and shapes[key][-1] != width:
+            return FamilyVerdict(None, Verdict(f"not SDXL's architecture ({key} is {shapes[key][-1]} wide, "
+                                               f"SDXL's is {width})", True))
+    return FamilyVerdict("sdxl")
+
+
+def detect_family_folder(folder: Path, *, need_vae: bool) -> FamilyVerdict:
+    """The family of a diffusers folder from model_index.json and the component configs."""
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    unet = _read_json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else {}
+    sdxl = ((folder / "text_encoder_2").is_dir() or "XL" in str(index.get("_class_name", ""))
+            or unet.get("addition_embed_type") == "text_time")
+    if not sdxl:
+        verdict = classify_folder(folder, need_vae=need_vae)
+        return FamilyVerdict(None if verdict else "sd15", verdict)
+    if not (folder / "text_encoder").is_dir():
+        return FamilyVerdict(None, Verdict("an SDXL refiner (no text_encoder/: only the OpenCLIP bigG text_encoder_2, "
+                                           "no CLIP-L)", True))
+    required = ["unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] + (["vae"] if need_vae else [])
+    missing = [name for name in required if not (folder / name).is_dir()]
+    if missing:
+        return FamilyVerdict(None, Verdict(f"an incomplete SDXL diffusers folder (missing {missing})", False))
+    channels = unet.get("in_channels")
+    if isinstance(channels, int) and channels != SD15_UNET_IN_CHANNELS:
+        what = "an SDXL inpainting" if channels == 9 else "an SDXL"
+        return FamilyVerdict(None, Verdict(f"{what} model (unet/config.json in_channels = {channels}, not "
+                                           f"{SD15_UNET_IN_CHANNELS})", True))
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else {}
+    if str(scheduler.get("_class_name", "")).startswith("EDM"):
+        return FamilyVerdict(None, Verdict(f"an EDM model such as Playground v2.5 (scheduler/scheduler_config.json "
+                                           f"_class_name = {scheduler['_class_name']})", True))
+    prediction = scheduler.get("prediction_type") or "epsilon"
+    if prediction != "epsilon":
+        return FamilyVerdict(None, Verdict(f"a {prediction} SDXL model (scheduler/scheduler_config.json "
+                                           f"prediction_type = {prediction})", True))
+    for part, key, width in (("text_encoder", "hidden_size", 768), ("text_encoder_2", "hidden_size", 1280),
+                             ("unet", "cross_attention_dim", 2048)):
+        config = _read_json(folder / part / "config.json") if (folder / part / "config.json").is_file() else {}
+        if isinstance(config.get(key), int) and config[key] != width:
+            return FamilyVerdict(None, Verdict(f"not SDXL's architecture ({part}/config.json {key} = {config[key]}, "
+                                               f"SDXL's is {width})", True))
+    return FamilyVerdict("sdxl")
+
+
+def check_model_family(path: str, key: str = "base_model", *, has_vae_override: bool = False
+                       ) -> tuple[str | None, list[str]]:
+    """(family, problems) of a base model: "sd15" or "sdxl" with no problems, or None and messages that
+    each name the config key and the tensor or config key that gave the model away."""
+    if not path:
+        return None, [f"{key}: empty; set it to an SD1.5 or SDXL diffusers folder or .safetensors/.ckpt file"]
+    location = Path(os.path.expanduser(path))
+    if not location.exists():
+        return None, [f"{key}: {path} does not exist"]
+    try:
+        if location.is_dir():
+            found = detect_family_folder(location, need_vae=not has_vae_override)
+        else:
+            inspection = inspect_file(location)
+            if inspection.unsafe_globals:
+                return None, [f"{key}: {path} is {_unsafe_message(inspection)}"]
+            found = detect_family_keys(inspection.shapes, inspection.metadata)
+            if found.family == "sd15" and (verdict := _sibling_yaml_prediction(location)):
+                found = FamilyVerdict(None, verdict)
+            if found.family and not has_vae_override and not _has(inspection.shapes, VAE):
+                return None, [f"{key}: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder"]
+    except ModelCheckError as error:
+        return None, [f"{key}: {error}"]
+    if found.refused is None:
+        return found.family, []
+    if not found.refused.architecture:
+        return None, [_message(key, path, found.refused)]
+    return None, [f"{key}: {path} is {found.refused.found}; tifactory trains textual inversions for SD1.5 and SDXL "
+                  "(base and finetunes such as Pony or Illustrious), epsilon prediction"]
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 def _message(key: str, path: str, verdict: Verdict) -> str:
@@ -399,26 +523,38 @@ def _message(key: str, path: str, verdict: Verdict) -> str:
     return f"{key}: {path} is {verdict.found}{advice}"
 
 
-def check_base_model(path: str, key: str = "base_model", *, has_vae_override: bool = False) -> list[str]:
-    """Problems with a base model (diffusers folder or single file), each naming the config key."""
+# The family (tifactory.families.FAMILIES) of a model the classification accepts (a verdict of None).
+ACCEPTED_FAMILY = "sd15"
+
+
+def base_model_family(path: str, key: str = "base_model", *,
+                      has_vae_override: bool = False) -> tuple[str | None, list[str]]:
+    """(the model family's name, []) for a usable base model (diffusers folder or single file), else
+    (None, problems), each problem naming the config key."""
     if not path:
-        return [f"{key}: empty; set it to an SD1.5 diffusers folder or .safetensors/.ckpt file"]
+        return None, [f"{key}: empty; set it to an SD1.5 diffusers folder or .safetensors/.ckpt file"]
     location = Path(os.path.expanduser(path))
     if not location.exists():
-        return [f"{key}: {path} does not exist"]
+        return None, [f"{key}: {path} does not exist"]
     try:
         if location.is_dir():
             verdict = classify_folder(location, need_vae=not has_vae_override)
         else:
             inspection = inspect_file(location)
             if inspection.unsafe_globals:
-                return [f"{key}: {path} is {_unsafe_message(inspection)}"]
+                return None, [f"{key}: {path} is {_unsafe_message(inspection)}"]
             verdict = classify_keys(inspection.shapes, inspection.metadata) or _sibling_yaml_prediction(location)
             if verdict is None and not has_vae_override and not _has(inspection.shapes, VAE):
-                return [f"{key}: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or folder"]
+                return None, [f"{key}: {path} has no VAE weights (first_stage_model.*); set vae to a VAE file or "
+                              "folder"]
     except ModelCheckError as error:
-        return [f"{key}: {error}"]
-    return [] if verdict is None else [_message(key, path, verdict)]
+        return None, [f"{key}: {error}"]
+    return (ACCEPTED_FAMILY, []) if verdict is None else (None, [_message(key, path, verdict)])
+
+
+def check_base_model(path: str, key: str = "base_model", *, has_vae_override: bool = False) -> list[str]:
+    """Problems with a base model (diffusers folder or single file), each naming the config key."""
+    return base_model_family(path, key, has_vae_override=has_vae_override)[1]
 
 
 def _unsafe_message(inspection: Inspection) -> str:
@@ -487,26 +623,46 @@ def check_config_dir(path: str, key: str = "base_model_config") -> list[str]:
     return [f"{key}: {path} describes {verdict.found}; SD1.5 only"] if verdict else []
 
 
-def check_models(config: dict, *, demo_model_name: str = "demo-tiny") -> list[str]:
+def check_models(config: dict) -> list[str]:
     """Every model problem of a config (base model, its config folder, VAE, eval models), key named."""
+    return model_specs(config, demo_model_dir="")[1]
+
+
+def model_specs(config: dict, *, demo_model_dir: str) -> tuple[dict, list[str]]:
+    """({"base": the base model's ModelSpec, <eval model name>: its ModelSpec, ...}, problems): each model's
+    family detected from its files (the demo model, built by a job in `demo_model_dir`, is the roster's
+    DEMO_MODEL_FAMILY); an eval model of another family than the base model is a problem. Parse-time cheap
+    (headers and configs only)."""
+    from tifactory.families import ModelSpec
+    from tifactory.roster import DEMO_MODEL_FAMILY, DEMO_MODEL_NAME
+
+    specs: dict = {}
     problems: list[str] = []
-    if config.get("base_model") != demo_model_name:
-        problems += _check_model_entry(config.get("base_model", ""), config.get("base_model_config", ""),
-                                       config.get("vae", ""), "base_model", "base_model_config", "vae")
+    entries = [("base", config.get("base_model", ""), config.get("base_model_config", ""), config.get("vae", ""),
+                "base_model", "base_model_config", "vae")]
     for index, entry in enumerate(config.get("eval_models") or []):
         where = f"eval_models[{index}] ({entry.get('name', '?')})"
-        problems += _check_model_entry(entry.get("path", ""), entry.get("config", ""), entry.get("vae", ""),
-                                       f"{where}.path", f"{where}.config", f"{where}.vae")
-    return problems
-
-
-def _check_model_entry(path: str, config_dir: str, vae: str, key: str, config_key: str, vae_key: str) -> list[str]:
-    problems = check_base_model(path, key, has_vae_override=bool(vae))
-    if config_dir:
-        problems += check_config_dir(config_dir, config_key)
-    if vae:
-        problems += check_vae(vae, vae_key)
-    return problems
+        entries.append((entry.get("name", f"eval{index}"), entry.get("path", ""), entry.get("config", ""),
+                        entry.get("vae", ""), f"{where}.path", f"{where}.config", f"{where}.vae"))
+    for name, path, config_dir, vae, key, config_key, vae_key in entries:
+        if name == "base" and path == DEMO_MODEL_NAME:
+            specs[name] = ModelSpec(path=demo_model_dir or DEMO_MODEL_NAME, family=DEMO_MODEL_FAMILY)
+            continue
+        family, found = base_model_family(path, key, has_vae_override=bool(vae))
+        if config_dir:
+            found += check_config_dir(config_dir, config_key)
+        if vae:
+            found += check_vae(vae, vae_key)
+        problems += found
+        if not found and family is not None:
+            specs[name] = ModelSpec(path=os.path.expanduser(path), family=family,
+                                    config_dir=os.path.expanduser(config_dir), vae=os.path.expanduser(vae))
+    base = specs.get("base")
+    for name, spec in specs.items():
+        if base is not None and name != "base" and spec.family != base.family:
+            problems.append(f"eval model {name} ({spec.path}) is a {spec.family} model, the base model a "
+                            f"{base.family} one: an embedding works only on models of its own family")
+    return specs, problems
 
 
 def tokenizer_folder(config: dict, *, demo_model_dir: str | None = None,
