@@ -84,3 +84,6 @@ rule all:
     default_target: True
     input:
         all_targets(),
+    # one line instead of Snakemake's job info, which lists every target of every subject
+    message:
+        f"all {len(SUBJECTS)} subject(s) of the roster are built"

@@ -34,5 +34,7 @@ rule crop_summary:
         "../envs/tifactory.yaml"
     params:
         subjects=SUBJECTS,
+    message:
+        f"crop summary: results/summary/crops.tsv ({len(SUBJECTS)} subjects; log: {{log}})"
     script:
         "../workflow/scripts/crop_summary.py"

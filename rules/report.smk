@@ -41,6 +41,8 @@ rule subject_summary:
         model=MODELS["base"].as_params(),
         eval_models=EVAL_MODELS,
         verdict=config["verdict"],
+    message:
+        "subject page {wildcards.subject}: {output} (log: {log})"
     script:
         "../workflow/scripts/subject_summary.py"
 
@@ -70,5 +72,8 @@ rule roster_overview:
         subjects=SUBJECTS,
         class_words=[ROSTER[subject]["class_word"] for subject in SUBJECTS],
         verdict=config["verdict"],
+    # one line instead of Snakemake's job info, which lists four files per subject
+    message:
+        f"roster page: results/report/roster.html ({len(SUBJECTS)} subjects; log: {{log}})"
     script:
         "../workflow/scripts/roster_overview.py"
