@@ -84,6 +84,7 @@ rule all:
     default_target: True
     input:
         all_targets(),
-    # one line instead of Snakemake's job info, which lists every target of every subject
+    # Rules whose job info would list every photo or every subject's files print one line instead (`message:`),
+    # always "<rule> <subject>|(roster): ... -> <outputs> (log: <log>)" (tests/workflow read dry runs so).
     message:
-        f"all {len(SUBJECTS)} subject(s) of the roster are built"
+        f"all (roster): every target of {len(SUBJECTS)} subject(s)"

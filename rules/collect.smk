@@ -15,6 +15,6 @@ rule collect:
         network_keys=COLLECT_NETWORK_KEYS,
     # one short line on the console instead of Snakemake's job info, which lists every photo file (input)
     message:
-        "collect {wildcards.subject}: the photos of its roster sources -> {output} (log: {log})"
+        "collect {wildcards.subject}: the photos its roster sources name -> {output} (log: {log})"
     script:
         "../workflow/scripts/collect.py"

@@ -35,6 +35,6 @@ rule crop_summary:
     params:
         subjects=SUBJECTS,
     message:
-        f"crop summary: results/summary/crops.tsv ({len(SUBJECTS)} subjects; log: {{log}})"
+        f"crop_summary (roster): {len(SUBJECTS)} subject(s) -> {{output}} (log: {{log}})"
     script:
         "../workflow/scripts/crop_summary.py"

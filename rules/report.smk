@@ -42,7 +42,7 @@ rule subject_summary:
         eval_models=EVAL_MODELS,
         verdict=config["verdict"],
     message:
-        "subject page {wildcards.subject}: {output} (log: {log})"
+        "subject_summary {wildcards.subject}: the subject's page -> {output} (log: {log})"
     script:
         "../workflow/scripts/subject_summary.py"
 
@@ -74,6 +74,6 @@ rule roster_overview:
         verdict=config["verdict"],
     # one line instead of Snakemake's job info, which lists four files per subject
     message:
-        f"roster page: results/report/roster.html ({len(SUBJECTS)} subjects; log: {{log}})"
+        f"roster_overview (roster): the page to open first, {len(SUBJECTS)} subject(s) -> {{output}} (log: {{log}})"
     script:
         "../workflow/scripts/roster_overview.py"

@@ -31,6 +31,10 @@ def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
         if rule and rule.group(1) != "all":
             subject = re.search(r"wildcards: .*?subject=([\w-]+)", block)
             jobs.append((rule.group(1), subject.group(1) if subject else ""))
+    # rules with a one-line `message:` (the Snakefile's form: "<rule> <subject>|(roster): ... -> outputs (log: ...)")
+    for rule, subject in re.findall(r"^Job \d+: (\w+) (\(roster\)|[a-z0-9][\w-]*):", output, flags=re.M):
+        if rule != "all":
+            jobs.append((rule, "" if subject == "(roster)" else subject))
     return jobs
 
 
@@ -178,6 +182,8 @@ def test_every_readme_path_is_a_target(tmp_path, repo_config, tiny_overrides, ti
             "results/eva/samples/eval/same/grid.png"} <= set(targets)
     plan = snakemake(fresh, "-n", *targets).stdout
     planned = {path for line in re.findall(r"^    output: (.*)$", plan, flags=re.M) for path in line.split(", ")}
+    planned |= {path for line in re.findall(r"^Job \d+: \w+ \S+: .* -> (.*) \(log: ", plan, flags=re.M)
+                for path in line.split(" ")}  # one-line `message:` jobs
     assert not set(targets) - planned
 
 
