@@ -26,8 +26,8 @@ def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
     """(rule, subject) for every job a dry run would run."""
     output = snakemake(workdir, "-n", *args).stdout
     jobs = []
-    for block in re.split(r"\n(?=rule \w+:)", output):
-        rule = re.match(r"rule (\w+):", block)
+    for block in re.split(r"\n(?=(?:rule|checkpoint) \w+:)", output):  # likeness is a checkpoint
+        rule = re.match(r"(?:rule|checkpoint) (\w+):", block)
         if rule and rule.group(1) != "all":
             subject = re.search(r"wildcards: .*?subject=([\w-]+)", block)
             jobs.append((rule.group(1), subject.group(1) if subject else ""))
