@@ -20,7 +20,15 @@ os.environ.update(
 )
 
 
-configfile: "config.yaml"
+# Every default is in the config.yaml beside this Snakefile, so a project folder elsewhere
+# (`snakemake -s <checkout>/Snakefile --directory <project>`) needs no copy of it. A config.yaml in the
+# working directory, when there is one, overrides it key by key (it may hold only what it changes).
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+if os.path.isfile("config.yaml") and not os.path.samefile("config.yaml", os.path.join(workflow.basedir, "config.yaml")):
+
+    configfile: "config.yaml"
 
 
 # `--config 'train={max_train_steps: 5}'` hands nested values over as strings: read them as the schema's types
@@ -76,3 +84,7 @@ rule all:
     default_target: True
     input:
         all_targets(),
+    # Rules whose job info would list every photo or every subject's files print one line instead (`message:`),
+    # always "<rule> <subject>|(roster): ... -> <outputs> (log: <log>)" (tests/workflow read dry runs so).
+    message:
+        f"all (roster): every target of {len(SUBJECTS)} subject(s)"

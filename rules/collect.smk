@@ -13,5 +13,8 @@ rule collect:
         sources=lambda wildcards: split_sources(ROSTER[wildcards.subject]["sources"]),
         collect=collect_params,
         network_keys=COLLECT_NETWORK_KEYS,
+    # one short line on the console instead of Snakemake's job info, which lists every photo file (input)
+    message:
+        "collect {wildcards.subject}: the photos its roster sources name -> {output} (log: {log})"
     script:
         "../workflow/scripts/collect.py"

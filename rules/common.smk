@@ -65,6 +65,16 @@ if set(RESERVED_SUBJECTS) & set(ROSTER):
     raise WorkflowError(f"roster {config['roster']}: subject names {RESERVED_SUBJECTS} are reserved (results/<name>/)")
 
 SUBJECTS = sorted(ROSTER)
+# A user's roster on the demo's toy model: said loudly now and again in the end summary (tifactory.run_summary)
+from tifactory.run_summary import demo_model_warning
+
+DEMO_MODEL_WARNING = (
+    demo_model_warning(DEMO_MODEL_NAME, {s: split_sources(ROSTER[s]["sources"]) for s in SUBJECTS})
+    if is_demo(config)
+    else ""
+)
+if DEMO_MODEL_WARNING:
+    print(f"\n{'!' * 78}\n{DEMO_MODEL_WARNING}\n{'!' * 78}\n", file=sys.stderr)
 # subjects whose sources are prepared kohya datasets (tifactory.photos.sources): rule prepared_crops replaces the crop
 PREPARED_SUBJECTS = [subject for subject in SUBJECTS if ROSTER[subject]["prepared"] == "yes"]
 
@@ -305,8 +315,16 @@ def roster_run_summary(since):
     """The end-of-run summary of the roster (Snakefile's onsuccess/onerror): see tifactory.run_summary."""
     from tifactory.run_summary import run_summary
 
+    from tifactory.verdict import VerdictSettings
+
     summary = run_summary(
-        SUBJECTS, since=since, roster_problems=ROSTER_PROBLEMS, publish_dir=PUBLISH_DIR if PUBLISHING else ""
+        SUBJECTS,
+        since=since,
+        roster_problems=ROSTER_PROBLEMS,
+        publish_dir=PUBLISH_DIR if PUBLISHING else "",
+        verdict_settings=VerdictSettings.from_config(config["verdict"]),
+        warning=DEMO_MODEL_WARNING,
+        triggers={subject: output_name(ROSTER[subject]) for subject in SUBJECTS},
     )
     if PUBLISH_BLOCKED:
         summary += (

@@ -35,5 +35,7 @@ rule crop_summary:
         "../envs/tifactory.yaml"
     params:
         subjects=SUBJECTS,
+    message:
+        f"crop_summary (roster): {len(SUBJECTS)} subject(s) -> {{output}} (log: {{log}})"
     script:
         "../workflow/scripts/crop_summary.py"

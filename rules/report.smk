@@ -2,7 +2,8 @@
 
 
 rule subject_summary:
-    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance."""
+    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance. It also asks for
+    the best step's embedding (and its published copy) where the likeness job chose one."""
     input:
         unpack(
             lambda wildcards: {
@@ -21,6 +22,7 @@ rule subject_summary:
                 ),
             }
         ),
+        best=best_embedding_files,
     output:
         report(
             "results/{subject}/report/summary.html",
@@ -38,17 +40,23 @@ rule subject_summary:
         samples=sample_settings,
         model=MODELS["base"].as_params(),
         eval_models=EVAL_MODELS,
+        verdict=config["verdict"],
+    message:
+        "subject_summary {wildcards.subject}: the subject's page -> {output} (log: {log})"
     script:
         "../workflow/scripts/subject_summary.py"
 
 
 rule roster_overview:
-    """The roster overview page of the report: one row per subject."""
+    """The roster page a person opens first: per subject its verdict, a sample beside a training crop, the
+    likeness, and a link to its page."""
     input:
         raw=expand("results/{subject}/raw/manifest.tsv", subject=SUBJECTS),
         crops=expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),
         likeness=expand("results/{subject}/samples/likeness.json", subject=SUBJECTS),
         embeddings=expand("results/{subject}/{subject}-ti.safetensors", subject=SUBJECTS),
+        images=expand("results/{subject}/samples/images.tsv", subject=SUBJECTS),
+        scores=expand("results/{subject}/samples/scores.tsv", subject=SUBJECTS),
     output:
         report(
             "results/report/roster.html",
@@ -63,5 +71,10 @@ rule roster_overview:
     params:
         subjects=SUBJECTS,
         class_words=[ROSTER[subject]["class_word"] for subject in SUBJECTS],
+        triggers=[output_name(ROSTER[subject]) for subject in SUBJECTS],
+        verdict=config["verdict"],
+    # one line instead of Snakemake's job info, which lists four files per subject
+    message:
+        f"roster_overview (roster): the page to open first, {len(SUBJECTS)} subject(s) -> {{output}} (log: {{log}})"
     script:
         "../workflow/scripts/roster_overview.py"

@@ -57,8 +57,10 @@ rule loss_plot:
         "../workflow/scripts/loss_plot.py"
 
 
-rule likeness:
-    """Likeness of each step's samples to the training faces; the best step."""
+# A checkpoint: whether there is a best step (and so an S-ti-best.safetensors to build and publish) is known
+# only once the samples are scored (best_embedding_files in samples_functions.smk reads likeness.json).
+checkpoint likeness:
+    """Likeness of each step's samples to the training faces; the best step (none when no sample holds a face)."""
     input:
         images="results/{subject}/samples/images.tsv",
         grid="results/{subject}/samples/grid.png",

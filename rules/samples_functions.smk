@@ -68,12 +68,28 @@ def samples_targets():
         "results/{subject}/samples/scores.tsv",
         "results/{subject}/report/summary.html",
     ]
-    # the best step by likeness to the training faces: not for a demo concept subject, whose images hold no face
-    best = [f"results/{subject}/{subject}-ti-best.safetensors" for subject in SUBJECTS if not demo_concept(subject)]
+    # S-ti-best.safetensors is not listed here: whether there is one is known after the likeness job
+    # (best_embedding_files, asked for by the subject's report page)
     grids = [f"{samples_dir(subject, name)}/grid.png" for subject in SUBJECTS for name in EVAL_MODELS]
-    return expand(targets, subject=SUBJECTS) + best + grids + ["results/report/roster.html"]
+    return expand(targets, subject=SUBJECTS) + grids + ["results/report/roster.html"]
 
 
 def subject_grids(wildcards):
     """model -> the grid preview of each model, for the subject's report page."""
     return {name: f"{samples_dir(wildcards.subject, name)}/grid_preview.jpg" for name in MODELS}
+
+
+def best_embedding_files(wildcards):
+    """S-ti-best.safetensors (and its copy in publish_dir) when the likeness job chose a best step, else nothing.
+    Likeness is a checkpoint (until its job has run this raises, and Snakemake asks again after it).
+    No best step (no face in any sample, or a demo concept subject, whose images hold no face): no file, and
+    the report pages and the end summary say "not scored" (tifactory.verdict)."""
+    from tifactory.verdict import likeness_best_step
+
+    if demo_concept(wildcards.subject):
+        return []
+    summary = checkpoints.likeness.get(subject=wildcards.subject).output.summary
+    if likeness_best_step(summary) is None:
+        return []
+    best = f"results/{wildcards.subject}/{wildcards.subject}-ti-best.safetensors"
+    return [best] + publish_targets([best])

@@ -7,6 +7,24 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+
+SHOWN_RENAMES = 5  # renamed folders listed on stderr; the rest are counted (their names are in the roster)
+
+
+def _print_folder_report(result) -> None:
+    """Clashes and skipped folders each on a line (they need a look); renamed folders summarised."""
+    lines = result.report_lines()
+    renamed = [line for line in lines if line.startswith("renamed:")]
+    for line in renamed[:SHOWN_RENAMES]:
+        print(line, file=sys.stderr)
+    if len(renamed) > SHOWN_RENAMES:
+        print(f"renamed: ... and {len(renamed) - SHOWN_RENAMES} more folder(s) (the roster's sources column names "
+              "each folder)", file=sys.stderr)
+    for line in lines:
+        if not line.startswith("renamed:"):
+            print(line, file=sys.stderr)
 
 
 def _roster(args) -> int:
@@ -22,8 +40,7 @@ def _roster(args) -> int:
     except (ValueError, OSError) as error:
         print(f"tifactory roster: {error}", file=sys.stderr)
         return 2
-    for line in result.report_lines():
-        print(line, file=sys.stderr)
+    _print_folder_report(result)
     if not result.rows:
         print(f"tifactory roster: no usable subfolder in {args.data_dir}; nothing written", file=sys.stderr)
         return 1
@@ -41,6 +58,75 @@ def _roster(args) -> int:
           f"{len(result.clashes)} clashes, {len(result.skipped)} skipped; {time.perf_counter() - started:.2f} s",
           file=sys.stderr)
     return 0
+
+
+# --- `tifactory run`: a folder of people -> embeddings in the UI's folder, in one command ----------------------
+
+CHECKOUT = Path(__file__).resolve().parent.parent  # the Snakefile beside the tifactory package
+
+
+def run_snakemake_command(args, roster: Path, out: Path) -> list[str]:
+    """The plain Snakemake command `tifactory run` runs (printed first, so Snakemake users can take it over)."""
+    config = [f"roster={roster}", f"base_model={Path(args.model).expanduser().resolve()}"]
+    if args.publish:
+        config.append(f"publish_dir={Path(args.publish).expanduser().resolve()}")
+    # cores and GPUs: the workflow's profile (profiles/default) unless given
+    limits = ([f"--cores={args.cores}"] if args.cores else []) + ([f"--resources=gpu={args.gpus}"] if args.gpus else [])
+    return [sys.executable, "-m", "snakemake", "-s", str(CHECKOUT / "Snakefile"), "--directory", str(out), *limits,
+            "--config", *config, *args.snakemake_args]
+
+
+def ui_lines(out: Path, subjects: list[str], publish: str | None) -> list[str]:
+    """Where each subject's embeddings are, and what to type in each UI (the file name is the trigger)."""
+    lines = []
+    for subject in subjects:
+        files = [out / "results" / subject / f"{subject}-ti{suffix}.safetensors" for suffix in ("", "-best")]
+        files = [path for path in files if path.is_file()]
+        if not files:
+            lines.append(f"  {subject}: no embedding (see the summary above)")
+            continue
+        shown = [Path(publish) / path.name if publish else path for path in files]
+        lines.append(f"  {subject}: {', '.join(map(str, shown))}")
+        for path in files:
+            lines.append(f"      A1111/Forge: photo of {path.stem}    ComfyUI: photo of embedding:{path.stem}")
+    return lines
+
+
+def _run(args) -> int:
+    import subprocess
+
+    from tifactory.fileio import write_text_atomic
+    from tifactory.roster_folders import roster_from_folders
+
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        print(f"tifactory run: --model {args.model}: not found (an SD1.5 checkpoint, e.g. "
+              "v1-5-pruned-emaonly.safetensors)", file=sys.stderr)
+        return 2
+    out = Path(args.out).expanduser().resolve()
+    try:
+        result = roster_from_folders(args.data_dir, args.class_word)
+    except (ValueError, OSError) as error:
+        print(f"tifactory run: {error}", file=sys.stderr)
+        return 2
+    _print_folder_report(result)
+    if not result.rows:
+        print(f"tifactory run: no usable subfolder in {args.data_dir}; nothing to train", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    roster = out / "roster.tsv"
+    write_text_atomic(roster, result.tsv())
+    subjects = [row["subject"] for row in result.rows]
+    print(f"tifactory run: {len(subjects)} subject(s) -> {roster}; results in {out / 'results'}", file=sys.stderr)
+    command = run_snakemake_command(args, roster, out)
+    import shlex
+
+    print("tifactory run: snakemake " + shlex.join(command[3:]), file=sys.stderr)  # the plain command, for later runs
+    code = subprocess.call(command)
+    print("\nEmbeddings, and the prompt to type (the file name is the trigger):", file=sys.stderr)
+    for line in ui_lines(out, subjects, args.publish):
+        print(line, file=sys.stderr)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class word of folders whose name does not give one (without it they are skipped)")
     roster.add_argument("-o", "--output", default="-", help="roster TSV to write (default: stdout)")
     roster.set_defaults(handler=_roster)
+
+    run = commands.add_parser(
+        "run", help="DATA_DIR (one folder per person) + an SD1.5 checkpoint -> embeddings, in one command",
+        description="Writes OUT/roster.tsv from DATA_DIR's subfolders (as `tifactory roster`), runs the Snakemake "
+                    "workflow of this checkout in OUT (its results/ and logs/ go there; the command is printed, "
+                    "so later runs can use it directly), copies the embeddings to --publish, and ends with each "
+                    "subject's files and the prompt to type in A1111/Forge and ComfyUI. Arguments after `--` go to "
+                    "Snakemake (e.g. `-- -n` for a dry run).")
+    run.add_argument("data_dir", metavar="DATA_DIR", help="folder holding one folder per person")
+    run.add_argument("--model", required=True, metavar="FILE",
+                     help="the SD1.5 checkpoint to train on, e.g. v1-5-pruned-emaonly.safetensors")
+    run.add_argument("--publish", metavar="DIR", help="your UI's embeddings folder (A1111: "
+                     "stable-diffusion-webui/embeddings, ComfyUI: ComfyUI/models/embeddings)")
+    run.add_argument("--out", default=".", metavar="DIR", help="project folder for roster.tsv, results/ and logs/ "
+                     "(default: the current folder)")
+    run.add_argument("--class", dest="class_word", choices=class_words,
+                     help="class word of folders whose name does not give one (without it they are skipped)")
+    run.add_argument("--cores", type=int, help="CPU cores Snakemake may use (default: profiles/default)")
+    run.add_argument("--gpus", type=int, help="GPU jobs that may run at once, one per GPU (default: profiles/default)")
+    run.set_defaults(handler=_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # `tifactory run ... -- <Snakemake arguments>`
+    args = build_parser().parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.snakemake_args = extra
     return args.handler(args)
 
 

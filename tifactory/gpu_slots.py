@@ -2,8 +2,9 @@
 
 Snakemake counts `--resources gpu=N` but never says *which* GPU a job gets, so without this every job
 would land on GPU 0. A job that declares `resources: gpu=1` calls `claim_gpu()` before torch touches CUDA:
-it takes the first free device (an exclusive `fcntl.flock` on `<lock dir>/gpu-<id>.lock`, held for the
-life of the process and released by the kernel when the process ends, even by `kill -9`) and sets
+it takes the first free device (an exclusive OS lock on `<lock dir>/gpu-<id>.lock` through the `filelock`
+package: `flock` on Linux and macOS, `msvcrt.locking` on Windows; held for the life of the process and released
+by the operating system when the process ends, even by `kill -9`) and sets
 `CUDA_VISIBLE_DEVICES` to it, so the job sees exactly one GPU as `cuda:0`.
 
 - `CUDA_VISIBLE_DEVICES` already set to one device, or inside a SLURM job (which sets it for `--gpus`): kept
@@ -18,8 +19,6 @@ life of the process and released by the kernel when the process ends, even by `k
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 import subprocess
@@ -28,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock, Timeout
 
 from tifactory.errors import TifactoryError
 
@@ -46,12 +47,12 @@ class Claim:
 
     device: str | None
     message: str
-    fd: int | None = None
+    lock: FileLock | None = None
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor drops the flock
-            self.fd = None
+        if self.lock is not None:
+            self.lock.release(force=True)
+            self.lock = None
 
 
 def visible_devices(environ: dict | None = None) -> list[str]:
@@ -77,23 +78,29 @@ def lock_dir(environ: dict | None = None) -> Path:
     environ = os.environ if environ is None else environ
     if environ.get(LOCK_DIR_ENV):
         return Path(environ[LOCK_DIR_ENV])
-    return Path(tempfile.gettempdir()) / f"tifactory-gpus-{os.getuid()}"
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")  # no getuid on Windows
+    return Path(tempfile.gettempdir()) / f"tifactory-gpus-{user}"
 
 
-def try_lock(path: Path) -> int | None:
-    """An open descriptor holding an exclusive flock on path, or None if another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _write_holder(fd: int) -> None:
+    """For people looking at the lock dir: who holds it. The lock, not the text, is what counts."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(fd)
-        if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return None
-        raise
-    # For people looking at the lock dir: who holds it. The lock, not the text, is what counts.
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+
+
+def try_lock(path: Path) -> FileLock | None:
+    """The held exclusive lock on `path`, or None if another process holds it. An OS lock only (no fallback to a
+    lock file's mere existence, which a killed process would leave behind); the file itself stays."""
+    lock = FileLock(path, thread_local=False, fallback_to_soft=False, preserve_lock_file=True,
+                    on_acquired=_write_holder)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
 
 
 def claim_gpu(log: Callable[[str], None] = print, environ: dict | None = None, poll_seconds: float = 1.0,
@@ -125,14 +132,14 @@ def claim_gpu(log: Callable[[str], None] = print, environ: dict | None = None, p
     while True:
         for device in devices:
             try:
-                fd = try_lock(folder / f"gpu-{device}.lock")
+                lock = try_lock(folder / f"gpu-{device}.lock")
             except OSError as error:
-                raise GpuSlotError(f"GPU lock {folder / f'gpu-{device}.lock'}: {error.strerror}") from None
-            if fd is not None:
+                raise GpuSlotError(f"GPU lock {folder / f'gpu-{device}.lock'}: {error.strerror or error}") from None
+            if lock is not None:
                 environ["CUDA_VISIBLE_DEVICES"] = device
                 environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the order nvidia-smi numbers them in
                 claim = Claim(device, f"CUDA_VISIBLE_DEVICES={device} (GPU slot {device} of "
-                                      f"{','.join(devices)}, lock {folder / f'gpu-{device}.lock'})", fd)
+                                      f"{','.join(devices)}, lock {folder / f'gpu-{device}.lock'})", lock)
                 log(claim.message)
                 return claim
         waited = time.monotonic() - started

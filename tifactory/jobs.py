@@ -55,9 +55,40 @@ def claim_job_gpu(smk, log: Callable[[str], None]):
     return claim_gpu(log)
 
 
+# Third-party chatter kept out of the job logs (a log holds what tifactory did and what went wrong): the
+# Hugging Face libraries' "Loading weights" / "Fetching files" bars and their info and advisory warnings.
+# setdefault: a user who exports one of these keeps it (e.g. TRANSFORMERS_VERBOSITY=info to debug).
+# TQDM_DISABLE covers the bars of libraries with no switch of their own (diffusers' "Loading pipeline components");
+# tqdm reads it when first imported, which in a job is after run_job has set it.
+QUIET_LIBRARIES_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TQDM_DISABLE": "1"}
+
+
+def quiet_third_party(environ=None) -> None:
+    """Keep third-party progress bars, advisory warnings and FutureWarnings out of this job's log."""
+    import warnings
+
+    environ = os.environ if environ is None else environ
+    for key, value in QUIET_LIBRARIES_ENV.items():
+        environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes meant for library authors
+
+
+_CONSOLE_TAG: list[str] = []  # "<rule> <subject>" of the job this process runs (set by run_job)
+
+
+def console(message: str) -> None:
+    """Also show `message` on the console (the terminal Snakemake runs in), tagged with the job's rule and
+    subject: for progress a person watches (training's step N/M, loss, ETA). Outside a job: nothing (the
+    caller's own log has it)."""
+    if _CONSOLE_TAG:
+        print(f"[{_CONSOLE_TAG[0]}] {message}", file=sys.__stderr__, flush=True)
+
+
 def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
     """Redirect stdout/stderr to the job's log, call main(smk, log), exit 1 with a clear message on error."""
     log_path = smk.log[0]
+    quiet_third_party()  # before any stage imports torch, transformers or diffusers
     log_file = open(log_path, "w", encoding="utf-8", buffering=1)
     sys.stdout = sys.stderr = log_file
     started = time.perf_counter()
@@ -66,6 +97,7 @@ def run_job(smk, main: Callable[[object, Callable[[str], None]], None]) -> None:
         print(f"[{time.perf_counter() - started:8.1f}s] {message}", file=log_file, flush=True)
 
     wildcards = dict(smk.wildcards.items()) if hasattr(smk.wildcards, "items") else {}
+    _CONSOLE_TAG[:] = [" ".join([smk.rule, *map(str, wildcards.values())])]
     log(f"job {smk.rule} {wildcards}")
     sidecar_path(log_path).unlink(missing_ok=True)  # a failed rerun must not leave the old record behind
     gpu_claim = None

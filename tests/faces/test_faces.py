@@ -101,8 +101,6 @@ def test_pooled_dlib_gives_the_same_descriptors_from_several_threads(face_settin
     from tifactory.faces.models import FaceModels
     from tifactory.faces.recognition import PooledDlibRecogniser
 
-    if not PooledDlibRecogniser.poolable():
-        pytest.skip("worker processes are forked on Linux only")
     detector, single = dlib_models
     photos = [np.asarray(place(copy, i)) for i, copy in enumerate(astronaut_copies(astronaut)[:4])]
     faces = [detector.detect(photo)[0] for photo in photos]
@@ -117,6 +115,13 @@ def test_pooled_dlib_gives_the_same_descriptors_from_several_threads(face_settin
         np.testing.assert_array_equal(vector, single.embed(photo, face))
     models.close()
     assert not any(worker.is_alive() for worker in workers)
+    # where fork is unavailable (Windows) or unsafe (macOS) the workers are spawned: the same descriptors
+    spawned = PooledDlibRecogniser(max_distance=single.metric.threshold, processes=2, start_method="spawn")
+    with ThreadPoolExecutor(2) as threads:
+        vectors = list(threads.map(spawned.embed, photos, faces))
+    spawned.close()
+    for vector, photo, face in zip(vectors, photos, faces):
+        np.testing.assert_array_equal(vector, single.embed(photo, face))
 
 
 def test_metric_explains_its_decision():

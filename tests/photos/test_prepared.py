@@ -152,3 +152,29 @@ def test_prepared_dataset_end_to_end_is_used_byte_for_byte(tmp_path, repo_config
     assert f'image_dir = "{folder}"' in toml and "num_repeats = 30" in toml
     assert os.path.isabs(str(folder))
     assert str(kohya / "a.txt") in list_source_files(str(tmp_path / "data" / "eva"))  # editing a caption reruns
+
+
+def test_exif_rotated_images_are_trained_as_stored_and_said(tmp_path):
+    """kohya (and tifactory) train a prepared image as stored: an EXIF orientation tag gets a warning in the crop
+    manifest, with the size training sees (the stored one), not the upright size."""
+    from support.photos import collect_settings
+    from tifactory.photos.collect import collect_photos
+    from tifactory.photos.prepared import adopt_prepared
+
+    folder = tmp_path / "eva" / "10_eva woman"
+    rotated = noise_image(folder / "rotated.jpg", (450, 280), seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to view": upright it is 280x450
+    Image.open(rotated).save(rotated, exif=exif)
+    noise_image(folder / "plain.jpg", (512, 512), seed=2)
+    collect_photos([str(tmp_path / "eva")], tmp_path / "raw.tsv", collect_settings(), prepared=True)
+    manifest = adopt_prepared(tmp_path / "raw.tsv", tmp_path / "crops", resolution=512, contact_sheet=False)
+    rows = {Path(row["source"]).name: row for row in manifest.to_dict("records")}
+    assert rows["rotated.jpg"]["status"] == "kept"
+    reason = rows["rotated.jpg"]["reason"]
+    assert reason.startswith("orientation tag 6 present: trained as stored (450x280, turned), not upright")
+    assert "size 450x280, not 512x512" in reason  # the size training sees
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (450, 280)
+    assert rows["plain.jpg"]["reason"] == ""
+    with Image.open(tmp_path / "crops" / rows["rotated.jpg"]["output"]) as adopted:
+        assert adopted.size == (450, 280)  # byte for byte: what training reads

@@ -122,7 +122,7 @@ def test_score_subject_end_to_end(tmp_path):
         copy_best(paths["summary_json"], tmp_path / "best2.safetensors")
 
 
-def test_samples_without_faces_score_zero_and_the_earliest_checkpoint_is_best(tmp_path):
+def test_samples_without_faces_have_no_best_step(tmp_path):
     crops = tmp_path / "crops"
     crops.mkdir()
     save(crops / "000.png", (200, 100, 100))
@@ -140,6 +140,11 @@ def test_samples_without_faces_score_zero_and_the_earliest_checkpoint_is_best(tm
     result = score_subject(subject="eva", images_tsv=samples / "images.tsv", crops_dir=crops,
                            checkpoint_dir=checkpoints, scores_tsv=samples / "scores.tsv",
                            plot_png=samples / "likeness.png", summary_json=samples / "likeness.json", **MODELS)
-    assert result["scored"] and result["best_step"] == 10 and "every score is 0" in result["reason"]
+    # every score is 0: no step is better than another, so there is no best step (no fake "earliest" pick)
+    assert not result["scored"] and result["best_step"] is None and result["best_checkpoint"] == ""
+    assert "no face in any sample of the 2 checkpoint(s)" in result["reason"] and "not scored" in result["reason"]
     rows = [line.split("\t") for line in (samples / "scores.tsv").read_text().splitlines()[1:]]
     assert [row[6] for row in rows] == ["0.0000"] * 3
+    assert [row[7] for row in rows] == [""] * 3 and {row[8] for row in rows} == {"no face"}
+    with pytest.raises(FileNotFoundError, match="likeness was not scored"):
+        copy_best(samples / "likeness.json", tmp_path / "best.safetensors")

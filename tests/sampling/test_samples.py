@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tifactory.training.embedding import save_embedding
-from tifactory.sampling.plots import nice_ticks, plot_loss, smooth
+from tifactory.sampling.plots import line_plot, nice_ticks, plot_loss, smooth, y_range
 from support.models import sd15_spec
 from tifactory.sampling.samples import SampleSettings, load_sampler, plan_columns, render_sample_grid
 from tifactory.sampling.prompts import parse_prompt_line
@@ -109,6 +109,22 @@ def test_loss_plot_and_smoothing(tmp_path):
     loss.write_text("nope\n")
     with pytest.raises(FileNotFoundError, match="not a loss table"):
         plot_loss(loss, tmp_path / "loss2.png")
+
+
+def test_plot_axes_are_sane_and_the_legend_fits(tmp_path):
+    """All-zero likeness (no face anywhere) is drawn on 0..1, not -1..1; a share plot keeps 0..1; the legend and
+    the note are inside the picture (matplotlib's constrained layout)."""
+    low, high = y_range([0.0, 0.0, 0.0])
+    assert low == pytest.approx(-0.05) and high == pytest.approx(1.05)
+    assert y_range([0.2, 0.5], least=(0.0, 1.0)) == pytest.approx((-0.05, 1.05))
+    assert y_range([2.0, 2.0])[0] > 1.5  # a constant loss: around its value
+    out = line_plot(tmp_path / "l.png", [{"label": "score (mean similarity, no face = 0)", "x": [0, 10],
+                                          "y": [0.0, 0.0], "points": True}],
+                    title="eva: likeness vs step", xlabel="step", ylabel="similarity", ylim=(0, 1),
+                    note="no face in any sample: likeness not scored")
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (500, 900, 3)
+    assert (image[:, -1] == 255).all() and (image[-1] == 255).all()  # nothing runs off the right or bottom edge
 
 
 @pytest.mark.slow

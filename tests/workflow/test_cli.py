@@ -115,3 +115,46 @@ def test_console_command_is_declared_and_help_lists_roster(repo_root):
     result = subprocess.run([sys.executable, "-m", "tifactory", "--help"], capture_output=True, text=True,
                             cwd=repo_root, timeout=60)
     assert result.returncode == 0 and "roster" in result.stdout
+
+
+def test_many_renamed_folders_are_summarised_on_stderr(tmp_path, capsys):
+    from tifactory.cli import SHOWN_RENAMES
+
+    data = tmp_path / "data"
+    for index in range(SHOWN_RENAMES + 20):
+        touch(data / f"Person {index:02d}" / "a.jpg")
+    assert main(["roster", str(data), "--class", "woman", "-o", str(tmp_path / "r.tsv")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    renamed = [line for line in err if line.startswith("renamed:")]
+    assert len(renamed) == SHOWN_RENAMES + 1 and renamed[-1].startswith("renamed: ... and 20 more folder(s)")
+    assert len(read_roster_rows(tmp_path / "r.tsv")[0]) == SHOWN_RENAMES + 20
+
+
+def test_run_builds_the_roster_and_the_plain_snakemake_command(tmp_path, capsys):
+    """`tifactory run DATA --model FILE --publish DIR --out DIR`: the roster in OUT, Snakemake run on this
+    checkout's Snakefile in OUT (no config.yaml copied), and the end names each file and the prompt to type."""
+    from tifactory.cli import CHECKOUT, build_parser, main, run_snakemake_command, ui_lines
+
+    assert main(["run", str(tmp_path / "data"), "--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors: not found" in capsys.readouterr().err
+    model = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    model.write_bytes(b"x")
+    args = build_parser().parse_args(["run", "data", "--model", str(model), "--publish", str(tmp_path / "ui"),
+                                      "--out", str(tmp_path / "project")])
+    args.snakemake_args = ["-n"]  # main() passes what follows `--`
+    command = run_snakemake_command(args, tmp_path / "project" / "roster.tsv", tmp_path / "project")
+    assert command[1:7] == ["-m", "snakemake", "-s", str(CHECKOUT / "Snakefile"), "--directory",
+                            str(tmp_path / "project")]
+    assert command[-4:] == [f"roster={tmp_path / 'project' / 'roster.tsv'}", f"base_model={model}",
+                            f"publish_dir={tmp_path / 'ui'}", "-n"]
+    assert (CHECKOUT / "Snakefile").is_file() and (CHECKOUT / "config.yaml").is_file()
+
+    results = tmp_path / "project" / "results"
+    (results / "eva-green").mkdir(parents=True)
+    (results / "eva-green" / "eva-green-ti.safetensors").write_bytes(b"x")
+    (results / "eva-green" / "eva-green-ti-best.safetensors").write_bytes(b"x")
+    lines = ui_lines(tmp_path / "project", ["eva-green", "zoe"], str(tmp_path / "ui"))
+    assert lines[0] == (f"  eva-green: {tmp_path / 'ui' / 'eva-green-ti.safetensors'}, "
+                        f"{tmp_path / 'ui' / 'eva-green-ti-best.safetensors'}")
+    assert "A1111/Forge: photo of eva-green-ti " in lines[1] and "ComfyUI: photo of embedding:eva-green-ti" in lines[1]
+    assert "photo of eva-green-ti-best" in lines[2] and lines[3].startswith("  zoe: no embedding")

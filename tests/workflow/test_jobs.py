@@ -91,3 +91,68 @@ def test_bad_crop_settings_raise_crop_error_naming_the_key():
         CropSettings.from_config(config, resolution=512, face_share=1.5)
     with pytest.raises(CropError, match=r"unknown crop setting\(s\) \['face_shar'\]"):
         CropSettings.from_config(config, resolution=512, face_shar=0.5)
+
+
+def test_training_progress_reaches_the_console_once_per_step(tmp_path, monkeypatch):
+    """The progress line (subject, step N/M, loss, ETA) is in the job's log and on the console; a checkpoint
+    step that is also due for a timed line prints it once."""
+    import torch
+
+    from tifactory.training.train import LossLog, RunState
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    scheduler = SimpleNamespace(get_last_lr=lambda: [0.005])
+
+    def main(smk, log):
+        losses = LossLog(RunState(step=0, date="", loss_rows=[], saved_vectors={}), max_steps=20, samples_per_step=2,
+                         loss_tsv=tmp_path / "loss.tsv", lr_scheduler=scheduler, progress_every_s=1e-9, log=log)
+        for step in range(1, 21):
+            losses.add(torch.tensor(0.25))
+            if step % 10 == 0:
+                losses.flush(step)  # due for a timed line (progress_every_s ~ 0) ...
+                losses.progress(step)  # ... and a checkpoint step: one line, not two
+        losses.close()
+
+    console = tmp_path / "console.txt"
+    with open(console, "w", encoding="utf-8") as handle:
+        monkeypatch.setattr(sys, "__stderr__", handle)
+        smk = _smk(tmp_path)
+        smk.rule = "train"
+        run_job(smk, main)
+    lines = console.read_text(encoding="utf-8").splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[train eva] step 10/20", "[train eva] step 20/20"]
+    assert "loss 0.2500" in lines[0] and "ETA" in lines[0]
+    log = (tmp_path / "job.log").read_text(encoding="utf-8")
+    assert log.count("step 10/20:") == 1 and log.count("step 20/20:") == 1
+
+
+def test_third_party_bars_and_future_warnings_stay_out_of_the_log(tmp_path, monkeypatch):
+    import warnings
+
+    from tifactory.jobs import QUIET_LIBRARIES_ENV
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    for key in QUIET_LIBRARIES_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # a user's own choice is kept
+    # tqdm reads TQDM_* when it is imported, as in a job's fresh process (nothing imports it before run_job)
+    for name in [name for name in sys.modules if name == "tqdm" or name.startswith("tqdm.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+    def main(smk, log):
+        from tqdm import tqdm
+
+        for _ in tqdm(range(3), desc="Loading weights"):
+            pass
+        warnings.warn("`foo` is deprecated", FutureWarning)
+        log("loaded")
+
+    with warnings.catch_warnings():
+        run_job(_smk(tmp_path), main)
+        import os
+
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and os.environ["TQDM_DISABLE"] == "1"
+    log = (tmp_path / "job.log").read_text(encoding="utf-8")
+    assert "loaded" in log and "Loading weights" not in log and "deprecated" not in log

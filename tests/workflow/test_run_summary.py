@@ -61,6 +61,20 @@ def test_summary_names_done_failed_and_where_outputs_are(tmp_path):
     assert any(line.startswith(f"  report: {results / 'report' / 'roster.html'}") for line in lines)
 
 
+def test_summary_prompts_are_the_published_names(tmp_path):
+    """A roster's output_name is the published file's name and the word to type; results/ keeps <subject>-ti."""
+    results, logs = make_run(tmp_path)
+    (results / "eva" / "eva-ti-best.safetensors").write_bytes(b"x")
+    text = run_summary(["eva", "tom"], results_dir=results, logs_dir=logs, publish_dir="/ui",
+                       triggers={"eva": "evagreen_v2"})
+    assert "  eva: /ui/evagreen_v2.safetensors, /ui/evagreen_v2-best.safetensors -> prompt " \
+           "`photo of evagreen_v2` or `photo of evagreen_v2-best`" in text.splitlines()
+    assert "  tom: /ui/tom-ti.safetensors -> prompt `photo of tom-ti`" in text.splitlines()
+    unpublished = run_summary(["eva"], results_dir=results, logs_dir=logs, triggers={"eva": "evagreen_v2"})
+    assert (f"  eva: {results / 'eva' / 'eva-ti.safetensors'}, {results / 'eva' / 'eva-ti-best.safetensors'} "
+            "-> prompt `photo of evagreen_v2` or `photo of evagreen_v2-best`") in unpublished.splitlines()
+
+
 def test_only_logs_of_this_run_count(tmp_path):
     results, logs = make_run(tmp_path)
     old = time.time() - 3600

@@ -129,7 +129,7 @@ def load_detector(settings: FaceSettings, resolved: Resolved | None = None):
 
 def load_recogniser(settings: FaceSettings, resolved: Resolved | None = None, *, processes: int = 1):
     """(recogniser, one log line). `processes` > 1: dlib runs in that many worker processes (it holds the
-    GIL, so threads cannot share it out; see PooledDlibRecogniser), where the platform allows."""
+    GIL, so threads cannot share it out; see PooledDlibRecogniser: forked on Linux, spawned elsewhere)."""
     from tifactory.faces.packs import pack_status
     from tifactory.faces.recognition import ArcFaceRecogniser, DlibRecogniser, PooledDlibRecogniser
 
@@ -137,7 +137,7 @@ def load_recogniser(settings: FaceSettings, resolved: Resolved | None = None, *,
     if resolved.recogniser == "arcface":
         recogniser = ArcFaceRecogniser(pack_status(settings.insightface_pack).recognition,
                                        min_cosine=settings.arcface_min_cosine)
-    elif processes > 1 and PooledDlibRecogniser.poolable():
+    elif processes > 1:
         recogniser = PooledDlibRecogniser(max_distance=settings.dlib_max_distance, processes=processes)
     else:
         recogniser = DlibRecogniser(max_distance=settings.dlib_max_distance)

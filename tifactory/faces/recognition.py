@@ -142,22 +142,26 @@ def dlib_region(rgb, face: Face):
 
 
 class PooledDlibRecogniser(Recogniser):
-    """dlib's descriptor computed in `processes` forked worker processes, for callers that embed from several
+    """dlib's descriptor computed in `processes` worker processes, for callers that embed from several
     threads: dlib keeps Python's GIL while its ResNet runs (~105 ms a face in the BLAS-less wheel), so threads
     take turns at it. The calling thread cuts the region (cheap) and waits without the GIL. Thread-safe.
 
-    Fork: the workers start at once, here, before the caller starts threads (forking a threaded process is
-    unsafe), and import nothing anew; each loads dlib's two models itself. Linux only (see `poolable`).
+    Linux forks the workers: they start at once, here, before the caller starts threads (forking a threaded
+    process is unsafe), and import nothing anew; each loads dlib's two models itself. Where fork is not
+    available or not safe (Windows, macOS) they are spawned: each starts a fresh Python that imports this module
+    (and the job script as `__mp_main__`, so the scripts that use the pool guard their entry point with
+    `if __name__ == "__main__":`), started when first needed, which spawning allows in a threaded process.
     """
 
     name = "dlib"
 
-    def __init__(self, *, max_distance: float, processes: int) -> None:
+    def __init__(self, *, max_distance: float, processes: int, start_method: str | None = None) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         self.metric = Metric("distance", float(max_distance))
-        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+        self.start_method = start_method or self.default_start_method()
+        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(self.start_method),
                                          initializer=_start_dlib_worker, initargs=(float(max_distance),))
         self._pool.submit(int).result()  # with fork every worker starts on the first task: all start now
 
@@ -169,11 +173,12 @@ class PooledDlibRecogniser(Recogniser):
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
-    def poolable() -> bool:
-        """Whether this platform forks cheaply and safely enough for the pool (Linux)."""
+    def default_start_method() -> str:
+        """fork on Linux (cheap, and safe before threads start); spawn elsewhere (Windows has no fork; macOS
+        system libraries are not fork-safe)."""
         import sys
 
-        return sys.platform.startswith("linux")
+        return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 _DLIB_WORKER: DlibRecogniser | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import re
 from pathlib import Path
 
 from tifactory.fileio import atomic_path
@@ -14,6 +15,20 @@ _LINE_PX = 12
 _COLUMNS = 8
 _MAX_TILES = 600
 _GAP = 6
+
+
+
+# a path without spaces inside a reason, of a file the manifest does not list: cut to its file name
+_PATH_IN_TEXT = re.compile(r"(?:[A-Za-z]:)?(?:[^\s\\/]*[\\/])+([^\s\\/]+)")
+
+
+def short_reason(reason: str, sources=()) -> str:
+    """A reason with each file path cut to its file name ("duplicate of /home/me/Eva Green/IMG_42.jpg" ->
+    "duplicate of IMG_42.jpg"): a tile's label has room for a few words. `sources`: the manifest's source paths
+    (they may hold spaces), replaced first."""
+    for source in sorted((s for s in sources if s and s in reason), key=len, reverse=True):
+        reason = reason.replace(source, re.split(r"[\\/]", source.rstrip("\\/"))[-1])
+    return _PATH_IN_TEXT.sub(lambda match: match.group(1), reason)
 
 
 def _font():
@@ -65,6 +80,7 @@ def make_contact_sheet(manifest, crops_dir: str | os.PathLike, out_path: str | o
     records = manifest.to_dict("records")
     kept = [r for r in records if r["status"] == "kept"]
     rejected = [r for r in records if r["status"] != "kept"]
+    sources = {str(r["source"]) for r in records}  # reasons name other photos by these paths
     shown_kept, shown_rejected = kept[:_MAX_TILES], rejected[: max(0, _MAX_TILES - len(kept))]
     label_h = _LABEL_LINES * _LINE_PX + 4
     cell_w, cell_h = tile + _GAP, tile + label_h + _GAP
@@ -96,12 +112,12 @@ def make_contact_sheet(manifest, crops_dir: str | os.PathLike, out_path: str | o
                         thumb = None
                 text = str(record["output"])
                 if record.get("reason"):
-                    text += " " + str(record["reason"])
+                    text += " " + short_reason(str(record["reason"]), sources)
                 colour = (150, 230, 150)
             else:
                 source = str(record["source"])
                 thumb = _thumbnail(files.get(source, source), tile)
-                text = str(record["reason"])
+                text = short_reason(str(record["reason"]), sources)
                 colour = (255, 140, 120)
             if thumb is None:
                 draw.rectangle((cx, cy, cx + tile - 1, cy + tile - 1), fill=(70, 70, 70))

@@ -47,6 +47,33 @@ def size_warning(width: int, height: int, resolution: int) -> str:
     return f"{SIZE_WARNING} {width}x{height}, not {resolution}x{resolution} (used as is: kohya buckets it)"
 
 
+ORIENTATION_WARNING = "orientation tag"  # head of the warning for EXIF-rotated images (trained as stored)
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees (width and height swap)
+
+
+def stored_size(width: int, height: int, orientation) -> tuple[int, int]:
+    """The size as stored in the file (what training reads) from the upright size and the EXIF orientation."""
+    return (height, width) if _orientation(orientation) in _SWAPS_SIDES else (width, height)
+
+
+def _orientation(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 1  # no tag (NA) or unreadable: upright
+
+
+def orientation_warning(orientation, width: int, height: int) -> str:
+    """The warning for an image whose EXIF tag asks viewers to turn it: kohya and tifactory train it as stored."""
+    tag = _orientation(orientation)
+    if tag in (0, 1):
+        return ""
+    stored = stored_size(width, height, tag)
+    turned = "turned" if tag in _SWAPS_SIDES else "mirrored or upside down"
+    return (f"{ORIENTATION_WARNING} {tag} present: trained as stored ({stored[0]}x{stored[1]}, {turned}), not "
+            "upright; save the image upright to train it upright")
+
+
 def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, *, resolution: int,
                    contact_sheet: bool = True):
     """Copy the kept images of a prepared subject's raw manifest into `out_dir` unchanged (+ captions as
@@ -70,7 +97,9 @@ def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, 
         row.update(source=record["source"], status="rejected", reason=record["reason"], output="",
                    detector=PREPARED_DETECTOR, caption="")
         if record["status"] == "kept":
-            width, height = int(record["width"]), int(record["height"])
+            orientation = record.get("exif_orientation")
+            # training reads the pixels as stored: the size (and the warnings) are that size, not the upright one
+            width, height = stored_size(int(record["width"]), int(record["height"]), orientation)
             name = adopted_name(index, record["source"])
             with atomic_path(out_dir / name) as tmp_path:
                 shutil.copyfile(record["file"], tmp_path)
@@ -78,7 +107,9 @@ def adopt_prepared(raw_manifest: str | os.PathLike, out_dir: str | os.PathLike, 
             if caption is not None:
                 with atomic_path((out_dir / name).with_suffix(CAPTION_EXTENSION)) as tmp_path:
                     shutil.copyfile(caption, tmp_path)
-            row.update(status="kept", output=name, reason=size_warning(width, height, resolution),
+            warnings = [orientation_warning(orientation, int(record["width"]), int(record["height"])),
+                        size_warning(width, height, resolution)]
+            row.update(status="kept", output=name, reason="; ".join(w for w in warnings if w),
                        width=width, height=height, caption=str(caption or ""))
         rows.append(row)
     frame = pd.DataFrame(rows, columns=CROP_MANIFEST_COLUMNS + EXTRA_COLUMNS)

@@ -12,7 +12,10 @@ compared with the reference in that model's own metric (dlib: euclidean distance
                   (the convention of published identity metrics): the ranking key.
 
 The best step is the checkpoint (step > 0) with the highest score; ties go to the earlier step (less
-over-training). Step 0 (the init word alone) is the baseline row.
+over-training). Step 0 (the init word alone) is the baseline row. When no checkpoint's samples hold a face,
+every score is 0 and no step is better than another: the subject is "not scored" and has no best step (the
+workflow then builds no `S-ti-best.safetensors`: rules/samples_functions.smk reads `best_step` from the
+likeness summary, a checkpoint).
 
 Parse-time cheap: numpy/PIL/dlib/insightface are imported inside the functions.
 """
@@ -163,20 +166,28 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
         result["reason"] = str(error)
     else:
         summary = summarise(score_images(models, reference, images, workers), recogniser.name, metric.kind)
-        best = best_step(summary)
-        result.update(scored=True, best_step=best, reference_faces=used)
-        if best is None:
-            result["reason"] = "no checkpoint to choose from"
+        checkpoint_rows = [row for row in summary if row["step"] > 0]
+        if checkpoint_rows and not any(row["faces"] for row in checkpoint_rows):
+            # every score is 0: any "best" step would be an arbitrary pick, so there is none
+            for row in summary:
+                row["best"] = False
+                row["status"] = "no face"
+            images_seen = sum(row["images"] for row in checkpoint_rows)
+            result.update(reference_faces=used, reason=(
+                f"no face in any sample of the {len(checkpoint_rows)} checkpoint(s) ({images_seen} images): "
+                "likeness not scored, no best step"))
         else:
-            from tifactory.training.embedding import list_checkpoints
+            best = best_step(summary)
+            result.update(scored=True, best_step=best, reference_faces=used)
+            if best is None:
+                result["reason"] = "no checkpoint to choose from"
+            else:
+                from tifactory.training.embedding import list_checkpoints
 
-            by_step = dict(list_checkpoints(checkpoint_dir))
-            result["best_checkpoint"] = str(by_step[best]) if best in by_step else ""
-            if not any(row["faces"] for row in summary if row["step"] > 0):
-                result["reason"] = ("no checkpoint's samples showed a face: every score is 0, the earliest "
-                                    "checkpoint is the best by the tie rule")
+                by_step = dict(list_checkpoints(checkpoint_dir))
+                result["best_checkpoint"] = str(by_step[best]) if best in by_step else ""
     write_scores(scores_tsv, summary)
-    if result["scored"]:
+    if result["scored"] or result["reference_faces"]:
         marker = result["best_step"]
         line_plot(plot_png, [
             {"label": "score (mean similarity, no face = 0)", "x": [r["step"] for r in summary],
@@ -184,10 +195,13 @@ def score_subject(*, subject: str, images_tsv: str | os.PathLike, crops_dir: str
             {"label": "face share", "x": [r["step"] for r in summary], "y": [r["face_share"] for r in summary],
              "points": True}],
             title=f"{subject}: likeness to the training crops vs step ({recogniser.name}, {metric.kind})",
-            xlabel="step", ylabel="similarity / share", marker_x=marker,
+            xlabel="step", ylabel="similarity / share", marker_x=marker, ylim=(0.0, 1.0),
             marker_label=f"best: step {marker}" if marker is not None else "", note=result["reason"])
-        log(f"likeness scored with {recogniser.label} against {result['reference_faces']} crop faces; "
-            f"best step: {result['best_step']}" + (f" ({result['reason']})" if result["reason"] else ""))
+        if result["scored"]:
+            log(f"likeness scored with {recogniser.label} against {result['reference_faces']} crop faces; "
+                f"best step: {result['best_step']}" + (f" ({result['reason']})" if result["reason"] else ""))
+        else:
+            log(f"likeness NOT scored ({recogniser.label}): {result['reason']}")
     else:
         message = f"likeness NOT scored ({recogniser.label}): {result['reason']}"
         line_plot(plot_png, [], title=f"{subject}: likeness vs step", xlabel="step", ylabel="similarity",

@@ -1,12 +1,13 @@
-"""Small line plots drawn with PIL (no plotting library): loss curves and likeness vs step.
+"""Small line plots drawn with matplotlib (Agg): loss curves and likeness vs step.
 
-Parse-time cheap: PIL is imported inside the functions.
+Parse-time cheap: matplotlib is imported inside the functions.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 from tifactory.fileio import atomic_path
@@ -31,10 +32,6 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
-
-
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction (TensorBoard-style smoothing)."""
     out, average = [], 0.0
@@ -44,71 +41,58 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def y_range(values: list[float], least: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The y axis limits for `values` (5% margin): at least `least` when given; a constant series gets a range
+    around its value (all zeros: 0 to 1), not matplotlib's -1..1 around 0 (which suggests negative values)."""
+    low, high = min(values), max(values)
+    if least is not None:
+        low, high = min(low, least[0]), max(high, least[1])
+    if high == low:
+        low, high = (0.0, 1.0) if low == 0 else (low - abs(low) * 0.1, high + abs(high) * 0.1)
+    margin = (high - low) * 0.05
+    return low - margin, high + margin
+
+
 def line_plot(path: str | os.PathLike, series: list[dict], *, title: str, xlabel: str, ylabel: str,
               marker_x: float | None = None, marker_label: str = "", note: str = "",
-              size: tuple[int, int] = (900, 500)) -> Path:
-    """series: dicts with label, x, y (lists), optional colour, width, points (draw dots).
-    Non-finite y values are skipped. `note` is written in the plot area (e.g. 'not scored')."""
-    from PIL import Image, ImageDraw, ImageFont
+              size: tuple[int, int] = (900, 500), ylim: tuple[float, float] | None = None) -> Path:
+    """A PNG of `size` pixels drawn with matplotlib. series: dicts with label, x, y (lists), optional colour,
+    width, points (draw dots). Non-finite y values are skipped. `note` is written under the plot area (e.g.
+    'not scored'). `ylim`: the least y range to show (the data widen it), e.g. (0, 1) for shares; without it a
+    constant series gets a range around its value (all zeros: 0 to 1), not -1..1."""
+    import matplotlib
 
-    try:
-        font = ImageFont.load_default(size=15)
-    except TypeError:
-        font = ImageFont.load_default()
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 80, size[0] - 20, 40, size[1] - 60
-    points = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if y is not None and math.isfinite(y)]
-    draw.text((left, 10), title, fill="black", font=font)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text(((left + right) // 2 - len(xlabel) * 4, bottom + 32), xlabel, fill="black", font=font)
-    draw.text((8, top - 22), ylabel, fill="black", font=font)
-    if not points:
-        draw.text((left + 20, (top + bottom) // 2), note or "no data", fill="#cb181d", font=font)
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(title, fontsize=11, loc="left")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, color="#eeeeee")
+    finite = [[(x, y) for x, y in zip(s["x"], s["y"]) if y is not None and math.isfinite(y)] for s in series]
+    values = [y for points in finite for _, y in points]
+    if not values:
+        axes.text(0.5, 0.5, textwrap.fill(note or "no data", 70), transform=axes.transAxes, ha="center",
+                  va="center", color="#cb181d")
+        axes.set_xticks([])
+        axes.set_yticks([])
     else:
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        x0, x1 = min(xs), max(xs)
-        y0, y1 = min(ys), max(ys)
-        if x1 == x0:
-            x0, x1 = x0 - 1, x1 + 1
-        if y1 == y0:
-            y0, y1 = y0 - (abs(y0) * 0.1 or 1), y1 + (abs(y1) * 0.1 or 1)
-        margin = (y1 - y0) * 0.05
-        y0, y1 = y0 - margin, y1 + margin
-
-        def to_px(x, y):
-            return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-
-        for tick in nice_ticks(y0, y1):
-            if y0 <= tick <= y1:
-                _, py = to_px(x0, tick)
-                draw.line([(left, py), (right, py)], fill="#eeeeee")
-                draw.text((8, py - 8), _fmt(tick), fill="black", font=font)
-        for tick in nice_ticks(x0, x1, 8):
-            if x0 <= tick <= x1:
-                px, _ = to_px(tick, y0)
-                draw.line([(px, bottom), (px, bottom + 5)], fill="black")
-                draw.text((px - 10, bottom + 8), _fmt(tick), fill="black", font=font)
+        for index, (entry, points) in enumerate(zip(series, finite)):
+            colour = entry.get("colour", COLOURS[index % len(COLOURS)])
+            style = "-o" if entry.get("points") or len(points) == 1 else "-"
+            axes.plot([x for x, _ in points], [y for _, y in points], style, color=colour,
+                      linewidth=entry.get("width", 2), markersize=5, label=entry["label"])
+        axes.set_ylim(*y_range(values, ylim))
         if marker_x is not None:
-            px, _ = to_px(marker_x, y0)
-            draw.line([(px, top), (px, bottom)], fill="#cb181d", width=2)
-            draw.text((px + 4, top + 4), marker_label, fill="#cb181d", font=font)
-        legend_y = top + 6
-        for index, s in enumerate(series):
-            colour = s.get("colour", COLOURS[index % len(COLOURS)])
-            line = [to_px(x, y) for x, y in zip(s["x"], s["y"]) if y is not None and math.isfinite(y)]
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=s.get("width", 2))
-            if s.get("points") or len(line) == 1:
-                for px, py in line:
-                    draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-            draw.line([(right - 190, legend_y + 8), (right - 165, legend_y + 8)], fill=colour, width=3)
-            draw.text((right - 160, legend_y), s["label"], fill="black", font=font)
-            legend_y += 20
+            axes.axvline(marker_x, color="#cb181d", linewidth=2, label=marker_label or None)
+        axes.legend(loc="best", fontsize=9, framealpha=0.9)
         if note:
-            draw.text((left + 10, bottom - 24), note, fill="#cb181d", font=font)
+            axes.set_xlabel(f"{xlabel}\n{textwrap.fill(note, 110)}")  # under the axis: it covers no curve
     with atomic_path(path) as tmp_path:
-        image.save(tmp_path, format="PNG")
+        figure.savefig(tmp_path, format="png", dpi=dpi)
     return Path(path)
 
 

@@ -90,7 +90,8 @@ class Column:
         if self.prompt.width is not None or self.prompt.height is not None:
             options.append(f"{self.width}x{self.height}")
         extra = f" [{'; '.join(options)}]" if options else ""
-        return f"{self.prompt.text.replace('{token}', token)}{extra} · seed {self.seed}"
+        # the seed first: a long prompt is cut at the end of the label, and the seed tells columns apart
+        return f"seed {self.seed} · {self.prompt.text.replace('{token}', token)}{extra}"
 
 
 def plan_columns(prompts: list[SamplePrompt], *, seeds: list[int], steps: int, guidance_scale: float,
@@ -318,7 +319,7 @@ class Sampler:
         for row, step in enumerate(row_steps):
             label = f"step 0 ({init_word})" if step == 0 else f"step {step}"
             rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
-        grid = compose_grid(rows, [column.label(subject) for column in columns], title=title)
+        grid = compose_grid(rows, [column.label(f"{subject}-ti") for column in columns], title=title)
         grid_path = out_dir / "grid.png"
         pending.append(writer.submit(save_png, grid, grid_path))
         pending.append(writer.submit(write_preview, grid, out_dir / "grid_preview.jpg"))

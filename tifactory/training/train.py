@@ -389,6 +389,7 @@ class LossLog:
         self.started = time.perf_counter() - self.resumed_at_s
         self.first_step = run.step
         self.last_progress = time.perf_counter()
+        self.progress_step: int | None = None  # the step of the last progress line
         self.bar = None
         if progress_every_s and sys.stderr.isatty():
             from tqdm import tqdm
@@ -421,16 +422,24 @@ class LossLog:
             self.progress(up_to_step)
 
     def progress(self, done: int) -> None:
-        """One line a person can watch, and loss.tsv as it stands (for the loss plot)."""
+        """One line a person can watch (in the log and, in a job, on the console), and loss.tsv as it stands (for
+        the loss plot). Once per step: a checkpoint step that also fell due for a timed line prints one."""
+        if self.progress_step == done:
+            return
+        self.progress_step = done
         self.last_progress = time.perf_counter()
         elapsed = time.perf_counter() - self.started
         steps_here = done - self.first_step
         rate = steps_here / max(elapsed - self.resumed_at_s, 1e-9)  # steps per second in this process
         recent = [row[1] for row in self.rows[-10:]]
         eta = (self.max_steps - done) / rate if rate > 0 else float("inf")
-        self.log(f"step {done}/{self.max_steps}: {rate * self.samples_per_step:.1f} samples/s, loss "
-                 f"{sum(recent) / len(recent):.4f} (mean of last {len(recent)}), lr {self.rows[-1][2]:.2e}, "
-                 f"{elapsed:.0f} s, ETA {eta:.0f} s")
+        line = (f"step {done}/{self.max_steps}: {rate * self.samples_per_step:.1f} samples/s, loss "
+                f"{sum(recent) / len(recent):.4f} (mean of last {len(recent)}), lr {self.rows[-1][2]:.2e}, "
+                f"{elapsed:.0f} s, ETA {eta:.0f} s")
+        self.log(line)
+        from tifactory.jobs import console
+
+        console(line)
         self.write()
 
     def write(self) -> None:

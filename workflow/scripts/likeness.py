@@ -12,4 +12,6 @@ def main(smk, log):
                   log=log)
 
 
-run_job(snakemake, main)
+# the guard: dlib's worker processes are spawned on Windows and macOS, and a spawned worker imports this script
+if __name__ == "__main__":
+    run_job(snakemake, main)

@@ -2,6 +2,7 @@ from pathlib import Path
 
 from tifactory.jobs import run_job
 from tifactory.report import subject_summary
+from tifactory.verdict import VerdictSettings
 
 
 def main(smk, log):
@@ -12,7 +13,8 @@ def main(smk, log):
                     likeness_json=smk.input.likeness, likeness_png=smk.input.likeness_plot,
                     scores_tsv=smk.input.scores, embedding=smk.input.embedding, recipe=dict(smk.params.recipe),
                     samples=dict(smk.params.samples), model=dict(smk.params.model),
-                    recovery_tsv=smk.input.get("recovery"))
+                    recovery_tsv=smk.input.get("recovery"),
+                    verdict_settings=VerdictSettings.from_config(smk.params.verdict))
     log(f"wrote {smk.output[0]}")
 
 
