@@ -313,18 +313,22 @@ def render_sample_grid(*, base_model: str, base_model_config: str = "", vae: str
                        seeds: list[int], steps: int, guidance_scale: float, width: int, height: int,
                        scheduler: str, device: str, out_dir: str | os.PathLike, batch_size: int = 8,
                        extra_embeddings: dict[str, str] | None = None, model_label: str = "",
-                       log: Callable[[str], None] = print, progress_every_s: float | None = None) -> Path:
-    """The samples stage: read the prompts, load the model, render the grid of every checkpoint."""
+                       log: Callable[[str], None] = print, progress_every_s: float | None = None,
+                       sampler: Sampler | None = None) -> Path:
+    """The samples stage: read the prompts, load the model (unless `sampler`, loaded already: the GPU
+    worker), render the grid of every checkpoint."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
         log(f"no checkpoints in {checkpoint_dir}: the grid has the step-0 row only")
     started = time.perf_counter()
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
-    from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
-    imported = time.perf_counter() - started
-    sampler = load_sampler(base_model=base_model, base_model_config=base_model_config, vae=vae,
-                           scheduler=scheduler, device=device)
+    imported = 0.0
+    if sampler is None:
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
+        from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
+        imported = time.perf_counter() - started
+        sampler = load_sampler(base_model=base_model, base_model_config=base_model_config, vae=vae,
+                               scheduler=scheduler, device=device)
     log(f"loaded {base_model} on {sampler.device} ({sampler.dtype}) in {time.perf_counter() - started:.1f}s "
         f"(of which {imported:.1f}s importing diffusers and transformers); scheduler {scheduler}")
     title = f"{subject} on {model_label or os.path.basename(str(base_model).rstrip('/'))} · {scheduler}"

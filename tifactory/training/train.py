@@ -732,9 +732,11 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
                     vae: str = "", subject: str, params: dict, final_path: str | os.PathLike,
                     checkpoint_dir: str | os.PathLike, loss_tsv: str | os.PathLike,
                     state_dir: str | os.PathLike, log: Callable[[str], None] = print,
-                    progress_every_s: float | None = None, components=None) -> TrainingResult:
+                    progress_every_s: float | None = None, components=None,
+                    model_hash: str | None = None) -> TrainingResult:
     """Train one subject's embedding, phase by phase. `progress_every_s`: a progress line (and loss.tsv
-    rewritten) this often; None = only at checkpoints. `components` (preloaded models) is for benchmarks."""
+    rewritten) this often; None = only at checkpoints. `components` (preloaded models: benchmarks, the GPU
+    worker) with `model_hash` (model_fingerprint of base_model, recorded as when loading it here)."""
     import torch
 
     from tifactory.training.models import model_fingerprint
@@ -751,7 +753,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
 
     # -- 2. model and tokens (the model's hash, needed only for resume and metadata, on a thread meanwhile)
     hasher = ThreadPoolExecutor(max_workers=1)
-    base_model_hash = hasher.submit(model_fingerprint, base_model) if components is None else None
+    base_model_hash = hasher.submit(model_fingerprint, base_model) if components is None and not model_hash else None
     components = load_frozen_models(base_model, base_model_config, vae, precision, components, stats, log)
     token_strings, vectors = add_placeholder_tokens(components, subject, params, log)
     place_models(components, precision, params)
@@ -765,7 +767,7 @@ def train_embedding(*, dataset_toml: str | os.PathLike, base_model: str, base_mo
     optimization = make_optimization(params, vectors, precision)
     optimizer, lr_scheduler, grad_scaler = optimization
     dataset_hash = dataset_hash.result()
-    base_model_hash = base_model_hash.result() if base_model_hash is not None else "in-memory"
+    base_model_hash = base_model_hash.result() if base_model_hash is not None else model_hash or "in-memory"
     hasher.shutdown()
     fingerprint = run_fingerprint(params, dataset_hash, base_model_hash)
     run = resume_or_start(state_dir, fingerprint, vectors, optimization, log)

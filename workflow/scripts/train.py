@@ -1,14 +1,13 @@
 from tifactory.jobs import run_job
-from tifactory.training.train import train_embedding
+from tifactory.worker_client import WorkerSettings, run_stage
 
 
 def main(smk, log):
-    model = dict(smk.params.model)
-    train_embedding(
-        dataset_toml=smk.input.dataset, subject=smk.wildcards.subject,
-        params=dict(smk.params.recipe), final_path=smk.output.embedding,
-        checkpoint_dir=smk.output.checkpoints, loss_tsv=smk.output.loss, state_dir=smk.params.state_dir,
-        log=log, progress_every_s=smk.config["progress_every_s"], **model)
+    run_stage("train", dict(
+        dataset_toml=smk.input.dataset, subject=smk.wildcards.subject, params=dict(smk.params.recipe),
+        final_path=smk.output.embedding, checkpoint_dir=smk.output.checkpoints, loss_tsv=smk.output.loss,
+        state_dir=smk.params.state_dir, progress_every_s=smk.config["progress_every_s"],
+        model=dict(smk.params.model)), settings=WorkerSettings.from_config(smk.config), log=log)
 
 
 run_job(snakemake, main)

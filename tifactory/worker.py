@@ -1,0 +1,273 @@
+"""The long-lived GPU worker (issue 20): one process per GPU slot of a Snakemake run that trains and samples
+subject after subject with its models kept loaded. Started, reached and bounded as tifactory.worker_client
+describes; `run_task` is also the in-process path every job took before (same functions, same bytes).
+
+The model cache is keyed by (the job's model params, device, dtype, purpose): the UNet and the VAE are
+shared by every subject, the tokenizer and the text encoder are handed out as fresh deep copies of pristine
+ones for each subject (placeholder tokens change them). A job that asks for another base model, config or
+VAE drops the other model's entries first, so at most one model's entries are held.
+
+    python -m tifactory.worker --socket PATH --run MARK --idle-timeout SECONDS
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from tifactory.errors import TifactoryError
+
+USER_ERRORS = (TifactoryError, FileNotFoundError)  # as tifactory.jobs: a message, no traceback
+
+
+class ModelCache:
+    """Loaded models of one base model (see the module docstring)."""
+
+    def __init__(self):
+        self.model: tuple | None = None  # the model params the entries belong to
+        self.entries: dict = {}
+        self.hashes: dict = {}  # (path, stat signature) -> model_fingerprint
+
+    def select(self, model: dict) -> None:
+        key = tuple(sorted(model.items()))
+        if key != self.model:
+            self.entries.clear()
+            self.model = key
+            release_memory()
+
+    def train_components(self, model: dict, device, dtype):
+        """Components for train_embedding: shared UNet/VAE/scheduler, a fresh tokenizer and text encoder."""
+        from tifactory.training.models import Components, load_components
+
+        self.select(model)
+        key = ("train", str(device), str(dtype))
+        if key not in self.entries:
+            self.entries[key] = load_components(model["base_model"], vae=model["vae"] or None,
+                                                config_dir=model["base_model_config"] or None, device=device,
+                                                unet_dtype=dtype)
+        pristine = self.entries[key]
+        return Components(tokenizer=copy.deepcopy(pristine.tokenizer),
+                          text_encoder=copy.deepcopy(pristine.text_encoder), vae=pristine.vae,
+                          unet=pristine.unet, noise_scheduler=pristine.noise_scheduler)
+
+    def sampler(self, model: dict, device_name: str, scheduler: str):
+        """A loaded Sampler (as load_sampler makes it) with a fresh scheduler and a fresh prompt encoder
+        (deep copies of the pristine tokenizer and text encoder)."""
+        from tifactory.device import pick_device
+        from tifactory.sampling.prompts import PromptEncoder
+        from tifactory.sampling.samples import Sampler, make_scheduler
+        from tifactory.training.models import load_components
+
+        self.select(model)
+        device = pick_device(device_name)
+        key = ("samples", str(device), str(Sampler.dtype_for(device)))
+        if key not in self.entries:
+            components = load_components(model["base_model"], vae=model["vae"] or None,
+                                         config_dir=model["base_model_config"] or None, device=device,
+                                         unet_dtype=Sampler.dtype_for(device))
+            sampler = Sampler(components, scheduler=scheduler, device=device_name)
+            self.entries[key] = (sampler, components.noise_scheduler.config, sampler.pipe.tokenizer,
+                                 sampler.pipe.text_encoder)
+        sampler, noise_config, tokenizer, text_encoder = self.entries[key]
+        sampler.pipe.scheduler = make_scheduler(scheduler, noise_config)  # schedulers keep state: a new one
+        sampler.encoder = PromptEncoder(copy.deepcopy(tokenizer), copy.deepcopy(text_encoder))
+        return sampler
+
+    def model_hash(self, path: str) -> str:
+        """model_fingerprint(path), recomputed only when a file's size or mtime changed."""
+        from tifactory.training.models import model_fingerprint
+
+        root = Path(path)
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        signature = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+        if (path, signature) not in self.hashes:
+            self.hashes = {(path, signature): model_fingerprint(path)}
+        return self.hashes[(path, signature)]
+
+
+def release_memory() -> None:
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+def train_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | None) -> None:
+    from tifactory.training.train import train_embedding
+
+    kwargs = dict(kwargs)
+    model = kwargs.pop("model")
+    if cache is None:
+        train_embedding(**kwargs, **model, log=log)
+        return
+    import torch
+
+    from tifactory.training.train import choose_precision
+
+    precision = choose_precision(kwargs["params"], lambda message: None)
+    components = cache.train_components(model, precision.device, precision.compute_dtype)
+    # each subject's text encoder is a new object: its compiled step is another graph (loaded from the warm
+    # on-disk cache); forget the previous subject's so neither memory nor dynamo's recompile limit grows
+    torch._dynamo.reset()
+    if precision.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(precision.device)
+    train_embedding(**kwargs, **model, log=log, components=components,
+                    model_hash=cache.model_hash(model["base_model"]))
+
+
+def samples_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | None) -> None:
+    from tifactory.sampling.samples import render_sample_grid
+
+    kwargs = dict(kwargs)
+    model = kwargs.pop("model")
+    sampler = None if cache is None else cache.sampler(model, kwargs["device"], kwargs["scheduler"])
+    render_sample_grid(**kwargs, **model, log=log, sampler=sampler)
+
+
+TASKS = {"train": train_task, "samples": samples_task}
+
+
+def run_task(task: str, kwargs: dict, log: Callable[[str], None], cache: ModelCache | None) -> None:
+    """One stage with the job's arguments: in this process (cache None) or with the worker's models."""
+    try:
+        run = TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown GPU worker task {task!r} (one of {', '.join(TASKS)})") from None
+    try:
+        run(kwargs, log, cache)
+    finally:
+        if cache is not None:
+            release_memory()
+
+
+# ----------------------------------------------------------------------------- the server
+
+class Connection:
+    """One job's request: its log lines and the reply go back as JSON lines; if the job goes away while the
+    request runs, the worker ends at once (nobody wants the result, and its GPU must be freed)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.busy = threading.Event()
+
+    def send(self, message: dict) -> None:
+        self.sock.sendall((json.dumps(message) + "\n").encode())
+
+    def watch(self) -> None:
+        """Thread: the job closes its end only after the reply; an end before it is the job's death."""
+        try:
+            while self.sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        if self.busy.is_set():
+            print(f"{stamp()} the job went away mid-request: exiting", flush=True)
+            os._exit(3)
+
+
+def stamp() -> str:
+    return time.strftime("[%Y-%m-%d %H:%M:%S]")
+
+
+def serve_one(sock: socket.socket, cache: ModelCache) -> bool:
+    """Serve one connection; False when the worker should end (after an unexpected error)."""
+    connection = Connection(sock)
+    reader = sock.makefile("r", encoding="utf-8")
+    line = reader.readline()
+    if not line:
+        return True
+    request = json.loads(line)
+    connection.busy.set()
+    threading.Thread(target=connection.watch, daemon=True).start()
+    os.chdir(request["cwd"])
+    print(f"{stamp()} {request['task']} {request['kwargs'].get('subject', '')} in {request['cwd']}", flush=True)
+    started = time.perf_counter()
+    keep_going = True
+    try:
+        run_task(request["task"], request["kwargs"], lambda message: connection.send({"log": str(message)}), cache)
+        reply = {"ok": True}
+    except USER_ERRORS as error:
+        reply = {"error": str(error)}
+    except Exception as error:  # noqa: BLE001 - reported to the job; the worker ends (its state is suspect)
+        reply = {"error": f"unexpected {type(error).__name__} in the GPU worker: {error}",
+                 "traceback": traceback.format_exc()}
+        keep_going = False
+        cache.entries.clear()
+    connection.busy.clear()
+    print(f"{stamp()} {request['task']} done in {time.perf_counter() - started:.1f} s: "
+          f"{'ok' if reply.get('ok') else reply['error']}", flush=True)
+    try:
+        connection.send(reply)
+    except OSError:
+        pass
+    return keep_going
+
+
+def serve(socket_file: str, run: str, idle_timeout_s: float) -> None:
+    from tifactory.worker_client import RunMark
+
+    mark = RunMark.parse(run)
+    if mark is None:
+        raise SystemExit(f"bad run mark {run!r}")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    Path(socket_file).unlink(missing_ok=True)
+    server.bind(socket_file)
+    server.listen(1)
+    server.settimeout(1.0)
+    print(f"{stamp()} worker pid {os.getpid()} listening on {socket_file} for run {run}", flush=True)
+    cache = ModelCache()
+    idle_since = time.monotonic()
+    reason = ""
+    try:
+        while True:
+            try:
+                sock, _ = server.accept()
+            except socket.timeout:
+                if not mark.alive():
+                    reason = "the Snakemake run ended"
+                    break
+                if time.monotonic() - idle_since > idle_timeout_s:
+                    reason = f"idle for {idle_timeout_s:.0f} s"
+                    break
+                continue
+            sock.settimeout(None)
+            with sock:
+                keep_going = serve_one(sock, cache)
+            idle_since = time.monotonic()
+            if not keep_going:
+                reason = "an unexpected error"
+                break
+    finally:
+        # the socket goes first: a job arriving now starts a new worker instead of reaching a closing one
+        try:
+            if os.stat(socket_file).st_ino == os.fstat(server.fileno()).st_ino:
+                os.unlink(socket_file)
+        except OSError:
+            pass
+        server.close()
+    print(f"{stamp()} exiting: {reason}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--idle-timeout", type=float, required=True)
+    args = parser.parse_args(argv)
+    serve(args.socket, args.run, args.idle_timeout)
+
+
+if __name__ == "__main__":
+    main()
