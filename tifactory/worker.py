@@ -95,6 +95,16 @@ class ModelCache:
         return self.hashes[(path, signature)]
 
 
+def memory_note() -> str:
+    """GPU memory after a request (allocated, reserved, the request's peak), for the worker's log."""
+    torch = sys.modules.get("torch")
+    if torch is None or not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return ""
+    gib = 2**30
+    return (f"; CUDA memory allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, reserved "
+            f"{torch.cuda.memory_reserved() / gib:.2f} GiB, peak {torch.cuda.max_memory_allocated() / gib:.2f} GiB")
+
+
 def release_memory() -> None:
     gc.collect()
     if "torch" in sys.modules:
@@ -133,6 +143,10 @@ def samples_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | N
     kwargs = dict(kwargs)
     model = kwargs.pop("model")
     sampler = None if cache is None else cache.sampler(model, kwargs["device"], kwargs["scheduler"])
+    if sampler is not None and sampler.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(sampler.device)
     render_sample_grid(**kwargs, **model, log=log, sampler=sampler)
 
 
@@ -207,7 +221,7 @@ def serve_one(sock: socket.socket, cache: ModelCache) -> bool:
         cache.entries.clear()
     connection.busy.clear()
     print(f"{stamp()} {request['task']} done in {time.perf_counter() - started:.1f} s: "
-          f"{'ok' if reply.get('ok') else reply['error']}", flush=True)
+          f"{'ok' if reply.get('ok') else reply['error']}{memory_note()}", flush=True)
     try:
         connection.send(reply)
     except OSError:
