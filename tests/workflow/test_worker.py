@@ -148,6 +148,10 @@ def without_seconds(loss_tsv: Path) -> list[list[str]]:
 
 @pytest.mark.slow  # a worker process and four in-process stages (~25 s on 2 cores)
 def test_two_subjects_through_the_worker_match_in_process(tmp_path, this_run, dataset_toml, tiny_model_dir, params):
+    # a stage error reaches the job as its one-line message, and the worker stays for the next job
+    broken, _ = stage_kwargs(tmp_path / "broken", "eva", tmp_path / "missing.toml", tiny_model_dir, params)
+    with pytest.raises(WorkerTaskError, match="missing.toml"):
+        run_stage("train", broken, settings=SETTINGS, log=lambda message: None)
     logs = {}
     for mode in ("worker", "inproc"):
         for subject in ("eva", "tom"):
@@ -167,8 +171,8 @@ def test_two_subjects_through_the_worker_match_in_process(tmp_path, this_run, da
         else:
             assert (tmp_path / "worker" / name).read_bytes() == (tmp_path / "inproc" / name).read_bytes(), name
     eva, tom = logs[("worker", "eva")], logs[("worker", "tom")]
-    assert "started worker pid" in eva[0] and "reusing the worker" in tom[0]
-    assert sum("reusing the worker" in line for line in eva + tom) == 3  # one worker for all four jobs
+    assert all("reusing the worker" in lines[0] for lines in (eva, tom))  # one worker for every job
+    assert sum("reusing the worker" in line for line in eva + tom) == 4
     assert any(re.match(r"step 4/4: .* loss [0-9.]+", line) for line in tom)  # progress and loss in the job log
     assert any(line.startswith("wrote ") and "grid.png" in line for line in tom)
 
