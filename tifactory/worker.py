@@ -43,6 +43,10 @@ class ModelCache:
         if key != self.model:
             self.entries.clear()
             self.model = key
+            if "torch" in sys.modules:  # the old model's compiled graphs go with it
+                import torch
+
+                torch._dynamo.reset()
             release_memory()
 
     def train_components(self, model: dict, device, dtype):
@@ -127,10 +131,9 @@ def train_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | Non
     from tifactory.training.train import choose_precision
 
     precision = choose_precision(kwargs["params"], lambda message: None)
+    # the compiled step is kept from subject to subject: dynamo's guards are on types, shapes and settings,
+    # not on the (fresh) text encoder object, so a later subject runs the first one's graph without tracing
     components = cache.train_components(model, precision.device, precision.compute_dtype)
-    # each subject's text encoder is a new object: its compiled step is another graph (loaded from the warm
-    # on-disk cache); forget the previous subject's so neither memory nor dynamo's recompile limit grows
-    torch._dynamo.reset()
     if precision.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(precision.device)
     train_embedding(**kwargs, **model, log=log, components=components,

@@ -249,3 +249,33 @@ def test_the_worker_ends_with_its_run_and_when_idle(this_run, monkeypatch):
                                         WorkerSettings(True, idle_timeout_s=1, start_timeout_s=60), print)
     connection.close()
     assert wait_gone(int(re.search(r"started worker pid (\d+)", note).group(1)), 10), "idle worker stayed"
+
+
+def test_a_new_subject_reuses_the_compiled_step():
+    """train_embedding compiles a closure over the subject's text encoder; in the worker each subject brings a
+    fresh copy with a new placeholder module. Dynamo must not trace again for it (one class for every
+    subject), and the reused graph must read the new subject's vectors."""
+    import copy
+
+    import torch
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from tifactory.training.train import make_placeholder_embedding
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    pristine = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))
+    ids = torch.tensor([[1, 8, 9, 2]])
+    for seed in range(3):
+        encoder = copy.deepcopy(pristine)
+        vectors = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+        encoder[0] = make_placeholder_embedding(encoder[0], 8, vectors)
+
+        def predict(input_ids):  # as make_model_call's predict_noise: a new closure per subject
+            return encoder(input_ids)
+
+        compiled = torch.compile(predict, backend=counter, dynamic=False)
+        assert torch.equal(compiled(ids), predict(ids))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
