@@ -13,6 +13,18 @@ other, `snakemake results/<s>/samples/grid.png --allowed-rules train samples` wi
 (1000 steps x 15 samples, the default grid) and an empty torch.compile cache for the first subject (the
 later ones find it warm, as a roster's later subjects do). It stops starting subjects once `--budget-s`
 would be exceeded. The phase table is read from the jobs' own logs and Snakemake benchmark files.
+
+`series` (issue 20) runs N subjects in ONE Snakemake run, as a roster runs (`snakemake --cores 16 --resources
+gpu=1 results/<s>/samples/grid.png ...`), through the GPU worker (`--worker on`, the default config) or with
+every job loading its own models (`--worker off`), optionally with fewer steps than the recipe
+(`--steps 200 --save-every 40` keeps the recipe's grid: 5 checkpoints + step 0). Per subject: the jobs'
+phases, step ms, grid s, the train job's peak GPU memory, and the time between consecutive grids; the GPU
+worker's own log (memory after each request); nvidia-smi every 0.5 s. At `--budget-s` the run is stopped as
+a Ctrl-C would stop it (SIGINT to Snakemake's process group), and the bench then checks that no GPU worker
+outlived it.
+
+    python bench/bench_workflow.py series --subjects 8 --steps 200 --save-every 40 --cold --out OUT --budget-s 380
+    python bench/bench_workflow.py series --first 8 --subjects 1 --steps 200 --save-every 40 --worker off --out OUT
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -62,7 +75,7 @@ def prepare(args) -> None:
         for index, name in enumerate(names)]
     ROSTER.write_text("\n".join(rows) + "\n", encoding="utf-8")
     seconds = snakemake("--cores", str(args.cores), "--config", f"roster={ROSTER.relative_to(REPO)}", "--",
-                        *[f"results/{name}/dataset" for name in names], log=ROSTER.parent / "prepare.log")
+                        *[f"results/{name}/dataset/dataset.toml" for name in names], log=ROSTER.parent / "prepare.log")
     print(f"datasets of {names} built in {seconds:.1f} s")
 
 
@@ -186,7 +199,7 @@ def run(args) -> None:
         config = ["--configfile", str(REPO / "config.yaml"), str(overrides)] + config
     log = out / "snakemake.log"
     snakemake("--cores", "4", "--touch", "--allowed-rules", "demo_photos", "collect", "crop", "dataset", *config,
-              "--", *[f"results/{name}/dataset" for name in names], log=log)
+              "--", *[f"results/{name}/dataset/dataset.toml" for name in names], log=log)
     for name in names:
         for folder in ("checkpoints", "train", "train_state", "samples"):
             shutil.rmtree(REPO / "results" / name / folder, ignore_errors=True)
@@ -208,9 +221,9 @@ def run(args) -> None:
     print_table(table, started)
 
 
-def save_logs(out: Path, names: list[str]) -> None:
+def save_logs(out: Path, names: list[str], archive: str = "logs.tar.gz") -> None:
     """The jobs' logs, benchmark files, loss tables and the first grid's preview, in one archive."""
-    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+    with tarfile.open(out / archive, "w:gz") as tar:
         for name in names:
             for folder in ("logs/train", "logs/samples", "benchmarks/train", "benchmarks/samples"):
                 for path in sorted((REPO / folder).glob(f"{name}*")):
@@ -235,6 +248,125 @@ def print_table(table: dict, started: float) -> None:
     print(f"(first column: empty torch.compile cache; the others: warm. Total {time.perf_counter() - started:.0f} s)")
 
 
+def worker_processes() -> list[str]:
+    """`pid cmdline` of every live `python -m tifactory.worker` on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "tifactory.worker " in command and "--socket" in command:
+                found.append(f"{entry.name} {command.strip()}")
+    return found
+
+
+def gpu_memory_used_mib() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "no nvidia-smi"
+
+
+def series(args) -> None:
+    """N subjects in one Snakemake run (see the module docstring)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    names = subjects(args.first + args.subjects)[args.first:]
+    model = Path(args.model_dir)
+    if args.tiny:
+        from tifactory.demo.tinymodel import build_tiny_model
+
+        if not (model / "model_index.json").is_file():
+            build_tiny_model(model)
+        made = {"build_s": 0.0, "write_s": 0.0}
+    elif (model / "model_index.json").is_file() and not args.rewrite_model:
+        made = {"build_s": 0.0, "write_s": 0.0, "reused": True}
+    else:
+        made = write_random_sd15(model)
+    print(f"model {model}: {made}", flush=True)
+    cache = Path(args.compile_cache)
+    if args.cold:
+        shutil.rmtree(cache, ignore_errors=True)
+    overrides = out / f"series-{args.tag}.yaml"
+    train = {"max_train_steps": args.steps, "save_every_n_steps": args.save_every}
+    samples = {}
+    if args.tiny:
+        train.update(compile=False)
+        samples = {"steps": 2, "width": 64, "height": 64}
+    overrides.write_text(json.dumps({"train": train, "samples": samples,
+                                     "gpu_worker": {"enabled": args.worker == "on", "idle_timeout_s": 300,
+                                                    "start_timeout_s": 120}}) + "\n")
+    config = ["--configfile", str(REPO / "config.yaml"), str(overrides), "--config",
+              f"roster={ROSTER.relative_to(REPO)}", f"base_model={model}", f"compile_cache={cache}"]
+    log = out / f"snakemake-{args.tag}.log"
+    snakemake("--cores", "4", "--touch", "--allowed-rules", "demo_photos", "collect", "crop", "dataset", *config,
+              "--", *[f"results/{name}/dataset/dataset.toml" for name in names], log=log)
+    for name in names:
+        for folder in ("checkpoints", "train", "train_state", "samples"):
+            shutil.rmtree(REPO / "results" / name / folder, ignore_errors=True)
+        (REPO / "results" / name / f"{name}-ti.safetensors").unlink(missing_ok=True)
+        for folder in ("logs/train", "logs/samples", "benchmarks/train", "benchmarks/samples"):
+            for path in (REPO / folder).glob(f"{name}.*"):
+                path.unlink()
+    env = dict(os.environ, TIFACTORY_WORKER_DIR=args.worker_dir)
+    shutil.rmtree(args.worker_dir, ignore_errors=True)
+    smi = None
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,memory.used,utilization.gpu", "--format=csv",
+                                "-lms", "500"], stdout=open(out / f"nvidia-smi-{args.tag}.csv", "w"),
+                               stderr=subprocess.DEVNULL)
+    try:
+        import pulp  # noqa: F401 - the ILP scheduler's solver; without it (not carried to the GPU machine): greedy
+        scheduler = []
+    except ImportError:
+        scheduler = ["--scheduler", "greedy"]
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(REPO), "--cores", "16",
+               "--resources", "gpu=1", *scheduler, "--allowed-rules", "train", "samples", *config, "--",
+               *[f"results/{name}/samples/grid.png" for name in names]]
+    run_started = time.time()
+    with open(log, "a", encoding="utf-8") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                   start_new_session=True)
+        deadline = started + args.budget_s
+        interrupted = False
+        while process.poll() is None:
+            if time.perf_counter() > deadline and not interrupted:
+                print(f"budget reached: SIGINT to Snakemake's process group (as Ctrl-C)", flush=True)
+                os.killpg(process.pid, signal.SIGINT)
+                interrupted = True
+            time.sleep(0.5)
+    wall = time.time() - run_started
+    time.sleep(3)  # the worker polls the run every second
+    after = {"snakemake_exit": process.returncode, "interrupted": interrupted, "wall_s": wall,
+             "workers_alive_3s_after": worker_processes(), "gpu_memory_used_3s_after": gpu_memory_used_mib()}
+    if smi is not None:
+        smi.terminate()
+    rows, previous = {}, run_started
+    grids = [REPO / "results" / name / "samples" / "grid.png" for name in names]
+    for grid in sorted((path for path in grids if path.is_file()), key=lambda path: path.stat().st_mtime):
+        name = grid.parent.parent.name
+        try:
+            row = phases(name)
+        except (OSError, StopIteration, ValueError) as error:
+            row = {"phases": f"unreadable: {error}"}
+        row["grid written at s (since snakemake start)"] = grid.stat().st_mtime - run_started
+        row["since the previous grid s"] = grid.stat().st_mtime - previous
+        previous = grid.stat().st_mtime
+        rows[name] = row
+    for path in Path(args.worker_dir).glob("*.log"):
+        shutil.copy(path, out / f"worker-{args.tag}-{path.name}")
+    result = {"tag": args.tag, "worker": args.worker, "steps": args.steps, "save_every": args.save_every,
+              "cold": args.cold, "model": made, "run": after, "subjects": rows}
+    (out / f"series-{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_logs(out, names, f"logs-{args.tag}.tar.gz")
+    print(json.dumps(after), flush=True)
+    print_table(rows, started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,8 +382,23 @@ def main() -> None:
     r.add_argument("--budget-s", type=float, default=560, help="start no subject that would end past this")
     r.add_argument("--warm-estimate-s", type=float, default=175, help="a warm subject's expected seconds "
                                                                          "(171 s measured on an H200)")
+    q = sub.add_parser("series", help="N subjects in one Snakemake run (issue 20)")
+    q.add_argument("--subjects", type=int, default=10)
+    q.add_argument("--first", type=int, default=0, help="skip this many roster subjects")
+    q.add_argument("--steps", type=int, default=1000)
+    q.add_argument("--save-every", type=int, default=200)
+    q.add_argument("--worker", choices=("on", "off"), default="on")
+    q.add_argument("--cold", action="store_true", help="empty the torch.compile cache first")
+    q.add_argument("--tag", default="series")
+    q.add_argument("--out", required=True)
+    q.add_argument("--model-dir", default="/tmp/tifactory-bench/sd15-random")
+    q.add_argument("--rewrite-model", action="store_true")
+    q.add_argument("--compile-cache", default="/tmp/tifactory-bench/torch_compile")
+    q.add_argument("--worker-dir", default="/tmp/tfw")
+    q.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, no compile, 64 px grid")
+    q.add_argument("--budget-s", type=float, default=560, help="stop the run (SIGINT) at this many seconds")
     args = parser.parse_args()
-    prepare(args) if args.command == "prepare" else run(args)
+    {"prepare": prepare, "run": run, "series": series}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,14 @@ from tifactory.demo.photos import DEMO_SUBJECTS
 from tifactory.training.model_check import check_subject_tokens, model_specs, tokenizer_folder
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
 from tifactory.jobs import share_compile_cache
+from tifactory.worker_client import mark_run
 
 # every GPU job this run starts (and, on a cluster, every job that re-parses this file) compiles into
 # one cache folder: only a roster's first job compiles from scratch
 share_compile_cache(config["compile_cache"])
+# the run's name for its GPU jobs: they share one GPU worker per slot, never another run's (tifactory.worker_client)
+if workflow.is_main_process:
+    mark_run()
 
 DEMO_MODEL_DIR = f"resources/models/{DEMO_MODEL_NAME}"
 DEMO_PHOTO_ROOT = "resources/demo_photos"

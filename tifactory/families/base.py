@@ -215,10 +215,23 @@ class Family:
 
 def make_placeholder_embedding(base_embedding, first_placeholder_id: int, initial_vectors):
     """Token embedding whose rows >= first_placeholder_id come from a small trainable tensor."""
+    return placeholder_embedding_class()(base_embedding, first_placeholder_id, initial_vectors)
+
+
+_PLACEHOLDER_EMBEDDING: list = []
+
+
+def placeholder_embedding_class():
+    """The PlaceholderEmbedding class, made once per process (torch is imported lazily): one class for every
+    subject and encoder, so a process that trains several subjects (the GPU worker, tifactory.worker) reuses the
+    compiled step instead of tracing it again for each subject's new module (dynamo guards on the module's
+    type)."""
+    if _PLACEHOLDER_EMBEDDING:
+        return _PLACEHOLDER_EMBEDDING[0]
     import torch
 
     class PlaceholderEmbedding(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, base_embedding, first_placeholder_id: int, initial_vectors):
             super().__init__()
             self.register_buffer("base_weight", base_embedding.weight.detach().clone(), persistent=False)
             self.vectors = torch.nn.Parameter(initial_vectors.detach().clone().float())
@@ -237,7 +250,8 @@ def make_placeholder_embedding(base_embedding, first_placeholder_id: int, initia
             trained = self.vectors.to(embeds.dtype)[placeholder_index]
             return torch.where(is_placeholder, trained, embeds)
 
-    return PlaceholderEmbedding()
+    _PLACEHOLDER_EMBEDDING.append(PlaceholderEmbedding)
+    return PlaceholderEmbedding
 
 
 def spread_init_ids(init_ids: list[int], num_vectors: int, log: Callable[[str], None]) -> list[int]:

@@ -335,15 +335,14 @@ class Sampler:
         return {"grid": grid_path, "rows": row_steps, "columns": len(columns), **timings}
 
 
-def load_sampler(*, model: ModelSpec, scheduler: str, device: str, components=None) -> Sampler:
+def load_sampler(*, model: ModelSpec, scheduler: str, device: str) -> Sampler:
     """`model` loaded by its family for sampling (weights read straight onto the device, the UNet in the
-    sampling dtype), or `components` already loaded (the GPU worker)."""
+    sampling dtype)."""
     from tifactory.device import pick_device
 
     family = family_named(model.family)
-    if components is None:
-        target = pick_device(device)
-        components = family.load(model, device=target, unet_dtype=Sampler.dtype_for(target))
+    target = pick_device(device)
+    components = family.load(model, device=target, unet_dtype=Sampler.dtype_for(target))
     return Sampler(family, components, scheduler=scheduler, device=device)
 
 
@@ -351,18 +350,20 @@ def render_sample_grid(*, model: ModelSpec, settings: SampleSettings, subject: s
                        checkpoint_dir: str | os.PathLike, prompts_file: str | os.PathLike,
                        out_dir: str | os.PathLike, extra_embeddings: dict[str, str] | None = None,
                        model_label: str = "", log: Callable[[str], None] = print,
-                       progress_every_s: float | None = None, components=None) -> Path:
-    """The samples stage: read the prompts, load the model (or take `components`, already loaded), render the
-    grid of every checkpoint."""
+                       progress_every_s: float | None = None, sampler: Sampler | None = None) -> Path:
+    """The samples stage: read the prompts, load the model (unless `sampler`, loaded already: the GPU worker,
+    tifactory.worker), render the grid of every checkpoint."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
         log(f"no checkpoints in {checkpoint_dir}: the grid has the step-0 row only")
     started = time.perf_counter()
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
-    from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
-    imported = time.perf_counter() - started
-    sampler = load_sampler(model=model, scheduler=settings.scheduler, device=settings.device, components=components)
+    imported = 0.0
+    if sampler is None:
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401 - timed
+        from transformers import CLIPTextModel  # noqa: F401 - apart from reading the weights
+        imported = time.perf_counter() - started
+        sampler = load_sampler(model=model, scheduler=settings.scheduler, device=settings.device)
     log(f"loaded {model.name} ({model.family}) on {sampler.device} ({sampler.dtype}) in "
         f"{time.perf_counter() - started:.1f}s (of which {imported:.1f}s importing diffusers and transformers); "
         f"scheduler {settings.scheduler}")

@@ -1,16 +1,16 @@
 from pathlib import Path
 
-from tifactory.families import ModelSpec
 from tifactory.jobs import run_job
-from tifactory.sampling.samples import SampleSettings, render_sample_grid
+from tifactory.worker_client import WorkerSettings, run_stage
 
 
 def main(smk, log):
-    render_sample_grid(
-        model=ModelSpec.from_params(smk.params.model), settings=SampleSettings.from_config(dict(smk.params.samples)),
+    run_stage("samples", dict(
         subject=smk.wildcards.subject, checkpoint_dir=smk.input.checkpoints, prompts_file=smk.input.prompts,
-        out_dir=Path(smk.output.grid).parent, extra_embeddings=dict(smk.params.embeddings),
-        model_label=smk.params.label, log=log, progress_every_s=smk.config["progress_every_s"])
+        out_dir=str(Path(smk.output.grid).parent), extra_embeddings=dict(smk.params.embeddings),
+        model_label=smk.params.label, progress_every_s=smk.config["progress_every_s"],
+        samples=dict(smk.params.samples), model=dict(smk.params.model)),
+        settings=WorkerSettings.from_config(smk.config), log=log)
 
 
 run_job(snakemake, main)
