@@ -9,12 +9,14 @@ target device. The published recipe: 15 samples per optimizer step at 512 px, bf
     python bench/bench_train.py --device cuda --steps 40 --profile-out prof/ \
         --variants compile15@a,compile15-prof@a,eager15-flops   # kernel profile of the warm compiled step
     python bench/bench_train.py --tiny --device cpu --steps 4 --variants eager15   # CPU smoke test
+    python bench/bench_train.py --family sdxl --resolution 1024 --device cuda --steps 12 \
+        --variants eager15,eager2-gc,compile15   # SDXL: the recipe's micro-batch, the 24 GB setting
 
 Variant = <kind><micro-batch>[-flag...][@cache]: kind eager (no compile), compile (torch.compile, the whole
 model call), cudagraph (+ CUDA graphs), autotune (max-autotune-no-cudagraphs), blocks (`compile_scope:
 blocks`: each repeated block compiled alone); variants naming the same `@cache` share one torch.compile
 cache folder (the second one finds it warm), any other variant starts with an empty one (cold). Flags:
-`-autocast` runs the bf16 model under torch.autocast as kohya does (`train.autocast: true`);
+`-gc` turns on `train.gradient_checkpointing`; `-autocast` runs the bf16 model under torch.autocast as kohya does (`train.autocast: true`);
 `-cudnn`/`-flash`/`-efficient`/`-math` allow only that scaled-dot-product-attention backend (the whole
 run, compilation included, inside `torch.nn.attention.sdpa_kernel`); `-prof` runs torch.profiler (CPU ops + CUDA; `-profgpu`: CUDA only, less overhead) over
 steady steps only (`--profile-skip` steps after the first, then 2 warm-up and `--profile-steps` recorded
@@ -45,6 +47,7 @@ sys.path.insert(0, str(REPO))
 # kept for comparison with earlier records: it leaves attention out. Counted with `-flops` on the H200
 # (2026-12-02): 1.75 TFLOP per sample with attention (GEMM 0.49, convolution 0.87, attention 0.39)
 TFLOP_PER_SAMPLE_512 = 1.36
+TFLOP_PER_SAMPLE_1024_SDXL = 14.9  # SDXL at 1024 px, attention included (a -flops count on the H200, issue 19)
 RECIPE_STEPS = 1000
 # variant = <name><micro-batch>: eager15, compile15 (torch.compile), cudagraph15 (compile + CUDA graphs), ...
 COMPILE_MODES = {"eager": False, "compile": True, "cudagraph": "reduce-overhead",
@@ -52,7 +55,7 @@ COMPILE_MODES = {"eager": False, "compile": True, "cudagraph": "reduce-overhead"
 
 
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
-FLAGS = ("autocast", "prof", "profgpu", "flops") + SDPA_BACKENDS
+FLAGS = ("autocast", "prof", "profgpu", "flops", "gc") + SDPA_BACKENDS
 
 
 def parse_variant(variant: str) -> dict:
@@ -65,7 +68,7 @@ def parse_variant(variant: str) -> dict:
         raise SystemExit(f"unknown variant {variant!r}")
     return {"kind": kind, "micro_batch": int(name[len(kind):] or 15), "autocast": "autocast" in flags,
             "sdpa": backends[0] if backends else "", "profile": "prof" in flags or "profgpu" in flags,
-            "profile_cpu": "prof" in flags, "flops": "flops" in flags,
+            "profile_cpu": "prof" in flags, "flops": "flops" in flags, "checkpointing": "gc" in flags,
             "cache": cache}
 
 
@@ -98,6 +101,32 @@ def build_random_sd15(device: str, tiny: bool, workdir: Path):
                               num_train_timesteps=1000, clip_sample=False)
     return Components(tokenizers=[tokenizer], text_encoders=[text_encoder], vae=vae, unet=unet,
                       noise_scheduler=scheduler)
+
+
+def build_random_sdxl(device: str):
+    """Components with SDXL base's shapes (resources/sdxl/'s configs and tokenizers) and random weights, built on
+    `device` (2.6 B UNet parameters: seconds on a GPU)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from tifactory.families import family_named
+    from tifactory.families.base import Components
+
+    family = family_named("sdxl")
+    root = REPO / "resources" / "sdxl"
+    tokenizers = [CLIPTokenizer.from_pretrained(str(root / name)) for name in ("tokenizer", "tokenizer_2")]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(root / "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(root / "vae")))
+        text_encoders = [family.text_encoder_class(index)(CLIPTextConfig.from_pretrained(str(root / name)))
+                         for index, name in enumerate(("text_encoder", "text_encoder_2"))]
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    return Components(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
+                      noise_scheduler=family.noise_scheduler(config))
 
 
 def make_dataset(root: Path, num_images: int, size: int) -> Path:
@@ -134,10 +163,19 @@ def run_variant(variant: str, args) -> dict:
     params.update(init_word="woman", max_train_steps=args.steps, save_every_n_steps=args.steps,
                   micro_batch_size=spec["micro_batch"], compile=COMPILE_MODES[spec["kind"]], device=args.device,
                   resolution=args.resolution, autocast=spec["autocast"],
-                  compile_scope="blocks" if spec["kind"] == "blocks" else "model")
+                  compile_scope="blocks" if spec["kind"] == "blocks" else "model",
+                  gradient_checkpointing=spec["checkpointing"])
     workdir = Path(tempfile.mkdtemp(prefix="tifactory-bench-"))
     built = time.perf_counter()
-    components = build_random_sd15(args.device, args.tiny, workdir)
+    if args.family == "sdxl" and args.tiny:
+        from tifactory.demo.tinymodel_sdxl import build_tiny_sdxl_model
+        from tifactory.families import load_model
+
+        components = load_model(ModelSpec(path=build_tiny_sdxl_model(workdir / "tiny-sdxl"), family="sdxl"))
+    elif args.family == "sdxl":
+        components = build_random_sdxl(args.device)
+    else:
+        components = build_random_sd15(args.device, args.tiny, workdir)
     build_s = time.perf_counter() - built
     toml = make_dataset(workdir / "dataset", args.images, args.resolution)
     with contextlib.ExitStack() as stack:
@@ -149,7 +187,8 @@ def run_variant(variant: str, args) -> dict:
         profiler = stack.enter_context(SteadyProfiler(args, variant, spec["profile_cpu"])) if spec["profile"] \
             else None
         flops = stack.enter_context(StepFlops(args, variant)) if spec["flops"] else None
-        model = ModelSpec(path="random-sd15" if not args.tiny else "tiny", family="sd15")  # in memory: components
+        # in memory: components
+        model = ModelSpec(path=f"random-{args.family}" if not args.tiny else "tiny", family=args.family)
         result = train_embedding(dataset_toml=toml, model=model, subject="benchsubject",
                                  settings=TrainSettings.from_config(params), final_path=workdir / "out.safetensors",
                                  checkpoint_dir=workdir / "checkpoints", loss_tsv=workdir / "loss.tsv",
@@ -166,7 +205,9 @@ def run_variant(variant: str, args) -> dict:
     if step_ms:
         samples_per_step = stats["samples_per_step"]
         stats["samples_per_s"] = samples_per_step / (step_ms / 1000)
-        stats["tflops"] = TFLOP_PER_SAMPLE_512 * (args.resolution / 512) ** 2 * stats["samples_per_s"]
+        per_sample = TFLOP_PER_SAMPLE_1024_SDXL * (args.resolution / 1024) ** 2 if args.family == "sdxl" \
+            else TFLOP_PER_SAMPLE_512 * (args.resolution / 512) ** 2
+        stats["tflops"] = per_sample * stats["samples_per_s"]
         stats["recipe_estimate_s"] = (stats["load_s"] + stats["cache_latents_s"] + stats["first_step_s"]
                                       + (RECIPE_STEPS - 1) * step_ms / 1000)
     return stats
@@ -365,7 +406,7 @@ def flop_kind(op: str) -> str:
     return "other"
 
 
-STEP_MODELS = ("UNet2DConditionModel", "CLIPTextModel")  # the modules a training step runs
+STEP_MODELS = ("UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection")  # the modules a training step runs
 
 
 class StepFlops:
@@ -435,6 +476,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--variants", default="eager15,eager5,compile15,compile15")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model (CPU smoke test)")
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
+                        help="the random model's family (sdxl: SDXL base's shapes; use --resolution 1024)")
     parser.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds")
     parser.add_argument("--cache-root", default="", help="folder for the variants' torch.compile caches "
                                                           "(default: a new temporary folder, i.e. cold)")
