@@ -2,8 +2,9 @@
 
 
 rule subject_summary:
-    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance. It also asks for
-    the best step's embedding (and its published copy) where the likeness job chose one."""
+    """One subject's report page: counts, crops, loss, likeness, grids, recipe, provenance."""
+
+    # it also asks for the best step's embedding (and its published copy) where the likeness job chose one
     input:
         unpack(
             lambda wildcards: {
@@ -48,8 +49,7 @@ rule subject_summary:
 
 
 rule roster_overview:
-    """The roster page a person opens first: per subject its verdict, a sample beside a training crop, the
-    likeness, and a link to its page."""
+    """The roster page to open first: each subject's verdict, a sample, a crop, likeness, a link."""
     input:
         raw=expand("results/{subject}/raw/manifest.tsv", subject=SUBJECTS),
         crops=expand(CROP_OUTPUTS["manifest"], subject=SUBJECTS),

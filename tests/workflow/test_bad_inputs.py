@@ -143,7 +143,7 @@ def test_every_good_photo_reaches_the_dataset(messy_run):
     for name in kept["output"]:
         assert re.fullmatch(r"\d{3}_[A-Za-z0-9._-]+\.png", name), name  # ASCII-safe, inside the folder
         with Image.open(crops_dir / name) as image:
-            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (512, 512))
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (256, 256))  # at train.resolution
         assert (dataset / name).read_bytes() == (crops_dir / name).read_bytes()
     non_ascii = kept[kept["source"].str.endswith(NON_ASCII_NAME)]
     assert len(non_ascii) == 1 and non_ascii.iloc[0]["output"].isascii()

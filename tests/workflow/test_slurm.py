@@ -32,11 +32,11 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sin
 
 
 def rules_by_gpu() -> tuple[set[str], set[str]]:
-    """(rules declaring `resources: gpu`, the other rules) from rules/*.smk."""
+    """(rules declaring `resources: gpu`, the other rules) from rules/*.smk (checkpoints are rules too)."""
     gpu, cpu = set(), set()
     for smk in sorted((REPO_ROOT / "rules").glob("*.smk")):
-        for block in re.split(r"^(?=rule \w+:)", smk.read_text(), flags=re.MULTILINE):
-            name = re.match(r"rule (\w+):", block)
+        for block in re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.MULTILINE):
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block)
             if name:
                 (gpu if re.search(r"^\s+gpu\s*=", block, re.MULTILINE) else cpu).add(name.group(1))
     return gpu, cpu

@@ -90,14 +90,12 @@ def test_the_model_hash_is_computed_once_per_version_of_the_files(tiny_model_dir
     shutil.copytree(tiny_model_dir, model)
     calls = []
     monkeypatch.setattr(loading, "model_fingerprint", lambda path: calls.append(path) or f"hash{len(calls)}")
-    train._fingerprint_cached.cache_clear()
     spec = ModelSpec(path=model, family="sd15")
     assert train.model_hash(spec, preloaded=True) == train.model_hash(spec, preloaded=False) == "hash1"
     config = model / "unet" / "config.json"
     config.write_text(config.read_text() + " ")
     assert train.model_hash(spec, preloaded=True) == "hash2" and len(calls) == 2
     assert train.model_hash(ModelSpec(path=tmp_path / "gone", family="sd15"), preloaded=True) == "in-memory"
-    train._fingerprint_cached.cache_clear()
 
 
 # ----------------------------------------------------------------------------- slow: real worker processes
