@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,24 @@ def test_small_image_tighten_pad_or_reject(tmp_path):
     flagged = run_crop(tmp_path / "raw.tsv", tmp_path / "c4", tmp_path / "c4.tsv", max_pad_share=0.6,
                          upscale_policy="flag", **lenient)
     assert flagged.iloc[0]["status"] == "kept" and flagged.iloc[0]["reason"].startswith("flagged: upscaled x")
+
+
+def test_a_photo_too_small_for_sdxl_follows_the_upscale_policy(tmp_path, astronaut):
+    """Crops are cut at train.resolution (SDXL: 1024). The 512 px astronaut's face crop (252 px) is kept at
+    SD1.5's 512 (x2.03) but would be upscaled x4 at 1024: rejected with that reason, or kept and flagged."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    astronaut.save(photos / "astronaut.png")
+    sd15 = _run(tmp_path, photos, resolution=512).iloc[0]
+    assert sd15["status"] == "kept" and sd15["upscale"] < 2.5
+    sdxl = run_crop(tmp_path / "raw.tsv", tmp_path / "xl", tmp_path / "xl.tsv", resolution=1024).iloc[0]
+    assert sdxl["status"] == "rejected" and int(sdxl["crop_size"]) == int(sd15["crop_size"])
+    assert re.fullmatch(rf"upscale x4\.\d\d > 2\.5 \(crop side {int(sdxl['crop_size'])}px\)", sdxl["reason"])
+    flagged = run_crop(tmp_path / "raw.tsv", tmp_path / "xlf", tmp_path / "xlf.tsv", resolution=1024,
+                       upscale_policy="flag").iloc[0]
+    assert flagged["status"] == "kept" and flagged["reason"].startswith("flagged: upscaled x4.")
+    with Image.open(tmp_path / "xlf" / flagged["output"]) as crop:
+        assert crop.size == (1024, 1024)
 
 
 def test_rejects_no_face_ambiguous_too_small_and_carries_collect_rejects(tmp_path, astronaut):
