@@ -160,7 +160,7 @@ def run_variant(variant: str, args) -> dict:
     spec = parse_variant(variant)
     with open(REPO / "config.yaml", encoding="utf-8") as handle:
         params = dict(yaml.safe_load(handle)["train"])
-    params.update(init_word="woman", max_train_steps=args.steps, save_every_n_steps=args.steps,
+    params.update(init_word="woman", max_train_steps=args.steps, save_every_n_steps=args.save_every or args.steps,
                   micro_batch_size=spec["micro_batch"], compile=COMPILE_MODES[spec["kind"]], device=args.device,
                   resolution=args.resolution, autocast=spec["autocast"],
                   compile_scope="blocks" if spec["kind"] == "blocks" else "model",
@@ -473,6 +473,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="checkpoint (and time) every N steps; ms/step is read between the 2nd and last "
+                             "checkpoint (default: only at the end, and no ms/step)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--variants", default="eager15,eager5,compile15,compile15")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model (CPU smoke test)")
