@@ -61,6 +61,17 @@ def taught_sdxl_model(request, repo_config) -> Path:
     return cached_taught_model(request.config.cache, settings)
 
 
+def test_the_taught_model_hides_one_embedding_per_encoder(taught_sdxl_model, repo_config):
+    from tifactory.demo.taught import CONCEPTS, read_concepts, read_taught_info
+
+    num_vectors = repo_config["train"]["num_vectors"]
+    assert read_taught_info(taught_sdxl_model)["family"] == FAMILY
+    concepts = read_concepts(taught_sdxl_model, 2)
+    assert sorted(concepts) == sorted(CONCEPTS)
+    assert all([tuple(t.shape) for t in vectors] == [(num_vectors, 768), (num_vectors, 1280)]
+               for vectors in concepts.values())
+
+
 @pytest.fixture(scope="module")
 def figures(taught_sdxl_model, repo_config, tmp_path_factory) -> dict:
     """recovery_figures toward TARGET of the run on TARGET's images and of the control run on CONTROL's."""
