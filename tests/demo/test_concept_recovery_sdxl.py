@@ -22,13 +22,14 @@ the share of that gap closed (asserted for SD1.5) is a ratio of noise here; taug
 CPU time) the gap is 3 % and a 10-step target run closes 1.2 of it (control -1.9 | -1.3), with the same
 conditioning figures. Nor does it test the pooling: the tiny SDXL UNet (1-2 channels per group norm group)
 all but erases the time embedding that carries the pooled embedding, so the taught model learns the concepts
-through cross-attention; the gradient on bigG's vectors through the pooled embedding is ~1e-5 of ~5e-3, and a trainer that
-pools at argmax(id) passes this test (tests/training/test_sdxl_textbook_gradient.py catches it); pooled_cos_target
-follows bigG's vectors. With learning rate 0 it fails. The cosine in vector space stays near 0 (0.05-0.08
-against -0.12 to -0.16 for the control; not asserted). Departures from the recipe (config.yaml `train:`): 5 steps, min_bucket_reso 64 and the
-images' resolution, as in the SD1.5 test (tests/demo/test_concept_recovery.py).
+through cross-attention; the gradient on bigG's vectors through the pooled embedding is ~1e-5 of ~5e-3, and a
+trainer that pools at argmax(id) passes this test (tests/training/test_sdxl_textbook_gradient.py catches it);
+pooled_cos_target follows bigG's vectors. With learning rate 0 it fails. The cosine in vector space stays near 0
+(0.05-0.08 against -0.12 to -0.16 for the control; not asserted). Departures from the recipe (config.yaml
+`train:`): 5 steps, min_bucket_reso 64 and the images' resolution, as in the SD1.5 test
+(tests/demo/test_concept_recovery.py).
 
-Cost on one thread (as each pytest-xdist worker of a 2-core CI runs): teaching about 35 CPU seconds (once; cached
+Cost on one thread (as each pytest-xdist worker of a 2-core CI runs): teaching about 44 CPU seconds (once; cached
 in .pytest_cache, keyed by the builder's fingerprint), each training run about 6 (a step runs 15 samples through
 both text encoders forward and backward), each recovery_figures about 6.
 """
