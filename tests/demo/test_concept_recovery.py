@@ -18,8 +18,8 @@ seed 1234 | seed 7:
 Departures from the recipe (config.yaml `train:`), and why:
 - 25 steps, not 1000: four CPU runs must fit in a test; the direction is set within the first 25 steps.
 - min_bucket_reso 64: the taught model knows 64 px images (8x8 latents); kohya's default floor of 256 would
-  upscale them to a size the model was never taught. Learning rate, optimizer, batch and accumulation are the
-  recipe's.
+  upscale them to a size the model was never taught; resolution (recorded in the embedding's metadata) is the
+  images' 64 px, not config's auto. Learning rate, optimizer, batch and accumulation are the recipe's.
 What the taught model cannot show: the init word's loss on v*'s images is only ~4% above v*'s (its UNet
 infers most of a concept from the noisy latents, the conditioning adds little), so "gap closed" is a ratio of
 small numbers (the trained embedding fits these six images better than v* itself), and the trained vectors
@@ -30,34 +30,22 @@ minutes); each run is under a CPU minute.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from tifactory.demo.taught import (  # noqa: E402
-    build_taught_model,
-    builder_fingerprint,
-    is_taught_as,
-    read_taught_info,
-    recovery_figures,
-    write_concept_dataset,
-)
-from support.models import sd15_spec  # noqa: E402
-from tifactory.training.settings import TrainSettings  # noqa: E402
-from tifactory.training.train import train_embedding  # noqa: E402
+from support.recovery import cached_taught_model, train_on_concept  # noqa: E402
+from tifactory.demo.taught import recovery_figures  # noqa: E402
+from tifactory.roster import DEMO_MODEL_FAMILY  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 TARGET, CONTROL = "sun", "checker"
 INIT_WORD = "person"
-IMAGES = 6
 SEEDS = (1234, 7)
-# departures from the recipe (config.yaml train:), see the module docstring
-STEPS = 25
-MIN_BUCKET_RESO = 64
+STEPS = 25  # a departure from the recipe (config.yaml train:), see the module docstring
 
 
 @pytest.fixture(scope="session")
@@ -67,43 +55,19 @@ def taught_model(request, repo_root) -> Path:
     import yaml
 
     config = yaml.safe_load((repo_root / "config.yaml").read_text(encoding="utf-8"))
-    settings = {"num_vectors": config["train"]["num_vectors"], "steps": config["demo_model"]["teach_steps"], "seed": 0}
-    demo = repo_root / "resources" / "models" / "demo-tiny"
-    if is_taught_as(demo, **settings):
-        return demo
-    folder = Path(request.config.cache.mkdir(f"taught-model-{builder_fingerprint()[:16]}")) / "model"
-    if not is_taught_as(folder, **settings):
-        build_taught_model(folder, log=lambda message: None, **settings)
-    return folder
-
-
-def _train(taught_model, concept, seed, root: Path, recipe: dict):
-    """train_embedding on a prepared dataset of 6 held-out images of `concept`; returns (vectors, images)."""
-    info = read_taught_info(taught_model)
-    params = copy.deepcopy(recipe)
-    params.update(seed=seed, init_word=INIT_WORD, max_train_steps=STEPS, save_every_n_steps=STEPS,
-                  min_bucket_reso=MIN_BUCKET_RESO, device="cpu", compile=False)
-    bucket = {key: params[key] for key in ("enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                                           "bucket_reso_steps", "bucket_no_upscale")}
-    toml = write_concept_dataset(concept, root / "dataset", subject="zqx", class_word=INIT_WORD, count=IMAGES,
-                                 size=info["image_size"], repeats=10, bucket=bucket)
-    result = train_embedding(dataset_toml=toml, model=sd15_spec(taught_model), subject="zqx",
-                             settings=TrainSettings.from_config(params),
-                             final_path=root / "zqx-ti.safetensors", checkpoint_dir=root / "checkpoints",
-                             loss_tsv=root / "loss.tsv", state_dir=root / "state", log=lambda message: None)
-    from safetensors.torch import load_file
-
-    images = sorted((root / "dataset").glob("*/*.png"))
-    return load_file(str(result.final_path))["emb_params"].float(), images
+    settings = {"family": DEMO_MODEL_FAMILY, "num_vectors": config["train"]["num_vectors"],
+                "steps": config["demo_model"]["teach_steps"], "seed": 0}
+    return cached_taught_model(request.config.cache, settings,
+                               reuse=(repo_root / "resources" / "models" / "demo-tiny",))
 
 
 @pytest.fixture(scope="module", params=SEEDS)
 def runs(request, taught_model, repo_config, tmp_path_factory):
     seed = request.param
-    recipe = repo_config["train"]
     trained = {}
     for concept in (TARGET, CONTROL):
-        trained[concept] = _train(taught_model, concept, seed, tmp_path_factory.mktemp(f"{concept}{seed}"), recipe)
+        trained[concept] = train_on_concept(taught_model, concept, seed=seed, root=tmp_path_factory.mktemp(
+            f"{concept}{seed}"), recipe=repo_config["train"], steps=STEPS, init_word=INIT_WORD)
     return seed, trained
 
 

@@ -59,14 +59,17 @@ def test_a_taught_folder_is_reused_only_when_this_code_built_it_so(tmp_path):
 
     from tifactory.demo.taught import TAUGHT_FILE, build_taught_model, is_taught_as
 
-    folder = build_taught_model(tmp_path / "taught", num_vectors=2, steps=1, log=lambda message: None)
-    assert is_taught_as(folder, num_vectors=2, steps=1, seed=0)
-    assert not is_taught_as(folder, num_vectors=2, steps=2, seed=0)
-    assert not is_taught_as(folder, num_vectors=3, steps=1, seed=0)
-    assert not is_taught_as(folder, num_vectors=2, steps=1, seed=1)
-    assert not is_taught_as(tmp_path / "nothing", num_vectors=2, steps=1, seed=0)
+    folder = build_taught_model(tmp_path / "taught", family="sd15", num_vectors=2, steps=1, log=lambda message: None)
+    assert is_taught_as(folder, family="sd15", num_vectors=2, steps=1, seed=0)
+    assert not is_taught_as(folder, family="sd15", num_vectors=2, steps=2, seed=0)
+    assert not is_taught_as(folder, family="sd15", num_vectors=3, steps=1, seed=0)
+    assert not is_taught_as(folder, family="sd15", num_vectors=2, steps=1, seed=1)
+    assert not is_taught_as(folder, family="sdxl", num_vectors=2, steps=1, seed=0)  # another family's
+    with pytest.raises(ValueError, match="no tiny model to teach"):
+        build_taught_model(tmp_path / "other", family="sd2", num_vectors=2, steps=1, log=lambda message: None)
+    assert not is_taught_as(tmp_path / "nothing", family="sd15", num_vectors=2, steps=1, seed=0)
     info = json.loads((folder / TAUGHT_FILE).read_text())
     (folder / TAUGHT_FILE).write_text(json.dumps({**info, "builder": "0" * 64}))  # built by other code
-    assert not is_taught_as(folder, num_vectors=2, steps=1, seed=0)
+    assert not is_taught_as(folder, family="sd15", num_vectors=2, steps=1, seed=0)
     (folder / TAUGHT_FILE).write_text(json.dumps({**info, "learning_rate": 1.0}))  # other build settings
-    assert not is_taught_as(folder, num_vectors=2, steps=1, seed=0)
+    assert not is_taught_as(folder, family="sd15", num_vectors=2, steps=1, seed=0)

@@ -1,4 +1,5 @@
-"""A *taught* tiny model: the tiny SD1.5-shaped model made to know a few concepts, so learning shows.
+"""A *taught* tiny model: a tiny model of a family (SD1.5- or SDXL-shaped) made to know a few concepts, so
+learning shows.
 
 A purely random tiny model cannot show that textual inversion learns: its UNet does not know what it
 renders, so no embedding explains its images better than another. This module teaches it, on a CPU
@@ -7,19 +8,23 @@ in about a minute:
 * the VAE becomes an exact, deterministic autoencoder of 8x8-pixel block colours (weights set in
   closed form, no training): the encoder averages each 8x8 block of R, G, B (and their mean) into
   four latent channels, the decoder paints the blocks back. Its posterior has (near) zero variance
-  and the latents times `scaling_factor` have zero mean and unit variance per channel over the
-  concept images, as SD1.5's latents have;
+  and the latents times `scaling_factor` (the family's) have zero mean and unit variance per channel
+  over the concept images, as real latents have;
 * a few **concepts**, each a family of procedurally drawn images (an orange sun on blue, yellow and
   green stripes, a magenta and white checkerboard, a cyan ring on black), each with a hidden
-  embedding: `num_vectors` random vectors norm-matched to the token embeddings;
-* the UNet is fine-tuned as a conditional denoiser: an image of concept c, noised, conditioned on
-  the text encoder's output for an object-template prompt ("a photo of a {}") whose placeholder
-  tokens carry c's embedding. Class-word prompts ("a photo of a person") and the empty prompt are
-  taught as the mixture of all concepts, so the init word explains no concept well.
+  embedding: per text encoder of the model's family, `num_vectors` random vectors norm-matched to
+  that encoder's token embeddings (SD1.5: one [n, 768]; SDXL: [n, 768] for CLIP-L and [n, 1280] for
+  bigG);
+* the UNet is fine-tuned as a conditional denoiser: an image of concept c, noised, conditioned as the
+  family conditions its UNet (tifactory.families: `encode_text`, `extra_conditioning`, `predict_noise`;
+  SDXL's pooled embedding at the end-of-text token and its size time ids included) on an
+  object-template prompt ("a photo of a {}") whose placeholder tokens carry c's embedding in every
+  encoder. Class-word prompts ("a photo of a person") and the empty prompt are taught as the mixture
+  of all concepts, so the init word explains no concept well.
 
 Textual inversion on held-out images of one concept then has something to find: the concept's
 embedding (or another that conditions the UNet the same way). `recovery_figures` measures how far a
-trained embedding got. Everything is deterministic for a given seed (CPU, fp32).
+trained embedding got, per encoder. Everything is deterministic for a given seed (CPU, fp32).
 
 Heavy imports (torch, diffusers, transformers, numpy) happen inside the functions.
 """
@@ -32,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -191,7 +197,7 @@ def block_means(pixels):
 # ----------------------------------------------------------------------------- concept embeddings
 
 def concept_embeddings(token_embedding_weight, num_vectors: int, seed: int):
-    """One [num_vectors, 768] random embedding per concept, each row scaled to the mean token-row norm."""
+    """One [num_vectors, width] random embedding per concept, each row scaled to the mean token-row norm."""
     import torch
 
     target_norm = token_embedding_weight.float().norm(dim=1).mean()
@@ -200,92 +206,168 @@ def concept_embeddings(token_embedding_weight, num_vectors: int, seed: int):
     return vectors / vectors.norm(dim=-1, keepdim=True) * target_norm
 
 
-class Conditioner:
-    """Text-encoder outputs for prompts whose placeholder tokens carry given embeddings (no grad)."""
+def concept_keys(concept: str, num_encoders: int) -> list[str]:
+    """The concepts file's tensor names of one concept, one per encoder: the concept's name for a one-encoder
+    family (SD1.5), `<concept>.<encoder index>` otherwise."""
+    return [concept] if num_encoders == 1 else [f"{concept}.{index}" for index in range(num_encoders)]
 
-    def __init__(self, tokenizer, text_encoder, num_vectors: int):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+def read_concepts(model_dir: str | os.PathLike, num_encoders: int) -> dict[str, list]:
+    """The hidden embedding of every concept of a taught model: {concept: [[num_vectors, width] per encoder]}."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(model_dir) / CONCEPTS_FILE))
+    return {name: [tensors[key] for key in concept_keys(name, num_encoders)] for name in CONCEPTS}
+
+
+def square_sizes(count: int, size: int):
+    """The sizes (tifactory.training.data.sample_sizes) of `count` uncropped size x size images, a [count, 6]
+    long tensor: what a family with size conditioning (SDXL's time ids) sees for the concept images."""
+    import torch
+
+    from tifactory.training.data import sample_sizes
+
+    row = sample_sizes(size, size, (size, size), flipped=False)
+    return torch.tensor([[*row.original, *row.crop_top_left, *row.target]] * count, dtype=torch.long)
+
+
+class Conditioner:
+    """The family's conditioning (tifactory.families.base.Conditioning: `encode_text`, then
+    `extra_conditioning`) of prompts whose placeholder tokens carry given embeddings, one per encoder (no grad).
+    Adds the placeholder tokens to `components`' tokenizers and encoders (the family's `add_placeholders`);
+    `init_vectors` are the init word's rows, per encoder."""
+
+    def __init__(self, family, components, num_vectors: int, *, init_word: str, image_size: int):
+        self.family, self.components, self.image_size = family, components, image_size
         self.tokens = [f"<taught{index}>" for index in range(num_vectors)]
-        tokenizer.add_tokens(self.tokens)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        self.ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        vectors = family.add_placeholders(components, self.tokens, init_word, lambda message: None)
+        self.init_vectors = [tensor.detach().clone() for tensor in vectors]
+        self.ids = components.tokenizer.convert_tokens_to_ids(self.tokens)
         self.placeholder = " ".join(self.tokens)
 
     def positions(self, prompt: str) -> list[int]:
         """Where the placeholder tokens sit in the tokenised `prompt`."""
-        ids = self.tokenizer(prompt.format(self.placeholder)).input_ids
+        ids = self.family.tokenize(self.components, [prompt.format(self.placeholder)])[0][0].tolist()
         return [index for index, token in enumerate(ids) if token in self.ids]
 
-    def encode(self, prompts: list[str], vectors=None):
-        """prompts with `{}` for the placeholder; `vectors` [num_vectors, 768] fill the placeholder."""
+    def encode(self, prompts: list[str], vectors=None, sizes=None):
+        """prompts with `{}` for the placeholder; `vectors` (one [num_vectors, width] per encoder) fill the
+        placeholder; `sizes` [n, 6] the images' sizes (None: uncropped image_size squares)."""
         import torch
 
         text = [prompt.format(self.placeholder) for prompt in prompts]
-        ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.family.tokenize(self.components, text)
+        sizes = square_sizes(len(prompts), self.image_size) if sizes is None else sizes
         with torch.no_grad():
             if vectors is not None:
-                self.text_encoder.get_input_embeddings().weight[self.ids] = vectors.float()
-            return self.text_encoder(ids)[0]
+                for trainable, value in zip(self.family.placeholder_vectors(self.components), vectors, strict=True):
+                    trainable.copy_(value.float())
+            return self.family.extra_conditioning(self.family.encode_text(self.components, ids), sizes)
+
+
+def _fields(function, *conditionings):
+    """A Conditioning whose every present field is function(that field of each of `conditionings`)."""
+    return type(conditionings[0])(*(None if fields[0] is None else function(*fields)
+                                    for fields in zip(*conditionings)))
+
+
+def _stack(conditionings):
+    import torch
+
+    return _fields(lambda *fields: torch.stack(fields), *conditionings)
 
 
 # ----------------------------------------------------------------------------- teaching
 
-def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: int, seed: int = 0,
+@dataclass(frozen=True)
+class TinyBase:
+    """What teaching starts from for a family: the tiny model's builder ("module:function" writing a diffusers
+    folder) and what teaching changes in its UNet's config."""
+
+    builder: str
+    unet_changes: dict
+
+    def build(self, out_dir: Path, seed: int) -> Path:
+        import importlib
+
+        module, function = self.builder.split(":")
+        return getattr(importlib.import_module(module), function)(out_dir, seed=seed)
+
+    def module_file(self) -> str:
+        import importlib
+
+        return importlib.import_module(self.builder.split(":")[0]).__file__
+
+
+TINY_BASES = {
+    # the tiny SD1.5 UNet gains a pooled-text path into the time embedding (diffusers' addition_embed_type
+    # "text"): besides cross-attention, the conditioning then scales and shifts every ResNet block, as class
+    # labels do, which a tiny UNet learns to use in a few hundred CPU steps (cross-attention alone takes far longer)
+    "sd15": TinyBase("tifactory.demo.tinymodel:build_tiny_model",
+                     {"addition_embed_type": "text", "addition_embed_type_num_heads": 12}),
+    # SDXL's UNet has such a path of its own: the pooled text embedding and the size time ids (text_time)
+    "sdxl": TinyBase("tifactory.demo.tinymodel_sdxl:build_tiny_sdxl_model", {}),
+}
+
+
+def tiny_base(family: str) -> TinyBase:
+    try:
+        return TINY_BASES[family]
+    except KeyError:
+        raise ValueError(f"no tiny model to teach for family {family!r} (taught: {', '.join(TINY_BASES)})") from None
+
+
+def build_taught_model(out_dir: str | os.PathLike, *, family: str, num_vectors: int, steps: int, seed: int = 0,
                        image_size: int = 64, teach_images: int = 48, batch_size: int = 32,
                        learning_rate: float = 3e-3, high_t_share: float = 0.7, log: Callable[[str], None] = print) -> Path:
-    """Build the tiny model, teach it the concepts (see the module docstring), write a diffusers folder.
+    """Build the tiny model of `family` (a TINY_BASES name), teach it the concepts (see the module docstring),
+    write a diffusers folder.
 
     Besides the usual folders, `out_dir` holds `concepts.safetensors` (the hidden embedding of every
-    concept, `[num_vectors, 768]` each) and `taught.json` (image size, build settings and the
-    teaching's held-out losses). Deterministic for a given seed; written atomically.
+    concept, `[num_vectors, width]` per encoder, named by `concept_keys`) and `taught.json` (the family, image
+    size, build settings and the teaching's held-out losses). Deterministic for a given seed; written atomically.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel, CLIPTokenizer
 
+    from tifactory.families import ModelSpec, family_named
     from tifactory.training.templates import OBJECT_TEMPLATES
-    from tifactory.demo.tinymodel import build_tiny_model
 
+    base = tiny_base(family)
+    model_family = family_named(family)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        build_tiny_model(work / "model", seed=seed)
-        model = work / "model"
-        tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", local_files_only=True).eval()
-        # the tiny UNet plus a pooled-text path into the time embedding (diffusers' addition_embed_type "text"):
-        # besides cross-attention, the conditioning then scales and shifts every ResNet block, as class labels do,
-        # which a tiny UNet learns to use in a few hundred CPU steps (cross-attention alone takes far longer)
+        model = base.build(work / "model", seed=seed)
+        components = model_family.load(ModelSpec(path=model, family=family))
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel.from_config({**UNet2DConditionModel.load_config(model / "unet"),
-                                                 "addition_embed_type": "text",
-                                                 "addition_embed_type_num_heads": 12})
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_pretrained(model / "scheduler", local_files_only=True)
-        embeddings = concept_embeddings(text_encoder.get_input_embeddings().weight, num_vectors, seed + 10)
+                                                 **base.unet_changes})
+        scheduler = components.noise_scheduler
+        embeddings = [concept_embeddings(encoder.get_input_embeddings().weight, num_vectors, seed + 10 + index)
+                      for index, encoder in enumerate(components.text_encoders)]  # per encoder: [K, n, width]
 
         # -- images and latents
         teach = [[concept_image(name, index, image_size) for index in range(teach_images)] for name in CONCEPTS]
         held = [[concept_image(name, HELD_OUT_START + index, image_size) for index in range(8)]
                 for name in CONCEPTS]
-        raw = block_means(images_to_pixels([image for family in teach for image in family]))
+        raw = block_means(images_to_pixels([image for family_images in teach for image in family_images]))
         mean, std = raw.mean(dim=(0, 2, 3)), raw.std(dim=(0, 2, 3))
-        vae = closed_form_vae(mean, std, AutoencoderKL.load_config(model / "vae")["scaling_factor"])
+        vae = closed_form_vae(mean, std, model_family.scaling_factor(components.vae))
         with torch.no_grad():
             def latents_of(images):
                 return vae.encode(images_to_pixels(images)).latent_dist.mean * vae.config.scaling_factor
-            teach_latents = torch.stack([latents_of(family) for family in teach])  # [K, n, 4, h, w]
-            held_latents = torch.stack([latents_of(family) for family in held])
+            teach_latents = torch.stack([latents_of(images) for images in teach])  # [K, n, 4, h, w]
+            held_latents = torch.stack([latents_of(images) for images in held])
 
         # -- conditionings: per concept x template, plus the class words and the empty prompt (mixtures)
-        conditioner = Conditioner(tokenizer, text_encoder, num_vectors)
-        concept_states = torch.stack([conditioner.encode(OBJECT_TEMPLATES, embeddings[k])
-                                      for k in range(len(CONCEPTS))])  # [K, T, 77, 768]
+        conditioner = Conditioner(model_family, components, num_vectors, init_word=CLASS_WORDS[0],
+                                  image_size=image_size)
+        concept_states = _stack([conditioner.encode(OBJECT_TEMPLATES, [vectors[k] for vectors in embeddings])
+                                 for k in range(len(CONCEPTS))])  # hidden states [K, T, 77, width], ...
         generic_prompts = [t.format(word) for word in CLASS_WORDS for t in OBJECT_TEMPLATES] + [""]
         generic_states = conditioner.encode(generic_prompts)
 
@@ -294,7 +376,7 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
         unet.train()
         optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed + 20)
-        num_concepts, num_templates = concept_states.shape[:2]
+        num_concepts, num_templates = concept_states.hidden_states.shape[:2]
 
         def draw(n, g):
             concept = torch.randint(0, num_concepts, (n,), generator=g)
@@ -303,9 +385,11 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
             flip = torch.rand(n, generator=g) < 0.5
             latents = torch.where(flip.view(-1, 1, 1, 1), latents.flip(-1), latents)
             generic = torch.rand(n, generator=g) < 0.2
-            states = torch.where(generic.view(-1, 1, 1),
-                                 generic_states[torch.randint(0, len(generic_prompts), (n,), generator=g)],
-                                 concept_states[concept, torch.randint(0, num_templates, (n,), generator=g)])
+            generic_pick = torch.randint(0, len(generic_prompts), (n,), generator=g)
+            template_pick = torch.randint(0, num_templates, (n,), generator=g)
+            states = _fields(lambda mixture, concepts: torch.where(
+                generic.view(-1, *[1] * (mixture.dim() - 1)), mixture[generic_pick], concepts[concept, template_pick]),
+                generic_states, concept_states)
             return latents, states
 
         for step in range(steps):
@@ -318,7 +402,7 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
                                     torch.randint(0, 1000, (batch_size,), generator=generator))
             alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
             noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-            loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, states).sample, noise)
+            loss = torch.nn.functional.mse_loss(model_family.predict_noise(unet, noisy, timesteps, states), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -336,8 +420,10 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
                 timesteps = torch.randint(0, 1000, (len(latents),), generator=eval_generator)
                 row = {}
                 for j, other in enumerate(CONCEPTS):
-                    row[other] = _mean_loss(unet, alphas_cumprod, latents, noise, timesteps, concept_states[j, 0])
-                row["person"] = _mean_loss(unet, alphas_cumprod, latents, noise, timesteps, generic_states[0])
+                    row[other] = _mean_loss(model_family, unet, alphas_cumprod, latents, noise, timesteps,
+                                            _fields(lambda field: field[j, 0], concept_states))
+                row["person"] = _mean_loss(model_family, unet, alphas_cumprod, latents, noise, timesteps,
+                                           _fields(lambda field: field[0], generic_states))
                 evaluation[name] = row
                 log(f"held-out {name} images, loss by conditioning: "
                     + ", ".join(f"{key} {value:.4f}" for key, value in row.items()))
@@ -347,12 +433,13 @@ def build_taught_model(out_dir: str | os.PathLike, *, num_vectors: int, steps: i
         shutil.rmtree(model / "vae")
         unet.save_pretrained(model / "unet", safe_serialization=True)
         vae.save_pretrained(model / "vae", safe_serialization=True)
-        save_file({name: embeddings[k].contiguous() for k, name in enumerate(CONCEPTS)},
+        save_file({key: vectors[k].contiguous() for k, name in enumerate(CONCEPTS)
+                   for key, vectors in zip(concept_keys(name, len(embeddings)), embeddings)},
                   str(model / CONCEPTS_FILE), metadata={"num_vectors": str(num_vectors)})
         info = {"concepts": list(CONCEPTS), "image_size": image_size, "num_vectors": num_vectors, "seed": seed,
                 "teach_images": teach_images, "steps": steps, "batch_size": batch_size,
                 "learning_rate": learning_rate, "high_t_share": high_t_share, "held_out_start": HELD_OUT_START,
-                "builder": builder_fingerprint(),
+                "builder": builder_fingerprint(family), "family": family,
                 "held_out_loss": evaluation}  # no timings: the folder is byte-identical across builds
         (model / TAUGHT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
@@ -374,15 +461,17 @@ def _build_defaults() -> dict:
 _BUILD_DEFAULTS = _build_defaults()
 
 
-def _mean_loss(unet, alphas_cumprod, latents, noise, timesteps, states) -> float:
+def _mean_loss(family, unet, alphas_cumprod, latents, noise, timesteps, conditioning) -> float:
+    """Mean denoising loss of `latents` under the family's UNet call; a conditioning of one prompt (hidden states
+    [tokens, width]) conditions every row."""
     import torch
 
     alpha_bar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-    if states.dim() == 2:
-        states = states.expand(len(latents), -1, -1)
+    if conditioning.hidden_states.dim() == 2:
+        conditioning = _fields(lambda field: field.expand(len(latents), *field.shape), conditioning)
     with torch.no_grad():
-        prediction = unet(noisy, timesteps, states).sample
+        prediction = family.predict_noise(unet, noisy, timesteps, conditioning)
     return float(((prediction - noise) ** 2).mean())
 
 
@@ -404,24 +493,25 @@ def write_concept_dataset(concept: str, dataset_dir: str | os.PathLike, *, subje
     return toml_path
 
 
-def builder_fingerprint() -> str:
-    """SHA-256 of the code that builds a taught model (this module and the tiny model's): a folder whose
-    taught.json carries another fingerprint was built by other code."""
+def builder_fingerprint(family: str) -> str:
+    """SHA-256 of the code that builds a taught model of `family` (this module and the tiny model's: SD1.5's
+    tinymodel, whose tokenizer every tiny model uses, and the family's own builder): a folder whose taught.json
+    carries another fingerprint was built by other code."""
     import hashlib
 
     from tifactory.demo import tinymodel
 
     digest = hashlib.sha256()
-    for module_file in (__file__, tinymodel.__file__):
+    for module_file in dict.fromkeys((__file__, tinymodel.__file__, tiny_base(family).module_file())):
         digest.update(Path(module_file).read_bytes())
     return digest.hexdigest()
 
 
-def is_taught_as(model_dir: str | os.PathLike, *, num_vectors: int, steps: int, seed: int) -> bool:
-    """Whether `model_dir` is a taught model that this code, with these settings and the other build
+def is_taught_as(model_dir: str | os.PathLike, *, family: str, num_vectors: int, steps: int, seed: int) -> bool:
+    """Whether `model_dir` is a taught model of `family` that this code, with these settings and the other build
     defaults, builds (the same bytes): for reusing one instead of building it again."""
     info = read_taught_info(model_dir)
-    return (info is not None and info.get("builder") == builder_fingerprint()
+    return (info is not None and info.get("family") == family and info.get("builder") == builder_fingerprint(family)
             and (info["num_vectors"], info["steps"], info["seed"]) == (num_vectors, steps, seed)
             and all(info.get(name) == parameter.default for name, parameter in _BUILD_DEFAULTS.items()))
 
@@ -432,58 +522,88 @@ def read_taught_info(model_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+COND_FIGURES = ("cond_dist_target", "cond_dist_other", "cond_dist_init_target", "cond_cos_target", "vec_cos_target")
+
+
 def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, other: str, init_word: str,
                      images: list[str | os.PathLike], seed: int = 0, repeats: int = 8,
                      min_timestep: int = 0) -> dict:
-    """How far trained `vectors` [n, 768] (None: the init word's) got toward the hidden embedding of `target`.
+    """How far trained `vectors` (one [n, width] per text encoder of the taught model's family; None: the init
+    word's) got toward the hidden embedding of `target`.
 
-    Conditioning = the text encoder's output at the placeholder tokens of "a photo of a <tokens>" (the
-    final layer norm bounds it, whatever the vectors' norm). Returned figures:
+    Conditioning = the family's hidden states (`encode_text`) at the placeholder tokens of "a photo of a
+    <tokens>"; each encoder's part of it is its own columns (the hidden states are the encoders' states side
+    by side: SD1.5 one encoder's final-normed state, SDXL CLIP-L's and bigG's penultimate states). Returned
+    figures (COND_FIGURES over the whole conditioning and all vectors; `encoders`: the same per encoder):
     * cond_dist_target / cond_dist_other: distance of the trained conditioning to `target`'s and to
-      `other`'s (a second concept);
+      `other`'s (a second concept); cond_dist_init_target: the init word's distance to `target`'s;
     * cond_cos_target: cosine between the conditioning's displacement from the init word's and the
       direction from the init word's conditioning to `target`'s; vec_cos_target: the same in vector space;
+    * pooled_cos_target (families with a pooled text embedding, SDXL): cond_cos_target of the pooled one;
     * loss_init / loss_target / loss_trained: denoising loss on `images` (each `repeats` times, fixed
-      noise and timesteps) conditioned on the init word, on `target`'s embedding, on the trained vectors;
+      noise and timesteps; the family's UNet call with the images' sizes) conditioned on the init word, on
+      `target`'s embedding, on the trained vectors;
       gap_closed = (loss_init - loss_trained) / (loss_init - loss_target).
     """
     import torch
-    from safetensors.torch import load_file
 
-    from tifactory.families import ModelSpec, load_model
-    from tifactory.roster import DEMO_MODEL_FAMILY
-    from tifactory.training.data import load_image_tensor
+    from tifactory.families import ModelSpec, family_named
+    from tifactory.training.data import load_image_tensor, sample_sizes
     from tifactory.training.templates import OBJECT_TEMPLATES
 
-    components = load_model(ModelSpec(path=model_dir, family=DEMO_MODEL_FAMILY))
-    concepts = load_file(str(Path(model_dir) / CONCEPTS_FILE))
-    num_vectors = concepts[target].shape[0] if vectors is None else vectors.shape[0]
-    tokenizer, text_encoder = components.tokenizer, components.text_encoder.eval()
-    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
-    init_vectors = text_encoder.get_input_embeddings().weight[
-        [init_ids[index % len(init_ids)] for index in range(num_vectors)]].detach().clone()
-    vectors = init_vectors.clone() if vectors is None else vectors.detach().float().cpu()
-    conditioner = Conditioner(tokenizer, text_encoder, num_vectors)
+    info = read_taught_info(model_dir)
+    if info is None:
+        raise ValueError(f"{model_dir} is not a taught model (no {TAUGHT_FILE})")
+    family = family_named(info["family"])
+    components = family.load(ModelSpec(path=model_dir, family=info["family"]))
+    for encoder in components.text_encoders:
+        encoder.eval()
+    concepts = read_concepts(model_dir, len(components.text_encoders))
+    num_vectors = concepts[target][0].shape[0] if vectors is None else vectors[0].shape[0]
+    conditioner = Conditioner(family, components, num_vectors, init_word=init_word, image_size=info["image_size"])
+    init_vectors = conditioner.init_vectors
+    vectors = [v.clone() for v in init_vectors] if vectors is None else [v.detach().float().cpu() for v in vectors]
+    if len(vectors) != len(init_vectors):
+        raise ValueError(f"{len(vectors)} vector tensor(s) for a model with {len(init_vectors)} text encoder(s)")
     embeddings = {"init": init_vectors, "target": concepts[target], "other": concepts[other], "trained": vectors}
     prompt = [OBJECT_TEMPLATES[0]]
     positions = conditioner.positions(prompt[0])  # the conditioning = the output at the trained tokens
-    states = {name: conditioner.encode(prompt, value)[0, positions] for name, value in embeddings.items()}
+    encoded = {name: conditioner.encode(prompt, value) for name, value in embeddings.items()}
+    states = {name: conditioning.hidden_states[0, positions] for name, conditioning in encoded.items()}
+    widths = [encoder.config.hidden_size for encoder in components.text_encoders]
+    if sum(widths) != states["init"].shape[-1]:
+        raise ValueError(f"the family's hidden states are {states['init'].shape[-1]} wide, not its encoders' "
+                         f"{widths} side by side")
+    starts = [sum(widths[:index]) for index in range(len(widths))]
 
     def cosine(a, b):
         return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
-    figures = {
-        "cond_dist_target": float((states["trained"] - states["target"]).norm()),
-        "cond_dist_other": float((states["trained"] - states["other"]).norm()),
-        "cond_dist_init_target": float((states["init"] - states["target"]).norm()),
-        "cond_cos_target": cosine(states["trained"] - states["init"], states["target"] - states["init"]),
-        "vec_cos_target": cosine(vectors - init_vectors, concepts[target] - init_vectors),
-    }
+    def cond_figures(part, vector_part):
+        trained, init, goal, second = (part(states[name]) for name in ("trained", "init", "target", "other"))
+        moved = [vector_part(embeddings[name]) for name in ("trained", "init", "target")]
+        return {"cond_dist_target": float((trained - goal).norm()),
+                "cond_dist_other": float((trained - second).norm()),
+                "cond_dist_init_target": float((init - goal).norm()),
+                "cond_cos_target": cosine(trained - init, goal - init),
+                "vec_cos_target": cosine(moved[0] - moved[1], moved[2] - moved[1])}
+
+    figures = cond_figures(lambda state: state, lambda per_encoder: torch.cat([v.flatten() for v in per_encoder]))
+    figures["encoders"] = [cond_figures(lambda state, a=start, b=start + width: state[..., a:b],
+                                        lambda per_encoder, index=index: per_encoder[index])
+                           for index, (start, width) in enumerate(zip(starts, widths))]
+    if encoded["init"].pooled is not None:
+        pooled = {name: conditioning.pooled[0] for name, conditioning in encoded.items()}
+        figures["pooled_cos_target"] = cosine(pooled["trained"] - pooled["init"], pooled["target"] - pooled["init"])
 
     vae, unet = components.vae, components.unet.eval()
     with torch.no_grad():
-        pixels = torch.stack([load_image_tensor(Path(path), _image_size(path)) for path in images])
+        image_sizes = [_image_size(path) for path in images]
+        pixels = torch.stack([load_image_tensor(Path(path), size) for path, size in zip(images, image_sizes)])
         latents = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).repeat(repeats, 1, 1, 1)
+    rows = [sample_sizes(*size, size, flipped=False) for size in image_sizes]
+    sizes = torch.tensor([[*row.original, *row.crop_top_left, *row.target] for row in rows],
+                         dtype=torch.long).repeat(repeats, 1)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(min_timestep, components.noise_scheduler.config.num_train_timesteps, (len(latents),),
@@ -491,8 +611,8 @@ def recovery_figures(model_dir: str | os.PathLike, vectors, *, target: str, othe
     alphas_cumprod = components.noise_scheduler.alphas_cumprod.float()
     templates = [OBJECT_TEMPLATES[index % len(OBJECT_TEMPLATES)] for index in range(len(latents))]
     for name in ("init", "target", "trained"):
-        conditioning = conditioner.encode(templates, embeddings[name])
-        figures[f"loss_{name}"] = _mean_loss(unet, alphas_cumprod, latents, noise, timesteps, conditioning)
+        conditioning = conditioner.encode(templates, embeddings[name], sizes)
+        figures[f"loss_{name}"] = _mean_loss(family, unet, alphas_cumprod, latents, noise, timesteps, conditioning)
     gap = figures["loss_init"] - figures["loss_target"]
     figures["gap_closed"] = (figures["loss_init"] - figures["loss_trained"]) / gap if gap > 0 else float("nan")
     return figures
@@ -516,8 +636,8 @@ RECOVERY_COLUMNS = ("step", "cond_dist_target", "cond_dist_other", "cond_cos_tar
 
 def recovery_table(model_dir: str | os.PathLike, embeddings: dict[int, object], *, concept: str, init_word: str,
                    images: list[str | os.PathLike], out_tsv: str | os.PathLike) -> list[dict]:
-    """recovery_figures for every (step: vectors) of one run, against `concept` and other_concept(concept);
-    written as a TSV (RECOVERY_COLUMNS) and returned as rows."""
+    """recovery_figures for every (step: vectors per encoder, or None) of one run, against `concept` and
+    other_concept(concept); written as a TSV (RECOVERY_COLUMNS) and returned as rows."""
     from tifactory.fileio import write_text_atomic
 
     rows = []

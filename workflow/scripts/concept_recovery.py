@@ -9,7 +9,7 @@ def main(smk, log):
     embeddings = {0: None}  # step 0: the init word alone, as the grid's first row
     for path in [*Path(smk.input.checkpoints).glob("*.safetensors"), Path(smk.input.embedding)]:
         vectors, metadata = load_embedding(path)
-        embeddings[int(metadata["tifactory.step"])] = vectors
+        embeddings[int(metadata["tifactory.step"])] = [vectors]  # the demo model is SD1.5: one encoder
     dataset_dir = Path(smk.input.dataset).parent  # the kohya image folder sits beside dataset.toml
     images = sorted(path for path in dataset_dir.rglob("*") if path.suffix.lower() == ".png")
     concept = smk.params.concept
