@@ -15,9 +15,8 @@ import hashlib
 import json
 
 import pytest
-from PIL import Image
 
-from tifactory.photos.dataset import build_dataset
+from support.datasets import astronaut_dataset
 
 # sha256 of the final embedding's raw tensor bytes (bf16, little-endian) and of its stable metadata
 FINAL_TENSOR_SHA256 = "7afea20505ec7fe1771a2ba3998ef64ca081c497d5c6f0d5a08e0de398e61930"
@@ -42,23 +41,11 @@ RECIPE = {
 @pytest.fixture(scope="module")
 def seam_dataset(tmp_path_factory):
     """Two crops of the astronaut photo, one square and one portrait: two buckets."""
-    import pandas as pd
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("seam")
-    crops = root / "crops"
-    crops.mkdir()
-    astronaut = Image.fromarray(data.astronaut())
-    rows = []
-    for index, (box, size) in enumerate([((100, 0, 356, 256), (128, 128)), ((120, 10, 312, 266), (96, 128))]):
-        name = f"{index:03d}_astronaut.png"
-        astronaut.crop(box).resize(size).save(crops / name)
-        rows.append({"source": "astronaut.png", "status": "kept", "reason": "", "output": name})
-    pd.DataFrame(rows).to_csv(crops / "manifest.tsv", sep="\t", index=False)
     bucket = {key: RECIPE[key] for key in ("enable_bucket", "min_bucket_reso", "max_bucket_reso",
                                            "bucket_reso_steps", "bucket_no_upscale")}
-    return build_dataset(crops_manifest=crops / "manifest.tsv", crops_dir=crops, dataset_dir=root / "dataset",
-                         subject="eva", class_word="woman", repeats=3, resolution=RECIPE["resolution"], bucket=bucket)
+    return astronaut_dataset(tmp_path_factory.mktemp("seam"), [((100, 0, 356, 256), (128, 128)),
+                                                               ((120, 10, 312, 266), (96, 128))],
+                             resolution=RECIPE["resolution"], bucket=bucket)
 
 
 def tensor_sha256(path) -> str:

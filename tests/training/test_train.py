@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
-from tifactory.photos.dataset import build_dataset
 from tifactory.training.embedding import checkpoint_name, load_embedding
+from support.datasets import astronaut_dataset
 from support.models import sd15_spec
 from tifactory.training.settings import TrainSettings
 from tifactory.training.train import TrainingError, train_embedding
@@ -19,21 +18,9 @@ BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048
 @pytest.fixture(scope="module")
 def dataset_toml(tmp_path_factory):
     """Two real crops from the astronaut photo (no detector needed: fixed boxes)."""
-    import pandas as pd
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("ds")
-    crops = root / "crops"
-    crops.mkdir()
-    astronaut = Image.fromarray(data.astronaut())
-    rows = []
-    for index, box in enumerate([(100, 0, 356, 256), (120, 10, 376, 266)]):
-        name = f"{index:03d}_astronaut.png"
-        astronaut.crop(box).resize((256, 256)).save(crops / name)
-        rows.append({"source": "astronaut.png", "status": "kept", "reason": "", "output": name})
-    pd.DataFrame(rows).to_csv(crops / "manifest.tsv", sep="\t", index=False)
-    return build_dataset(crops_manifest=crops / "manifest.tsv", crops_dir=crops, dataset_dir=root / "dataset",
-                         subject="eva", class_word="woman", repeats=3, resolution=256, bucket=BUCKET)
+    return astronaut_dataset(tmp_path_factory.mktemp("ds"), [((100, 0, 356, 256), (256, 256)),
+                                                             ((120, 10, 376, 266), (256, 256))],
+                             resolution=256, bucket=BUCKET)
 
 
 @pytest.fixture

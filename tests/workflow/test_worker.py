@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from support.datasets import astronaut_dataset
 from tifactory.worker import ModelCache, run_task
 from tifactory.worker_client import (RUN_ENV, RunMark, WorkerSettings, WorkerTaskError, connect_or_start,
                                      in_process_reason, mark_run, run_stage, worker_key)
@@ -102,23 +102,9 @@ def test_the_model_hash_is_computed_once_per_version_of_the_files(tiny_model_dir
 
 @pytest.fixture(scope="module")
 def dataset_toml(tmp_path_factory):
-    import pandas as pd
-    from skimage import data
-
-    from tifactory.photos.dataset import build_dataset
-
-    root = tmp_path_factory.mktemp("wds")
-    crops = root / "crops"
-    crops.mkdir()
-    astronaut = Image.fromarray(data.astronaut())
-    rows = []
-    for index, box in enumerate([(100, 0, 356, 256), (120, 10, 376, 266)]):
-        name = f"{index:03d}_astronaut.png"
-        astronaut.crop(box).resize((256, 256)).save(crops / name)
-        rows.append({"source": "astronaut.png", "status": "kept", "reason": "", "output": name})
-    pd.DataFrame(rows).to_csv(crops / "manifest.tsv", sep="\t", index=False)
-    return build_dataset(crops_manifest=crops / "manifest.tsv", crops_dir=crops, dataset_dir=root / "dataset",
-                         subject="eva", class_word="woman", repeats=3, resolution=256, bucket=BUCKET)
+    return astronaut_dataset(tmp_path_factory.mktemp("wds"), [((100, 0, 356, 256), (256, 256)),
+                                                              ((120, 10, 376, 266), (256, 256))],
+                             resolution=256, bucket=BUCKET)
 
 
 @pytest.fixture
