@@ -31,6 +31,7 @@ rule samples:
         model=lambda wildcards: MODELS[sample_model(wildcards)].as_params(),
         embeddings=sample_extra_embeddings,
         label=sample_model,
+        trigger=subject_trigger,
     script:
         "../workflow/scripts/samples.py"
 

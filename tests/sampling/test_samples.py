@@ -37,6 +37,25 @@ def test_unknown_scheduler_is_a_prompt_error():
         make_scheduler("plms", {})
 
 
+def test_column_labels_show_the_word_people_type(tmp_path, tiny_model_dir, monkeypatch):
+    """The grid's column labels name the trigger (the roster's output_name), else `<subject>-ti`."""
+    from tifactory.sampling import samples
+
+    labels = []
+    real = samples.compose_grid
+    monkeypatch.setattr(samples, "compose_grid", lambda rows, columns, title="": labels.append(columns)
+                        or real(rows, columns, title))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "prompts.txt").write_text("a photo of {token}\n")
+    settings = SampleSettings(seeds=[1], steps=1, guidance_scale=7.5, width=64, height=64, scheduler="ddim",
+                              device="cpu", batch_size=4, init_word="woman")
+    for out, trigger in (("a", "evagreen_v2"), ("b", None)):
+        render_sample_grid(model=sd15_spec(tiny_model_dir), settings=settings, subject="eva",
+                           checkpoint_dir=tmp_path / "checkpoints", prompts_file=tmp_path / "prompts.txt",
+                           out_dir=tmp_path / out, trigger=trigger, log=lambda message: None)
+    assert labels == [["seed 1 · a photo of evagreen_v2"], ["seed 1 · a photo of eva-ti"]]
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("samples")

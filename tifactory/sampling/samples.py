@@ -271,14 +271,16 @@ class Sampler:
     def render_grid(self, *, subject: str, settings: SampleSettings, checkpoints: list[tuple[int, Path]],
                     prompts: list[SamplePrompt], out_dir: str | os.PathLike,
                     extra_embeddings: dict[str, str] | None = None, title: str = "",
-                    log: Callable[[str], None] = print, progress_every_s: float | None = None) -> dict:
+                    log: Callable[[str], None] = print, progress_every_s: float | None = None,
+                    trigger: str | None = None) -> dict:
         """Render step 0 and every checkpoint; write the images, images.tsv, grid.png, grid_preview.jpg.
-        Returns timings (seconds) and paths."""
+        `trigger`: the word people type, shown in the column labels (the roster's output_name; None =
+        `<subject>-ti`). Returns timings (seconds) and paths."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        for trigger, path in sorted((extra_embeddings or {}).items()):
-            self.encoder.set(trigger, [tensor.float() for tensor in self.family.read_vectors(path)])
+        for word, path in sorted((extra_embeddings or {}).items()):
+            self.encoder.set(word, [tensor.float() for tensor in self.family.read_vectors(path)])
         init_word, batch_size = settings.init_word, settings.batch_size
         columns = plan_columns(prompts, seeds=list(settings.seeds), steps=settings.steps,
                                guidance_scale=settings.guidance_scale, width=settings.width, height=settings.height)
@@ -319,7 +321,7 @@ class Sampler:
         for row, step in enumerate(row_steps):
             label = f"step 0 ({init_word})" if step == 0 else f"step {step}"
             rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
-        grid = compose_grid(rows, [column.label(f"{subject}-ti") for column in columns], title=title)
+        grid = compose_grid(rows, [column.label(trigger or f"{subject}-ti") for column in columns], title=title)
         grid_path = out_dir / "grid.png"
         pending.append(writer.submit(save_png, grid, grid_path))
         pending.append(writer.submit(write_preview, grid, out_dir / "grid_preview.jpg"))
@@ -350,9 +352,10 @@ def render_sample_grid(*, model: ModelSpec, settings: SampleSettings, subject: s
                        checkpoint_dir: str | os.PathLike, prompts_file: str | os.PathLike,
                        out_dir: str | os.PathLike, extra_embeddings: dict[str, str] | None = None,
                        model_label: str = "", log: Callable[[str], None] = print,
-                       progress_every_s: float | None = None, sampler: Sampler | None = None) -> Path:
+                       progress_every_s: float | None = None, sampler: Sampler | None = None,
+                       trigger: str | None = None) -> Path:
     """The samples stage: read the prompts, load the model (unless `sampler`, loaded already: the GPU worker,
-    tifactory.worker), render the grid of every checkpoint."""
+    tifactory.worker), render the grid of every checkpoint (`trigger` labels its columns: Sampler.render_grid)."""
     prompts = read_prompts(prompts_file)
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
@@ -370,5 +373,6 @@ def render_sample_grid(*, model: ModelSpec, settings: SampleSettings, subject: s
     title = f"{subject} on {model_label or model.name} · {settings.scheduler}"
     result = sampler.render_grid(
         subject=subject, settings=settings, checkpoints=checkpoints, prompts=prompts, out_dir=out_dir,
-        extra_embeddings=extra_embeddings, title=title, log=log, progress_every_s=progress_every_s)
+        extra_embeddings=extra_embeddings, title=title, log=log, progress_every_s=progress_every_s,
+        trigger=trigger)
     return result["grid"]
