@@ -28,7 +28,7 @@ from tifactory.demo.photos import DEMO_SUBJECTS
 from tifactory.training.model_check import check_subject_tokens, model_specs, tokenizer_folder
 from tifactory.faces.models import FaceModelError, FaceSettings, resolve as resolve_face_models
 from tifactory.jobs import share_compile_cache
-from tifactory.worker_client import mark_run
+from tifactory.run_mark import mark_run
 
 # every GPU job this run starts (and, on a cluster, every job that re-parses this file) compiles into
 # one cache folder: only a roster's first job compiles from scratch

@@ -226,7 +226,7 @@ def serve_one(sock: socket.socket, cache: ModelCache) -> bool:
 
 
 def serve(socket_file: str, run: str, idle_timeout_s: float) -> None:
-    from tifactory.worker_client import RunMark
+    from tifactory.run_mark import RunMark
 
     mark = RunMark.parse(run)
     if mark is None:

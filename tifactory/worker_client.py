@@ -13,14 +13,15 @@ unexpected error; after `gpu_worker.idle_timeout_s` without a job. A worker kill
 job in flight, whose rerun resumes from its last checkpoint as an in-process job would.
 
 Which worker: the key hashes the run (host, Snakemake's main pid and its start time, a random nonce: set by
-`mark_run` when the Snakefile is parsed by the main process), the GPU slot (CUDA_VISIBLE_DEVICES after the
-claim), the interpreter and the environment the stages read, so two runs never share one.
+`tifactory.run_mark.mark_run` when the Snakefile is parsed by the main process), the GPU slot
+(CUDA_VISIBLE_DEVICES after the claim), the interpreter and the environment the stages read, so two runs never
+share one.
 
 In process instead (today's path, same bytes): `gpu_worker.enabled: false`; no run mark (a script run
 outside Snakemake); inside a SLURM job (each job is its own allocation); a job on another host than the
 Snakemake main process (other cluster executors: nothing there can watch the run).
 
-Parse-time cheap: no torch here (rules/common.smk imports `mark_run`).
+Parse-time cheap: no torch here (a GPU job imports it before anything heavy).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.errors import TifactoryError
+from tifactory.run_mark import RUN_ENV, RunMark
 
-RUN_ENV = "TIFACTORY_RUN"  # host:pid:start:nonce of the Snakemake main process, set at parse time
 DIR_ENV = "TIFACTORY_WORKER_DIR"  # where sockets, locks and worker logs live (default <tmp>/tifactory-workers-<uid>)
 # the environment a stage reads (besides its arguments): a worker started under other values is another worker
 KEYED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "TORCHINDUCTOR_CACHE_DIR", "PYTHONPATH",
@@ -66,54 +66,6 @@ class WorkerSettings:
         section = config["gpu_worker"]
         return cls(enabled=bool(section["enabled"]), idle_timeout_s=float(section["idle_timeout_s"]),
                    start_timeout_s=float(section["start_timeout_s"]))
-
-
-# ----------------------------------------------------------------------------- the run's identity
-
-def process_start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if it is gone
-    (or no /proc): with the pid it names one process, whatever pids are reused later."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def mark_run(environ: dict | None = None) -> str:
-    """Name this Snakemake run for its jobs (call in the main process at parse time): host, pid, the pid's
-    start time and a nonce, in TIFACTORY_RUN (replacing any inherited value)."""
-    environ = os.environ if environ is None else environ
-    pid = os.getpid()
-    environ[RUN_ENV] = f"{socket.gethostname()}:{pid}:{process_start_ticks(pid) or '-'}:{secrets.token_hex(4)}"
-    return environ[RUN_ENV]
-
-
-@dataclass(frozen=True)
-class RunMark:
-    host: str
-    pid: int
-    start: str
-    nonce: str
-
-    @classmethod
-    def parse(cls, value: str) -> "RunMark | None":
-        parts = value.split(":")
-        if len(parts) != 4 or not parts[1].isdigit():
-            return None
-        return cls(parts[0], int(parts[1]), parts[2], parts[3])
-
-    def alive(self) -> bool:
-        """Is the run's main process still the one that set the mark?"""
-        if self.start == "-":  # no /proc where it was made: the pid alone
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        return process_start_ticks(self.pid) == self.start
 
 
 def worker_dir(environ: dict | None = None) -> Path:

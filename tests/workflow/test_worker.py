@@ -18,8 +18,9 @@ import pytest
 
 from support.datasets import astronaut_dataset
 from tifactory.worker import ModelCache, run_task
-from tifactory.worker_client import (RUN_ENV, RunMark, WorkerSettings, WorkerTaskError, connect_or_start,
-                                     in_process_reason, mark_run, run_stage, worker_key)
+from tifactory.run_mark import RUN_ENV, RunMark, mark_run
+from tifactory.worker_client import (WorkerSettings, WorkerTaskError, connect_or_start, in_process_reason, run_stage,
+                                     worker_key)
 
 SETTINGS = WorkerSettings(enabled=True, idle_timeout_s=60, start_timeout_s=60)
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
