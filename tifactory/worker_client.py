@@ -174,13 +174,21 @@ def tail(path: Path, size: int = 2000) -> str:
         return "(no log)"
 
 
+def list_lines(reader):
+    """The worker's reply lines as they come; a reset connection ends them (the worker died)."""
+    try:
+        yield from reader
+    except ConnectionResetError:
+        return
+
+
 def exchange(connection: socket.socket, task: str, kwargs: dict, log: Callable[[str], None],
              worker_log: Path) -> None:
     """Send one request; relay the worker's log lines; raise on its error or its death."""
     request = {"task": task, "kwargs": kwargs, "cwd": os.getcwd()}
     connection.sendall((json.dumps(request) + "\n").encode())
     reader = connection.makefile("r", encoding="utf-8")
-    for line in reader:
+    for line in list_lines(reader):  # a worker killed mid-request may reset the connection, not close it
         message = json.loads(line)
         if "log" in message:
             log(message["log"])
