@@ -27,23 +27,33 @@ def _print_folder_report(result) -> None:
             print(line, file=sys.stderr)
 
 
+def _folder_roster(args, command: str, empty: str):
+    """The roster of DATA_DIR's subfolders (tifactory.roster_folders), its report on stderr; or the exit code
+    when there is none: 2 for an unreadable folder, 1 for no usable subfolder."""
+    from tifactory.roster_folders import roster_from_folders
+
+    try:
+        result = roster_from_folders(args.data_dir, args.class_word)
+    except (ValueError, OSError) as error:
+        print(f"tifactory {command}: {error}", file=sys.stderr)
+        return 2
+    _print_folder_report(result)
+    if not result.rows:
+        print(f"tifactory {command}: no usable subfolder in {args.data_dir}; {empty}", file=sys.stderr)
+        return 1
+    return result
+
+
 def _roster(args) -> int:
     from tifactory.fileio import write_text_atomic
-    from tifactory.roster_folders import roster_from_folders
 
     started = time.perf_counter()
     if args.output != "-" and os.path.isdir(args.output):
         print(f"tifactory roster: -o {args.output} is a folder; name the roster file to write", file=sys.stderr)
         return 2
-    try:
-        result = roster_from_folders(args.data_dir, args.class_word)
-    except (ValueError, OSError) as error:
-        print(f"tifactory roster: {error}", file=sys.stderr)
-        return 2
-    _print_folder_report(result)
-    if not result.rows:
-        print(f"tifactory roster: no usable subfolder in {args.data_dir}; nothing written", file=sys.stderr)
-        return 1
+    result = _folder_roster(args, "roster", "nothing written")
+    if isinstance(result, int):
+        return result
     if args.output == "-":
         sys.stdout.write(result.tsv())
     else:
@@ -96,23 +106,16 @@ def _run(args) -> int:
     import subprocess
 
     from tifactory.fileio import write_text_atomic
-    from tifactory.roster_folders import roster_from_folders
 
     model = Path(args.model).expanduser()
     if not model.exists():
-        print(f"tifactory run: --model {args.model}: not found (an SD1.5 checkpoint, e.g. "
+        print(f"tifactory run: --model {args.model}: not found (an SD1.5 or SDXL checkpoint, e.g. "
               "v1-5-pruned-emaonly.safetensors)", file=sys.stderr)
         return 2
     out = Path(args.out).expanduser().resolve()
-    try:
-        result = roster_from_folders(args.data_dir, args.class_word)
-    except (ValueError, OSError) as error:
-        print(f"tifactory run: {error}", file=sys.stderr)
-        return 2
-    _print_folder_report(result)
-    if not result.rows:
-        print(f"tifactory run: no usable subfolder in {args.data_dir}; nothing to train", file=sys.stderr)
-        return 1
+    result = _folder_roster(args, "run", "nothing to train")
+    if isinstance(result, int):
+        return result
     out.mkdir(parents=True, exist_ok=True)
     roster = out / "roster.tsv"
     write_text_atomic(roster, result.tsv())
