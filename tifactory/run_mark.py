@@ -1,7 +1,8 @@
 """The name of one Snakemake run, for its GPU jobs (tifactory.worker_client) and the GPU worker it starts
 (tifactory.worker): host, pid of the Snakemake main process, that pid's start time and a nonce, set in
 TIFACTORY_RUN when the Snakefile is parsed by the main process. A worker serves only its own run and ends with
-it. Parse-time cheap (standard library only)."""
+it. Also the worker's greeting, the one other thing both sides share. Parse-time cheap (standard library
+only)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN_ENV = "TIFACTORY_RUN"  # host:pid:start:nonce of the Snakemake main process, set at parse time
+HELLO = b"tifactory-worker "  # the worker's first line on each connection it takes: HELLO + its pid
 
 
 def process_start_ticks(pid: int) -> str | None:

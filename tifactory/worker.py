@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.errors import TifactoryError
+from tifactory.run_mark import HELLO, RunMark
 
 USER_ERRORS = (TifactoryError, FileNotFoundError)  # as tifactory.jobs: a message, no traceback
 
@@ -194,6 +195,10 @@ def stamp() -> str:
 def serve_one(sock: socket.socket, cache: ModelCache) -> bool:
     """Serve one connection; False when the worker should end (after an unexpected error)."""
     connection = Connection(sock)
+    try:
+        sock.sendall(HELLO + f"{os.getpid()}\n".encode())  # the job knows a live worker took it
+    except OSError:
+        return True  # the job went away before its request
     reader = sock.makefile("r", encoding="utf-8")
     line = reader.readline()
     if not line:
@@ -226,8 +231,6 @@ def serve_one(sock: socket.socket, cache: ModelCache) -> bool:
 
 
 def serve(socket_file: str, run: str, idle_timeout_s: float) -> None:
-    from tifactory.run_mark import RunMark
-
     mark = RunMark.parse(run)
     if mark is None:
         raise SystemExit(f"bad run mark {run!r}")

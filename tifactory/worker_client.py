@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.errors import TifactoryError
-from tifactory.run_mark import RUN_ENV, RunMark
+from tifactory.run_mark import HELLO, RUN_ENV, RunMark
 
 DIR_ENV = "TIFACTORY_WORKER_DIR"  # where sockets, locks and worker logs live (default <tmp>/tifactory-workers-<uid>)
 # the environment a stage reads (besides its arguments): a worker started under other values is another worker
@@ -127,7 +127,11 @@ def socket_path(folder: Path, key: str) -> Path:
     return folder / f"{key}.sock"
 
 
-def try_connect(path: Path) -> socket.socket | None:
+def try_connect(path: Path, timeout_s: float) -> socket.socket | None:
+    """A connection to the worker listening at `path`, once it greeted it; None where none listens, or where
+    the listener is a worker that is dying (killed, or ending): it closes or resets the connection unanswered.
+    Without the greeting a job could reach a killed worker's socket in the moment before the kernel closes it
+    and take that worker's end for its own job's death."""
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(str(path))
@@ -136,17 +140,42 @@ def try_connect(path: Path) -> socket.socket | None:
         if error.errno in (errno.ENOENT, errno.ECONNREFUSED):
             return None
         raise
+    connection.settimeout(timeout_s)
+    try:
+        greeting = read_line(connection)
+    except socket.timeout:
+        connection.close()
+        raise WorkerTaskError(f"the GPU worker at {path} took the connection but did not answer within "
+                              f"{timeout_s:.0f} s (gpu_worker.start_timeout_s); is it stuck? Its pid is in "
+                              f"{path.with_suffix('.log')}") from None
+    except OSError:
+        greeting = b""
+    connection.settimeout(None)
+    if not greeting.startswith(HELLO):
+        connection.close()
+        return None
     return connection
+
+
+def read_line(connection: socket.socket) -> bytes:
+    """One short line, byte by byte (nothing after it is read: the reply stream stays whole)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        byte = connection.recv(1)
+        if not byte:
+            break
+        data += byte
+    return data
 
 
 def connect_or_start(folder: Path, key: str, settings: WorkerSettings,
                      log: Callable[[str], None]) -> tuple[socket.socket, str]:
     """A connection to the slot's worker, starting one if none listens (a stale socket is replaced)."""
     path = socket_path(folder, key)
-    connection = try_connect(path)
+    connection = try_connect(path, settings.start_timeout_s)
     if connection is not None:
         return connection, f"reusing the worker at {path}"
-    path.unlink(missing_ok=True)  # left by a worker that was killed
+    path.unlink(missing_ok=True)  # left by a worker that was killed (or is dying: it leaves the new one's be)
     worker_log = folder / f"{key}.log"
     with open(worker_log, "a", encoding="utf-8") as handle:
         process = subprocess.Popen(
@@ -155,7 +184,7 @@ def connect_or_start(folder: Path, key: str, settings: WorkerSettings,
             stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + settings.start_timeout_s
     while time.monotonic() < deadline:
-        connection = try_connect(path)
+        connection = try_connect(path, settings.start_timeout_s)
         if connection is not None:
             return connection, f"started worker pid {process.pid} at {path} (its own log: {worker_log})"
         if process.poll() is not None:

@@ -18,9 +18,9 @@ import pytest
 
 from support.datasets import astronaut_dataset
 from tifactory.worker import ModelCache, run_task
-from tifactory.run_mark import RUN_ENV, RunMark, mark_run
+from tifactory.run_mark import HELLO, RUN_ENV, RunMark, mark_run
 from tifactory.worker_client import (WorkerSettings, WorkerTaskError, connect_or_start, in_process_reason, run_stage,
-                                     worker_key)
+                                     try_connect, worker_key)
 
 SETTINGS = WorkerSettings(enabled=True, idle_timeout_s=60, start_timeout_s=60)
 BUCKET = {"enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048, "bucket_reso_steps": 64,
@@ -48,6 +48,39 @@ def test_two_runs_and_two_slots_never_share_a_worker():
     assert worker_key(first, {"CUDA_VISIBLE_DEVICES": "0"}) == worker_key(first, {"CUDA_VISIBLE_DEVICES": "0"})
     assert worker_key(first, {"CUDA_VISIBLE_DEVICES": "0"}) != worker_key(
         first, {"CUDA_VISIBLE_DEVICES": "0", "TORCHINDUCTOR_CACHE_DIR": "/elsewhere"})
+
+
+def test_a_dying_workers_socket_is_no_worker(tmp_path):
+    """A killed worker's listening socket can outlive its job's connection for a moment: a job connecting then
+    sits in the backlog until the kernel closes it. No greeting: it is no worker (a new one is started); with
+    the greeting it is one (seen once in CI as a rerun's job failing with 'the GPU worker died')."""
+    import socket
+
+    path = tmp_path / "w.sock"
+    assert try_connect(path, 5) is None  # nothing there
+    dying = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dying.bind(str(path))
+    dying.listen(1)  # never accepts
+    threading.Timer(0.3, dying.close).start()
+    assert try_connect(path, 5) is None
+
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.unlink()
+    live.bind(str(path))
+    live.listen(1)
+
+    def greet():
+        sock, _ = live.accept()
+        sock.sendall(HELLO + b"123\n" + b'{"log": "first reply line"}\n')
+        time.sleep(0.5)
+        sock.close()
+
+    threading.Thread(target=greet).start()
+    connection = try_connect(path, 5)
+    assert connection is not None
+    assert connection.makefile("r").readline() == '{"log": "first reply line"}\n'  # nothing read past the greeting
+    connection.close()
+    live.close()
 
 
 def test_a_run_mark_names_one_live_process():
