@@ -56,6 +56,41 @@ def test_column_labels_show_the_word_people_type(tmp_path, tiny_model_dir, monke
     assert labels == [["seed 1 · a photo of evagreen_v2"], ["seed 1 · a photo of eva-ti"]]
 
 
+def test_images_are_written_while_later_batches_sample(tmp_path, tiny_model_dir, monkeypatch):
+    """Each batch's PNGs go to the writer threads as the batch comes, not after the last one; every file and
+    the grid's cells hold the sampled pixels exactly (the fast PNG strategy is lossless)."""
+    import time
+
+    from tifactory.sampling import samples
+
+    events, kept = [], {}
+    real_save, real_compose = samples.save_png, samples.compose_grid
+
+    def save(image, path):
+        events.append(("write", time.perf_counter()))
+        kept[Path(path).name] = np.asarray(image)
+        return real_save(image, path)
+
+    monkeypatch.setattr(samples, "save_png", save)
+    monkeypatch.setattr(samples, "compose_grid", lambda rows, columns, title="": kept.update(
+        rows=[[np.asarray(image) for image in images] for _, images in rows]) or real_compose(rows, columns, title))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "prompts.txt").write_text("a photo of {token}\n")
+    settings = SampleSettings(seeds=[1, 2, 3], steps=1, guidance_scale=7.5, width=64, height=64, scheduler="ddim",
+                              device="cpu", batch_size=1, init_word="woman")
+    render_sample_grid(model=sd15_spec(tiny_model_dir), settings=settings, subject="eva",
+                       checkpoint_dir=tmp_path / "checkpoints", prompts_file=tmp_path / "prompts.txt",
+                       out_dir=tmp_path, progress_every_s=1e-9,
+                       log=lambda message: events.append((message.split()[0], time.perf_counter())))
+    last_batch = [when for what, when in events if what == "sampled"][-1]
+    assert min(when for what, when in events if what == "write") < last_batch  # the first batch's, early
+    cells = [image for row in kept["rows"] for image in row]
+    for name in sorted(p.name for p in tmp_path.glob("step*.png")):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), kept[name])
+        assert any(np.array_equal(kept[name], cell) for cell in cells)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), kept["grid.png"])
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("samples")

@@ -190,7 +190,8 @@ def compose_grid(rows: list[tuple[str, list]], column_labels: list[str], title: 
 
 
 def save_png(image, path: str | os.PathLike) -> Path:
-    """Write image as PNG atomically (fast zlib level: the grids are big and rewritten often)."""
+    """Write image as PNG atomically (fast zlib level: the grids are big and rewritten often; zlib's run-length
+    strategy was no faster on photos and 12-20 % bigger: bench/bench_grid_write.py)."""
     with atomic_path(path) as tmp_path:
         image.save(tmp_path, format="PNG", compress_level=1)
     return Path(path)
@@ -235,11 +236,13 @@ class Sampler:
         return torch.float16 if device.type == "cuda" else torch.float32
 
     def sample(self, jobs: list[dict], batch_size: int, log: Callable[[str], None] = print,
-               progress_every_s: float | None = None) -> list:
+               progress_every_s: float | None = None,
+               on_image: Callable[[int, object], None] | None = None) -> list:
         """jobs: dicts with cond, uncond (the family's prompt-embedding arguments, PromptEncoder.encode), seed,
         steps, guidance_scale, width, height. Returns one PIL image per job, in order. Jobs that share
         steps/CFG/size share batches. With `progress_every_s`, a line (images done / total, ETA) that often
-        and after the last batch."""
+        and after the last batch. `on_image(index, image)` as each batch comes (to write it while the next
+        batch samples)."""
         import torch
 
         images: list = [None] * len(jobs)
@@ -261,6 +264,8 @@ class Sampler:
                     num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
                 for i, image in zip(batch, output.images):
                     images[i] = image
+                    if on_image is not None:
+                        on_image(i, image)
                 done += len(batch)
                 now = time.perf_counter()
                 if progress_every_s and (now - last_line >= progress_every_s or done == len(jobs)):
@@ -268,6 +273,7 @@ class Sampler:
                     log(f"sampled {done}/{len(jobs)} images in {now - started:.1f} s, "
                         f"ETA {(now - started) / done * (len(jobs) - done):.0f} s")
         return images
+
     def render_grid(self, *, subject: str, settings: SampleSettings, checkpoints: list[tuple[int, Path]],
                     prompts: list[SamplePrompt], out_dir: str | os.PathLike,
                     extra_embeddings: dict[str, str] | None = None, title: str = "",
@@ -302,30 +308,35 @@ class Sampler:
                                  steps=column.steps, guidance_scale=column.guidance_scale, width=column.width,
                                  height=column.height))
         encoded = time.perf_counter()
-        images = self.sample(jobs, batch_size, log, progress_every_s)
-        sampled = time.perf_counter()
-
-        rows_table = ["\t".join(IMAGES_COLUMNS)]
-        # PNG encoding releases the GIL: the images (and below, the grid) are written by a thread pool
-        writer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        names = [image_name(job["step"], job["column"]) for job in jobs]
+        # PNG encoding releases the GIL: threads write each batch's images while the GPU samples the next one,
+        # and the grid and its preview on threads of their own once the last batch is in
+        writer, grid_writer = (ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)),
+                               ThreadPoolExecutor(max_workers=2))
         pending = []
-        for job, image in zip(jobs, images):
-            column = job["column"]
-            name = image_name(job["step"], column)
-            pending.append(writer.submit(save_png, image, out_dir / name))
-            rows_table.append("\t".join(str(value).replace("\t", " ") for value in (
-                job["step"], column.index, column.prompt.text, column.seed, column.prompt.negative, column.steps,
-                column.guidance_scale, column.width, column.height, name)))
-        write_text_atomic(out_dir / "images.tsv", "\n".join(rows_table) + "\n")
-        rows = []
-        for row, step in enumerate(row_steps):
-            label = f"step 0 ({init_word})" if step == 0 else f"step {step}"
-            rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
-        grid = compose_grid(rows, [column.label(trigger or f"{subject}-ti") for column in columns], title=title)
-        grid_path = out_dir / "grid.png"
-        pending.append(writer.submit(save_png, grid, grid_path))
-        pending.append(writer.submit(write_preview, grid, out_dir / "grid_preview.jpg"))
-        writer.shutdown(wait=True)
+        try:
+            images = self.sample(jobs, batch_size, log, progress_every_s, on_image=lambda index, image: pending.append(
+                writer.submit(save_png, image, out_dir / names[index])))
+            sampled = time.perf_counter()
+            rows = []
+            for row, step in enumerate(row_steps):
+                label = f"step 0 ({init_word})" if step == 0 else f"step {step}"
+                rows.append((label, images[row * len(columns):(row + 1) * len(columns)]))
+            grid = compose_grid(rows, [column.label(trigger or f"{subject}-ti") for column in columns],
+                                title=title)
+            grid_path = out_dir / "grid.png"
+            pending.append(grid_writer.submit(save_png, grid, grid_path))
+            pending.append(grid_writer.submit(write_preview, grid, out_dir / "grid_preview.jpg"))
+            rows_table = ["\t".join(IMAGES_COLUMNS)]
+            for job, name in zip(jobs, names):
+                column = job["column"]
+                rows_table.append("\t".join(str(value).replace("\t", " ") for value in (
+                    job["step"], column.index, column.prompt.text, column.seed, column.prompt.negative,
+                    column.steps, column.guidance_scale, column.width, column.height, name)))
+            write_text_atomic(out_dir / "images.tsv", "\n".join(rows_table) + "\n")
+        finally:
+            writer.shutdown(wait=True)
+            grid_writer.shutdown(wait=True)
         for future in pending:
             future.result()  # re-raise the first write error, if any
         written = time.perf_counter()
