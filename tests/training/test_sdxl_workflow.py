@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -21,12 +23,15 @@ from tifactory.families.sdxl_embedding import read_sdxl_embedding
 
 
 def sdxl_workdir(tmp_path, repo_config, base_model: str):
+    """The user's path: a folder per person, `tifactory roster` writes the roster, config names the model."""
     work = tmp_path / "work"
     photos = make_demo_photos("astronaut", tmp_path / "all_photos")
-    (work / "photos").mkdir(parents=True)
+    (work / "people" / "QZV").mkdir(parents=True)
     for photo in photos[:2]:
-        (work / "photos" / photo.name).write_bytes(photo.read_bytes())
-    (work / "roster.tsv").write_text("subject\tclass_word\tsources\nqzv\twoman\tphotos\n")
+        (work / "people" / "QZV" / photo.name).write_bytes(photo.read_bytes())
+    subprocess.run([shutil.which("tifactory") or "tifactory", "roster", "people", "--class", "woman", "-o",
+                    "roster.tsv"], cwd=work, check=True, capture_output=True, text=True)
+    assert [line.split("\t")[:2] for line in (work / "roster.tsv").read_text().splitlines()[1:]] == [["qzv", "woman"]]
     (work / "prompts.txt").write_text("a photo of {token} (smiling:1.2)\tblurry\n")
     config = json.loads(json.dumps(repo_config))
     config.update(roster="roster.tsv", base_model=base_model, base_model_config="", vae="")
