@@ -27,7 +27,6 @@ Parse-time cheap: no torch here (a GPU job imports it before anything heavy).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -41,6 +40,11 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.errors import TifactoryError
+
+try:
+    import fcntl  # flock: one job at a time per worker
+except ImportError:  # Windows: no flock and no Unix-socket worker there; its jobs run in process
+    fcntl = None
 from tifactory.run_mark import HELLO, RUN_ENV, RunMark
 
 DIR_ENV = "TIFACTORY_WORKER_DIR"  # where sockets, locks and worker logs live (default <tmp>/tifactory-workers-<uid>)
@@ -87,6 +91,8 @@ def in_process_reason(settings: WorkerSettings, environ: dict | None = None) -> 
     environ = os.environ if environ is None else environ
     if not settings.enabled:
         return "gpu_worker.enabled is false"
+    if fcntl is None or not hasattr(socket, "AF_UNIX"):
+        return f"no flock or Unix sockets on {sys.platform}"
     if environ.get("SLURM_JOB_ID"):
         return "inside a SLURM job (each job is its own allocation)"
     mark = RunMark.parse(environ.get(RUN_ENV, ""))

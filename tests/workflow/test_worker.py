@@ -40,6 +40,14 @@ def test_jobs_run_in_process_where_no_worker_can_serve_them():
     assert "elsewhere" in in_process_reason(SETTINGS, {RUN_ENV: other_host})
 
 
+def test_without_flock_jobs_run_in_process(monkeypatch):
+    """Windows has neither flock nor Unix sockets: the jobs run in process instead of failing at import."""
+    from tifactory import worker_client
+
+    monkeypatch.setattr(worker_client, "fcntl", None)
+    assert "no flock or Unix sockets" in in_process_reason(SETTINGS, {RUN_ENV: mark_run({})})
+
+
 def test_two_runs_and_two_slots_never_share_a_worker():
     first, second = mark_run({}), mark_run({})
     assert first != second  # same process, two runs (a nonce each)
