@@ -299,7 +299,8 @@ class Sampler:
             encoded_texts: dict = {}  # the same text in several columns is encoded once per row
             for column in columns:
                 where = f"prompt on line {column.prompt.line}"
-                for text in (column.prompt.text.replace("{token}", token), column.prompt.negative.replace("{token}", token)):
+                for text in (column.prompt.text.replace("{token}", token),
+                             column.prompt.negative.replace("{token}", token)):
                     if text not in encoded_texts:
                         encoded_texts[text] = self.encoder.encode(text, where=where, log=log)
                 cond = encoded_texts[column.prompt.text.replace("{token}", token)]
