@@ -247,6 +247,6 @@ def apply_weights(hidden, weights):
     original_mean = hidden.float().mean()
     weighted = hidden * weights.reshape(1, -1, 1)
     new_mean = weighted.float().mean()
-    if float(new_mean) == 0.0:
+    if float(new_mean.detach()) == 0.0:
         return weighted
     return weighted * (original_mean / new_mean).to(hidden.dtype)
