@@ -103,10 +103,9 @@ def memory_note() -> str:
 
 
 def release_memory() -> None:
-    """The request's cyclic garbage and the allocator's cached blocks, after its reply went out: a full
-    gc.collect() walks every object of the process (the models, the compiled graphs: 729k objects and 0.34 s
-    with the tiny model compiled on CPU; 1.3-1.5 s a request on the H100 run of bench/RESULTS.md), so the job
-    does not wait for it; the next job's start-up hides it."""
+    """The request's cyclic garbage and the allocator's cached blocks. Called after the reply went out: a full
+    gc.collect() walks every object of the process (the models, the compiled graphs), about a second a request
+    on a GPU (bench/RESULTS.md), which the next job's start-up hides instead of the job waiting for it."""
     gc.collect()
     if "torch" in sys.modules:
         import torch

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Callable
 
 from tifactory.errors import TifactoryError
+from tifactory.run_mark import HELLO, RUN_ENV, RunMark
 
 try:
     import fcntl  # flock: one job at a time per worker
 except ImportError:  # Windows: no flock and no Unix-socket worker there; its jobs run in process
     fcntl = None
-from tifactory.run_mark import HELLO, RUN_ENV, RunMark
 
 DIR_ENV = "TIFACTORY_WORKER_DIR"  # where sockets, locks and worker logs live (default <tmp>/tifactory-workers-<uid>)
 # the environment a stage reads (besides its arguments): a worker started under other values is another worker

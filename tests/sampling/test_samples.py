@@ -58,7 +58,7 @@ def test_column_labels_show_the_word_people_type(tmp_path, tiny_model_dir, monke
 
 def test_images_are_written_while_later_batches_sample(tmp_path, tiny_model_dir, monkeypatch):
     """Each batch's PNGs go to the writer threads as the batch comes, not after the last one; every file and
-    the grid's cells hold the sampled pixels exactly (the fast PNG strategy is lossless)."""
+    the grid's cells hold the sampled pixels exactly."""
     import time
 
     from tifactory.sampling import samples

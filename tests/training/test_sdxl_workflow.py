@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -29,8 +28,8 @@ def sdxl_workdir(tmp_path, repo_config, base_model: str):
     (work / "people" / "QZV").mkdir(parents=True)
     for photo in photos[:2]:
         (work / "people" / "QZV" / photo.name).write_bytes(photo.read_bytes())
-    subprocess.run([shutil.which("tifactory") or "tifactory", "roster", "people", "--class", "woman", "-o",
-                    "roster.tsv"], cwd=work, check=True, capture_output=True, text=True)
+    subprocess.run(["tifactory", "roster", "people", "--class", "woman", "-o", "roster.tsv"], cwd=work, check=True,
+                   capture_output=True, text=True)
     assert [line.split("\t")[:2] for line in (work / "roster.tsv").read_text().splitlines()[1:]] == [["qzv", "woman"]]
     (work / "prompts.txt").write_text("a photo of {token} (smiling:1.2)\tblurry\n")
     config = json.loads(json.dumps(repo_config))

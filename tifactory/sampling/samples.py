@@ -191,7 +191,7 @@ def compose_grid(rows: list[tuple[str, list]], column_labels: list[str], title: 
 
 def save_png(image, path: str | os.PathLike) -> Path:
     """Write image as PNG atomically (fast zlib level: the grids are big and rewritten often; zlib's run-length
-    strategy was no faster on photos and 12-20 % bigger: bench/bench_grid_write.py)."""
+    strategy was no faster on photos and 11-21 % bigger: bench/bench_grid_write.py)."""
     with atomic_path(path) as tmp_path:
         image.save(tmp_path, format="PNG", compress_level=1)
     return Path(path)
