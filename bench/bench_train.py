@@ -25,8 +25,10 @@ kernels to `--profile-out`; `-flops` counts the FLOPs of the text encoder + UNet
 (torch.utils.flop_counter; use it with an eager variant) into `--profile-out`.
 
 Prints one JSON line per variant and a table: ms per optimizer step, samples/s, TFLOP/s (1.36 TFLOP per
-sample at 512 px: UNet forward + input-gradient backward + CLIP, attention left out; with it 1.75), peak GPU memory, and start-up costs
-(load, latent caching, first step incl. compilation) separately.
+sample at 512 px: UNet forward + input-gradient backward + CLIP, attention left out; with it 1.75), peak GPU memory
+of the training (the random model's build is left out: its peak is `build_peak_gib`) and its floor (memory
+allocated when the loop starts: weights, latents, vectors), and start-up costs (load, latent caching, first
+step incl. compilation) separately.
 """
 
 from __future__ import annotations
@@ -177,6 +179,12 @@ def run_variant(variant: str, args) -> dict:
     else:
         components = build_random_sd15(args.device, args.tiny, workdir)
     build_s = time.perf_counter() - built
+    build_peak_gib = None
+    if args.device.startswith("cuda"):  # the random build's peak (fp32 on the GPU) is not the training's
+        import torch
+
+        build_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     toml = make_dataset(workdir / "dataset", args.images, args.resolution)
     with contextlib.ExitStack() as stack:
         if spec["sdpa"]:
@@ -195,7 +203,7 @@ def run_variant(variant: str, args) -> dict:
                                  state_dir=workdir / "state",
                                  log=lambda message: print(f"  [{variant}] {message}", file=sys.stderr),
                                  components=components)
-    stats = dict(result.stats, variant=variant, build_model_s=build_s,
+    stats = dict(result.stats, variant=variant, build_model_s=build_s, build_peak_gib=build_peak_gib,
                  compile_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))
     if profiler is not None:
         stats["profile"] = profiler.summary
@@ -525,15 +533,16 @@ def main() -> None:
         if args.json_out:
             with open(args.json_out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
-    print(f"\n{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'peak GiB':>10}{'load s':>8}"
-          f"{'cache s':>9}{'1st step s':>11}{'recipe s':>10}")
+    print(f"\n{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'TFLOP/s':>9}{'peak GiB':>10}{'floor GiB':>10}"
+          f"{'load s':>8}{'cache s':>9}{'1st step s':>11}{'recipe s':>10}")
     for row in rows:
         if "error" in row:
             print(f"{row['variant']:<22} {row['error']}")
             continue
         print(f"{row['variant']:<22}{row.get('steady_ms_per_step', float('nan')):>9.1f}"
               f"{row.get('samples_per_s', float('nan')):>11.1f}{row.get('tflops', float('nan')):>9.1f}"
-              f"{row.get('peak_memory_gib', float('nan')):>10.2f}{row['load_s']:>8.1f}"
+              f"{row.get('peak_memory_gib', float('nan')):>10.2f}"
+              f"{row.get('memory_before_loop_gib', float('nan')):>10.2f}{row['load_s']:>8.1f}"
               f"{row['cache_latents_s']:>9.1f}{row['first_step_s']:>11.1f}"
               f"{row.get('recipe_estimate_s', float('nan')):>10.1f}")
     for line in achieved_rates(rows):

@@ -1,4 +1,4 @@
-"""Workflow-level benchmark: the real Snakemake `train` and `samples` rules on a random full-size SD1.5.
+"""Workflow-level benchmark: the real Snakemake `train` and `samples` rules on a random full-size SD1.5 or SDXL.
 
 Two halves, because the CPU stages (collect, crop, dataset) need photos and detectors the GPU machine lacks:
 
@@ -25,6 +25,19 @@ outlived it.
 
     python bench/bench_workflow.py series --subjects 8 --steps 200 --save-every 40 --cold --out OUT --budget-s 380
     python bench/bench_workflow.py series --first 8 --subjects 1 --steps 200 --save-every 40 --worker off --out OUT
+
+`--family sdxl` (issue 19; `prepare` and `series`) does the same for SDXL: `prepare --family sdxl` builds the
+datasets with a tiny SDXL-shaped model as the base model, so that `train.resolution: auto` resolves to SDXL's
+1024 (crops at 1024, as for a real SDXL base); `series --family sdxl` writes a random full-architecture SDXL
+base as one original-layout fp16 file (`sd_xl_base_1.0.safetensors`'s layout, ~6.9 GB: the user's A1111 file,
+loaded offline through the key map) and runs its subjects through the rules. Its subjects are named xl<N>...,
+its roster is results/bench_workflow/roster-sdxl.tsv, so both families' datasets live side by side.
+
+    python bench/bench_workflow.py prepare --family sdxl --subjects 2
+    python bench/bench_workflow.py series --family sdxl --subjects 2 --steps 50 --save-every 10 --cold --out OUT
+
+`--tiny` (with either family) is the CPU smoke test of the bench itself: the tiny model of the family, no
+compile, a few steps, a 64 px grid.
 """
 
 from __future__ import annotations
@@ -46,13 +59,28 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-ROSTER = REPO / "results" / "bench_workflow" / "roster.tsv"
+BENCH = REPO / "results" / "bench_workflow"
+# per family: the subjects' name prefix, the roster, the random full-size model's default path
+ROSTERS = {"sd15": BENCH / "roster.tsv", "sdxl": BENCH / "roster-sdxl.tsv"}
+PREFIXES = {"sd15": "wf", "sdxl": "xl"}
+MODEL_PATHS = {"sd15": "/tmp/tifactory-bench/sd15-random", "sdxl": "/tmp/tifactory-bench/sdxl-random.safetensors"}
+TINY_SDXL = Path("/tmp/tifactory-bench/tiny-sdxl")  # prepare's SDXL stand-in: only its family matters there
+ROSTER = ROSTERS["sd15"]
 PHOTOS = ("astronaut", "t1person")  # demo photo sets, used in turn
 LOG_LINE = re.compile(r"^\[\s*([0-9.]+)s\] (.*)$")
 
 
-def subjects(count: int) -> list[str]:
-    return [f"wf{index + 1}{PHOTOS[index % len(PHOTOS)][:5]}" for index in range(count)]
+def subjects(count: int, family: str = "sd15") -> list[str]:
+    return [f"{PREFIXES[family]}{index + 1}{PHOTOS[index % len(PHOTOS)][:5]}" for index in range(count)]
+
+
+def tiny_sdxl(folder: Path) -> Path:
+    """The tiny SDXL-shaped model (tifactory.demo.tinymodel_sdxl), built once."""
+    from tifactory.demo.tinymodel_sdxl import build_tiny_sdxl_model
+
+    if not (folder / "model_index.json").is_file():
+        build_tiny_sdxl_model(folder)
+    return folder
 
 
 def snakemake(*args: str, log: Path | None = None) -> float:
@@ -67,15 +95,19 @@ def snakemake(*args: str, log: Path | None = None) -> float:
 
 
 def prepare(args) -> None:
-    names = subjects(args.subjects)
-    ROSTER.parent.mkdir(parents=True, exist_ok=True)
+    names = subjects(args.subjects, args.family)
+    roster = ROSTERS[args.family]
+    roster.parent.mkdir(parents=True, exist_ok=True)
     classes = {"astronaut": "woman", "t1person": "person"}
     rows = ["subject\tclass_word\tsources"] + [
         f"{name}\t{classes[PHOTOS[index % len(PHOTOS)]]}\tresources/demo_photos/{PHOTOS[index % len(PHOTOS)]}"
         for index, name in enumerate(names)]
-    ROSTER.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    seconds = snakemake("--cores", str(args.cores), "--config", f"roster={ROSTER.relative_to(REPO)}", "--",
-                        *[f"results/{name}/dataset/dataset.toml" for name in names], log=ROSTER.parent / "prepare.log")
+    roster.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = [f"roster={roster.relative_to(REPO)}"]
+    if args.family == "sdxl":  # an SDXL base at DAG time: train.resolution auto = 1024, the crops' side too
+        config.append(f"base_model={tiny_sdxl(TINY_SDXL)}")
+    seconds = snakemake("--cores", str(args.cores), "--config", *config, "--",
+                        *[f"results/{name}/dataset/dataset.toml" for name in names], log=roster.parent / "prepare.log")
     print(f"datasets of {names} built in {seconds:.1f} s")
 
 
@@ -111,6 +143,18 @@ def write_random_sd15(folder: Path) -> dict:
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     del unet, vae, text_encoder
     return {"build_s": built - started, "write_s": time.perf_counter() - built, "bytes": size}
+
+
+def write_random_sdxl(path: Path) -> dict:
+    """SDXL base's architecture with random weights, as one original-layout fp16 file (what A1111 users hold)."""
+    from tifactory.families.sdxl_checkpoint import write_random_sdxl_single_file
+
+    started = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    write_random_sdxl_single_file(path, device="cuda" if torch.cuda.is_available() else "cpu")
+    return {"build_s": 0.0, "write_s": time.perf_counter() - started, "bytes": path.stat().st_size}
 
 
 def read_log(path: Path) -> list[tuple[float, str]]:
@@ -275,16 +319,22 @@ def series(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    names = subjects(args.first + args.subjects)[args.first:]
-    model = Path(args.model_dir)
+    names = subjects(args.first + args.subjects, args.family)
+    roster = ROSTERS[args.family]
+    model = Path(args.model_dir or MODEL_PATHS[args.family])
     if args.tiny:
-        from tifactory.demo.tinymodel import build_tiny_model
+        model = model.with_name(f"tiny-{args.family}")
+        if args.family == "sdxl":
+            tiny_sdxl(model)
+        elif not (model / "model_index.json").is_file():
+            from tifactory.demo.tinymodel import build_tiny_model
 
-        if not (model / "model_index.json").is_file():
             build_tiny_model(model)
         made = {"build_s": 0.0, "write_s": 0.0}
-    elif (model / "model_index.json").is_file() and not args.rewrite_model:
+    elif ((model / "model_index.json").is_file() or model.is_file()) and not args.rewrite_model:
         made = {"build_s": 0.0, "write_s": 0.0, "reused": True}
+    elif args.family == "sdxl":
+        made = write_random_sdxl(model)
     else:
         made = write_random_sd15(model)
     print(f"model {model}: {made}", flush=True)
@@ -296,12 +346,14 @@ def series(args) -> None:
     samples = {}
     if args.tiny:
         train.update(compile=False)
+        if args.family == "sdxl":  # the crops stay at 1024 (prepare's), the tiny UNet is cheap there
+            train.update(gradient_accumulation_steps=2)
         samples = {"steps": 2, "width": 64, "height": 64}
     overrides.write_text(json.dumps({"train": train, "samples": samples,
                                      "gpu_worker": {"enabled": args.worker == "on", "idle_timeout_s": 300,
                                                     "start_timeout_s": 120}}) + "\n")
     config = ["--configfile", str(REPO / "config.yaml"), str(overrides), "--config",
-              f"roster={ROSTER.relative_to(REPO)}", f"base_model={model}", f"compile_cache={cache}"]
+              f"roster={roster.relative_to(REPO)}", f"base_model={model}", f"compile_cache={cache}"]
     log = out / f"snakemake-{args.tag}.log"
     snakemake("--cores", "4", "--touch", "--allowed-rules", "demo_photos", "collect", "crop", "dataset", *config,
               "--", *[f"results/{name}/dataset/dataset.toml" for name in names], log=log)
@@ -359,7 +411,7 @@ def series(args) -> None:
         rows[name] = row
     for path in Path(args.worker_dir).glob("*.log"):
         shutil.copy(path, out / f"worker-{args.tag}-{path.name}")
-    result = {"tag": args.tag, "worker": args.worker, "steps": args.steps, "save_every": args.save_every,
+    result = {"tag": args.tag, "family": args.family, "worker": args.worker, "steps": args.steps, "save_every": args.save_every,
               "cold": args.cold, "model": made, "run": after, "subjects": rows}
     (out / f"series-{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     save_logs(out, names, f"logs-{args.tag}.tar.gz")
@@ -373,6 +425,7 @@ def main() -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--subjects", type=int, default=3)
     p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--family", choices=tuple(ROSTERS), default="sd15")
     r = sub.add_parser("run")
     r.add_argument("--subjects", type=int, default=3)
     r.add_argument("--out", required=True)
@@ -391,7 +444,9 @@ def main() -> None:
     q.add_argument("--cold", action="store_true", help="empty the torch.compile cache first")
     q.add_argument("--tag", default="series")
     q.add_argument("--out", required=True)
-    q.add_argument("--model-dir", default="/tmp/tifactory-bench/sd15-random")
+    q.add_argument("--family", choices=tuple(ROSTERS), default="sd15")
+    q.add_argument("--model-dir", default=None, help="the random model's path (default: per family, see "
+                                                      "MODEL_PATHS; written unless it exists)")
     q.add_argument("--rewrite-model", action="store_true")
     q.add_argument("--compile-cache", default="/tmp/tifactory-bench/torch_compile")
     q.add_argument("--worker-dir", default="/tmp/tfw")

@@ -323,10 +323,11 @@ _SAFETENSORS_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "i
 
 
 def write_random_sdxl_single_file(out_file: str | Path, config_dir: str | Path | None = None, *, seed: int = 0,
-                                  dtype: str = "float16") -> Path:
+                                  dtype: str = "float16", device: str = "cpu") -> Path:
     """Write a random original-layout SDXL file of the architecture `config_dir` describes (default: SDXL
     base, ~6.9 GB in fp16), streaming one tensor at a time (memory: the largest tensor). Weights are
-    N(0, 1/fan_in), norm scales 1 + N(0, 0.01^2), biases N(0, 0.01^2), so a forward pass stays finite."""
+    N(0, 1/fan_in), norm scales 1 + N(0, 0.01^2), biases N(0, 0.01^2), so a forward pass stays finite.
+    `device` draws the numbers there (a GPU draws SDXL's 3.5 B in seconds; another device, other numbers)."""
     import torch
 
     shapes = original_layout_shapes(config_dir)
@@ -341,13 +342,13 @@ def write_random_sdxl_single_file(out_file: str | Path, config_dir: str | Path |
         offset += size
     header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     with atomic_path(out_file) as tmp, open(tmp, "wb") as handle:
         handle.write(struct.pack("<Q", len(header)) + header)
         for key in sorted(shapes):
             tensor = random_tensor(key, tuple(shapes[key].shape), generator)
             tensor = tensor if key == POSITION_IDS_KEY else tensor.to(float_dtype)
-            handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            handle.write(tensor.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
     return Path(out_file)
 
 
@@ -355,11 +356,12 @@ def random_tensor(key: str, shape: tuple, generator):
     """One tensor of a random SDXL file (see write_random_sdxl_single_file), float32 (position ids int64)."""
     import torch
 
+    device = generator.device
     if key == POSITION_IDS_KEY:
-        return torch.arange(shape[-1], dtype=torch.int64)[None, :]
+        return torch.arange(shape[-1], dtype=torch.int64, device=device)[None, :]
     if key == LOGIT_SCALE_KEY:
-        return torch.full(shape, OPENCLIP_LOGIT_SCALE)
-    values = torch.randn(shape, generator=generator)
+        return torch.full(shape, OPENCLIP_LOGIT_SCALE, device=device)
+    values = torch.randn(shape, generator=generator, device=device)
     if len(shape) >= 2:
         return values / math.sqrt(math.prod(shape[1:]))
     if key.endswith(".weight"):  # 1-D weights are norm scales

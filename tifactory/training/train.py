@@ -551,6 +551,8 @@ def train_embedding(*, dataset_toml: str | os.PathLike, model: ModelSpec, subjec
     log(f"training {max_steps} steps x {samples_per_step} samples (micro-batch {micro_batch}), "
         f"{len(data.images)} image(s), repeats {data.repeats[0]}, {len(data.prompts)} prompt(s), tokens "
         f"{token_strings}, init {settings.init_word!r}, {compile_note}")
+    if device.type == "cuda":  # the weights, latents and vectors in place: the floor under the step's peak
+        stats["memory_before_loop_gib"] = torch.cuda.memory_allocated(device) / 2**30
     loop_started = time.perf_counter()
     for step in range(run.step, max_steps):
         while True:
