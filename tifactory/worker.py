@@ -5,7 +5,9 @@ describes; `run_task` is also the in-process path every job took before (same fu
 The model cache is keyed by (the job's model params, device, dtype, purpose): the UNet and the VAE are
 shared by every subject, the tokenizer and the text encoder are handed out as fresh deep copies of pristine
 ones for each subject (placeholder tokens change them). A job that asks for another base model, config or
-VAE drops the other model's entries first, so at most one model's entries are held.
+VAE drops the other model's entries first, so at most one model's entries are held. Training and sampling
+each keep their own copy of the model (bf16 and fp16); on a card too small for both beside a request, the
+other purpose's copy is dropped before the request (`ModelCache.make_room`) and loaded again when needed.
 
     python -m tifactory.worker --socket PATH --run MARK --idle-timeout SECONDS
 """
@@ -38,6 +40,7 @@ class ModelCache:
     def __init__(self):
         self.model: tuple | None = None  # the model params the entries belong to
         self.entries: dict = {}
+        self.need: dict[str, int] = {}  # purpose -> GPU bytes its last request took above what was allocated
 
     def select(self, model: dict) -> None:
         key = tuple(sorted(model.items()))
@@ -51,16 +54,64 @@ class ModelCache:
             release_memory()
 
     def loaded(self, model: dict, purpose: str, device, dtype):
-        """(family, pristine components) of `model` for one purpose, device and UNet dtype, loaded once."""
+        """(family, pristine components) of `model` for one purpose, device and UNet dtype, loaded once (if
+        the other purpose's models leave no room for it, they are dropped first)."""
         from tifactory.families import ModelSpec, family_named
 
         self.select(model)
         key = (purpose, str(device), str(dtype))
         if key not in self.entries:
+            import torch
+
             spec = ModelSpec.from_params(model)
             family = family_named(spec.family)
-            self.entries[key] = (family, family.load(spec, device=device, unet_dtype=dtype))
+            components = None
+            try:
+                components = family.load(spec, device=device, unet_dtype=dtype)
+            except torch.OutOfMemoryError:
+                if all(purpose_of(other) == purpose for other in self.entries):
+                    raise
+            if components is None:  # out of the except block, so the failed load's tensors are freed
+                self.drop_others(purpose)
+                components = family.load(spec, device=device, unet_dtype=dtype)
+            self.entries[key] = (family, components)
         return self.entries[key]
+
+    def drop_others(self, purpose: str) -> list:
+        """Drop the entries of the purposes other than `purpose` and free their memory; the keys dropped."""
+        dropped = [key for key in self.entries if purpose_of(key) != purpose]
+        for key in dropped:
+            del self.entries[key]
+        if dropped:
+            release_memory()
+        return dropped
+
+    def make_room(self, purpose: str, device, log: Callable[[str], None]) -> int | None:
+        """Before a `purpose` request on a CUDA device, with its models loaded: if the memory it can still
+        get (the driver's free memory + the allocator's cached blocks) is less than what its last request
+        took above its start, drop the other purpose's models. Resets the peak counter; returns the bytes
+        allocated now, for `measured` (None off CUDA)."""
+        torch = sys.modules.get("torch")
+        if torch is None or getattr(device, "type", "") != "cuda":
+            return None
+        need = self.need.get(purpose)
+        if need is not None and any(purpose_of(key) != purpose for key in self.entries):
+            free, _ = torch.cuda.mem_get_info(device)
+            available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            if available < need:
+                dropped = self.drop_others(purpose)
+                log(f"GPU worker: {available / 2**30:.1f} GiB free, {purpose} took {need / 2**30:.1f} GiB above its "
+                    f"models last time: dropped the {', '.join(sorted({purpose_of(key) for key in dropped}))} "
+                    "models (loaded again when needed)")
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+
+    def measured(self, purpose: str, device, start: int | None) -> None:
+        """After a request: how much it took above `start` (make_room's), for the next one."""
+        if start is not None:
+            import torch
+
+            self.need[purpose] = torch.cuda.max_memory_allocated(device) - start
 
     def train_components(self, model: dict, device, dtype):
         """Components for train_embedding: the shared UNet, VAE and noise scheduler, fresh tokenizers and text
@@ -84,6 +135,11 @@ class ModelCache:
         sampler.pipe.scheduler = make_scheduler(scheduler, components.noise_scheduler.config)  # it keeps state
         sampler.encoder = PromptEncoder(family, fresh_text_side(components))
         return sampler
+
+
+def purpose_of(key: tuple) -> str:
+    """The purpose an entry serves: 'train' or 'samples' (the Sampler built on the samples components)."""
+    return "samples" if key[0] == "sampler" else key[0]
 
 
 def fresh_text_side(components):
@@ -124,15 +180,14 @@ def train_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | Non
     model, settings = kwargs.pop("model"), TrainSettings.from_config(kwargs.pop("recipe"))
     components = None
     if cache is not None:
-        import torch
-
         precision = choose_precision(settings, lambda message: None)
         # the compiled step is kept from subject to subject: dynamo's guards are on types, shapes and settings,
         # not on the (fresh) text encoder objects, so a later subject runs the first one's graph without tracing
         components = cache.train_components(model, precision.device, precision.compute_dtype)
-        if precision.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(precision.device)
+        start = cache.make_room("train", precision.device, log)
     train_embedding(**kwargs, model=ModelSpec.from_params(model), settings=settings, log=log, components=components)
+    if cache is not None:
+        cache.measured("train", precision.device, start)
 
 
 def samples_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | None) -> None:
@@ -143,11 +198,10 @@ def samples_task(kwargs: dict, log: Callable[[str], None], cache: ModelCache | N
     kwargs = dict(kwargs)
     model, settings = kwargs.pop("model"), SampleSettings.from_config(kwargs.pop("samples"))
     sampler = None if cache is None else cache.sampler(model, settings.device, settings.scheduler)
-    if sampler is not None and sampler.device.type == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(sampler.device)
+    start = None if sampler is None else cache.make_room("samples", sampler.device, log)
     render_sample_grid(**kwargs, model=ModelSpec.from_params(model), settings=settings, log=log, sampler=sampler)
+    if sampler is not None:
+        cache.measured("samples", sampler.device, start)
 
 
 TASKS = {"train": train_task, "samples": samples_task}

@@ -47,6 +47,7 @@ def test_column_labels_show_the_word_people_type(tmp_path, tiny_model_dir, monke
                         or real(rows, columns, title))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "prompts.txt").write_text("a photo of {token}\n")
+    (tmp_path / "none").mkdir()
     settings = SampleSettings(seeds=[1], steps=1, guidance_scale=7.5, width=64, height=64, scheduler="ddim",
                               device="cpu", batch_size=4, init_word="woman")
     for out, trigger in (("a", "evagreen_v2"), ("b", None)):
@@ -137,6 +138,66 @@ def test_batching_does_not_change_images(rendered):
         a = np.asarray(Image.open(path), dtype=int)
         b = np.asarray(Image.open(rendered / "b" / path.name), dtype=int)
         assert np.abs(a - b).max() <= 2, path.name
+
+
+class TightGpu:
+    """A pipeline stand-in that runs out of GPU memory above `fits` images at once (and forwards the rest)."""
+
+    def __init__(self, pipe, fits):
+        self.pipe, self.fits, self.tried = pipe, fits, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        self.tried.append(len(kwargs["generator"]))
+        if len(kwargs["generator"]) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 60.00 GiB (test)")
+        return self.pipe(**kwargs)
+
+
+def test_running_out_of_gpu_memory_halves_the_batch_and_keeps_the_images(tmp_path, tiny_model_dir):
+    """A batch too large for the card is split (logged) instead of failing the job, and every image is the one
+    its seed gives; the VAE decodes a batch one image at a time (its peak is one image's)."""
+    (tmp_path / "checkpoints").mkdir()
+    save_embedding(tmp_path / "checkpoints" / "eva-ti-step00000010.safetensors",
+                   torch.randn(2, 768, generator=torch.Generator().manual_seed(10)), {}, "bf16")
+    (tmp_path / "prompts.txt").write_text("a photo of {token}\n")
+    settings = SampleSettings(seeds=[1, 2, 3], steps=1, guidance_scale=7.5, width=64, height=64, scheduler="ddim",
+                              device="cpu", batch_size=6, init_word="woman")
+    kwargs = dict(model=sd15_spec(tiny_model_dir), subject="eva", checkpoint_dir=tmp_path / "checkpoints",
+                  prompts_file=tmp_path / "prompts.txt")
+    sampler = load_sampler(model=kwargs["model"], scheduler="ddim", device="cpu")
+    assert sampler.pipe.vae.use_slicing
+    sampler.pipe = tight = TightGpu(sampler.pipe, fits=2)
+    messages = []
+    render_sample_grid(out_dir=tmp_path / "tight", settings=settings, sampler=sampler, log=messages.append, **kwargs)
+    assert tight.tried == [6, 3, 1, 1, 1, 1, 1, 1]
+    assert [m for m in messages if m.startswith("out of GPU memory")] == [
+        "out of GPU memory sampling 6 images at once: batches of 3 from here on (samples.batch_size sets the "
+        "first try)",
+        "out of GPU memory sampling 3 images at once: batches of 1 from here on (samples.batch_size sets the "
+        "first try)"]
+    render_sample_grid(out_dir=tmp_path / "ones", settings=SampleSettings.from_config(settings.__dict__, batch_size=1),
+                       **kwargs)
+    names = sorted(path.name for path in (tmp_path / "ones").glob("step*.png"))
+    assert len(names) == 6 and names == sorted(path.name for path in (tmp_path / "tight").glob("step*.png"))
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "tight" / name)),
+                              np.asarray(Image.open(tmp_path / "ones" / name))), name
+
+
+def test_one_image_that_does_not_fit_fails_the_job(tmp_path, tiny_model_dir):
+    (tmp_path / "prompts.txt").write_text("a photo of {token}\n")
+    (tmp_path / "none").mkdir()
+    settings = SampleSettings(seeds=[1], steps=1, guidance_scale=7.5, width=64, height=64, scheduler="ddim",
+                              device="cpu", batch_size=4, init_word="woman")
+    sampler = load_sampler(model=sd15_spec(tiny_model_dir), scheduler="ddim", device="cpu")
+    sampler.pipe = TightGpu(sampler.pipe, fits=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        render_sample_grid(out_dir=tmp_path / "out", settings=settings, sampler=sampler, log=lambda message: None,
+                           model=sd15_spec(tiny_model_dir), subject="eva", checkpoint_dir=tmp_path / "none",
+                           prompts_file=tmp_path / "prompts.txt")
 
 
 def test_seed_changes_image(rendered):

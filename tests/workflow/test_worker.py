@@ -152,6 +152,81 @@ def test_model_cache_shares_unet_and_hands_out_fresh_text_encoders(tiny_model_di
     assert other.unet is not first.unet and len(cache.entries) == 1
 
 
+class FakeCuda:
+    """torch.cuda's memory readings, set by the test (bytes)."""
+
+    def __init__(self, monkeypatch, **readings):
+        import torch
+
+        self.__dict__.update(readings)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (self.free, 80 * 2**30))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: self.reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+
+
+def test_a_card_too_small_for_both_copies_drops_the_other_purposes_models(monkeypatch):
+    """Training and sampling keep a copy each; when what a request can still get is less than what its last
+    request took above its models, the other purpose's copy goes first (and says so in the job's log)."""
+    import torch
+
+    from tifactory import worker
+
+    gib = 2**30
+    monkeypatch.setattr(worker, "release_memory", lambda: None)
+    cuda = FakeCuda(monkeypatch, free=30 * gib, reserved=2 * gib, allocated=14 * gib, peak=0)
+    device = torch.device("cuda", 0)
+    cache = ModelCache()
+    entries = {("train", "cuda:0", "torch.bfloat16"): "train models", ("samples", "cuda:0", "torch.float16"): "samples",
+               ("sampler", "cuda:0"): "sampler"}
+    cache.entries.update(entries)
+    messages = []
+    assert cache.make_room("train", device, messages.append) == 14 * gib  # nothing measured yet: all kept
+    cuda.peak = 24 * gib
+    cache.measured("train", device, 14 * gib)
+    assert cache.need == {"train": 10 * gib}
+    cuda.free, cuda.reserved = 8 * gib, 15 * gib  # 8 free + 1 cached by the allocator = 9 GiB < 10
+    cache.make_room("train", device, messages.append)
+    assert list(cache.entries) == [("train", "cuda:0", "torch.bfloat16")]
+    assert messages == ["GPU worker: 9.0 GiB free, train took 10.0 GiB above its models last time: dropped the "
+                        "samples models (loaded again when needed)"]
+    cache.entries.update(entries)
+    cuda.free = 10 * gib  # 10 + 1 >= 10: room enough, both copies stay
+    cache.make_room("train", device, messages.append)
+    assert len(cache.entries) == 3 and len(messages) == 1
+    assert cache.make_room("samples", torch.device("cpu"), messages.append) is None and len(cache.entries) == 3
+
+
+def test_a_load_that_runs_out_of_memory_drops_the_other_purpose_and_tries_again(monkeypatch, tiny_model_dir):
+    import torch
+
+    from tifactory import families, worker
+
+    monkeypatch.setattr(worker, "release_memory", lambda: None)
+    loads = []
+
+    class Family:
+        def load(self, spec, device, unet_dtype):
+            loads.append(len(cache.entries))
+            if cache.entries:  # the other purpose's models take the room
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            return "components"
+
+    monkeypatch.setattr(families, "family_named", lambda name: Family())
+    model = {"path": str(tiny_model_dir), "family": "sd15", "config_dir": "", "vae": ""}
+    cache = ModelCache()
+    cache.select(model)
+    cache.entries[("samples", "cpu", "torch.float32")] = "samples"
+    assert cache.loaded(model, "train", "cpu", torch.bfloat16)[1] == "components"
+    assert loads == [1, 0] and list(cache.entries) == [("train", "cpu", "torch.bfloat16")]
+    cache.entries.clear()
+    monkeypatch.setattr(Family, "load", lambda self, spec, device, unet_dtype: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory (test)")))
+    with pytest.raises(torch.OutOfMemoryError):  # nothing else to drop: the job fails as before
+        cache.loaded(model, "train", "cpu", torch.bfloat16)
+
+
 def test_the_model_hash_is_computed_once_per_version_of_the_files(tiny_model_dir, tmp_path, monkeypatch):
     """A long-lived process hashes a model once; a changed file (size or mtime) is hashed again."""
     import shutil

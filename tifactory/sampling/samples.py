@@ -226,6 +226,9 @@ class Sampler:
         self.dtype = self.dtype_for(self.device)
         self.pipe = family.pipeline(components, make_scheduler(scheduler, components.noise_scheduler.config))
         self.pipe.to(self.device, self.dtype)
+        # the VAE decodes one image at a time: a batch's decode at once peaks at ~3 GiB per 1024 px image in
+        # SDXL's float32 (~75 GiB for a 24-image batch); one by one, at one image's (bench/RESULTS.md)
+        self.pipe.vae.enable_slicing()
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = PromptEncoder(family, components)
 
@@ -242,7 +245,8 @@ class Sampler:
         steps, guidance_scale, width, height. Returns one PIL image per job, in order. Jobs that share
         steps/CFG/size share batches. With `progress_every_s`, a line (images done / total, ETA) that often
         and after the last batch. `on_image(index, image)` as each batch comes (to write it while the next
-        batch samples)."""
+        batch samples). A batch that runs out of GPU memory is tried again in halves, and so are the batches
+        after it (one image that does not fit fails)."""
         import torch
 
         images: list = [None] * len(jobs)
@@ -252,16 +256,29 @@ class Sampler:
         for index, job in enumerate(jobs):
             groups.setdefault((job["steps"], job["guidance_scale"], job["width"], job["height"]), []).append(index)
         for (steps, guidance_scale, width, height), indices in groups.items():
-            for start in range(0, len(indices), batch_size):
+            start = 0
+            while start < len(indices):
                 batch = indices[start:start + batch_size]
                 embeddings = {key: torch.cat([jobs[i]["cond"][key] for i in batch]).to(self.device, self.dtype)
                               for key in jobs[batch[0]]["cond"]}
                 embeddings.update({f"negative_{key}": torch.cat([jobs[i]["uncond"][key] for i in batch]).to(
                     self.device, self.dtype) for key in jobs[batch[0]]["uncond"]})
-                output = self.pipe(
-                    **embeddings,
-                    generator=[torch.Generator(device="cpu").manual_seed(jobs[i]["seed"]) for i in batch],
-                    num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
+                try:
+                    output = self.pipe(
+                        **embeddings,
+                        generator=[torch.Generator(device="cpu").manual_seed(jobs[i]["seed"]) for i in batch],
+                        num_inference_steps=steps, guidance_scale=guidance_scale, width=width, height=height)
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    del embeddings
+                    self.pipe.vae.to(dtype=self.dtype)  # SDXL's pipeline upcasts it to decode, then back
+                    torch.cuda.empty_cache()
+                    batch_size = max(1, len(batch) // 2)  # each image keeps its own seed's noise
+                    log(f"out of GPU memory sampling {len(batch)} images at once: batches of {batch_size} from "
+                        "here on (samples.batch_size sets the first try)")
+                    continue
+                start += len(batch)
                 for i, image in zip(batch, output.images):
                     images[i] = image
                     if on_image is not None:
