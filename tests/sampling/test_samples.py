@@ -57,6 +57,19 @@ def test_column_labels_show_the_word_people_type(tmp_path, tiny_model_dir, monke
     assert labels == [["seed 1 · a photo of evagreen_v2"], ["seed 1 · a photo of eva-ti"]]
 
 
+def test_the_preview_leaves_the_grid_image_alone(tmp_path):
+    """The grid's PNG and its preview are written by two threads from one Image; Image.save keeps its options on
+    the image it saves, so a preview saved from the grid itself made the PNG thread write at the JPEG's options
+    (zlib's default level instead of level 1: a worker and an in-process grid then differed in bytes)."""
+    from tifactory.sampling.samples import write_preview
+
+    for side in (64, 4000):  # kept as it is, and scaled down
+        grid = Image.new("RGB", (side, side // 2), (120, 30, 200))
+        write_preview(grid, tmp_path / f"preview{side}.jpg")
+        assert getattr(grid, "encoderinfo", {}) == {} and getattr(grid, "_default_encoderinfo", {}) == {}
+        assert Image.open(tmp_path / f"preview{side}.jpg").format == "JPEG"
+
+
 def test_images_are_written_while_later_batches_sample(tmp_path, tiny_model_dir, monkeypatch):
     """Each batch's PNGs go to the writer threads as the batch comes, not after the last one; every file and
     the grid's cells hold the sampled pixels exactly."""

@@ -202,8 +202,10 @@ def write_preview(grid, path: str | os.PathLike, max_side: int = PREVIEW_MAX_SID
     from PIL import Image
 
     scale = min(1.0, max_side / max(grid.size))
+    # never `grid` itself: Image.save keeps its options on the image, and the grid's PNG is being written by
+    # another thread (render_grid), which would then write with the JPEG's options
     preview = grid.resize((max(1, round(grid.width * scale)), max(1, round(grid.height * scale))),
-                          Image.Resampling.LANCZOS) if scale < 1 else grid
+                          Image.Resampling.LANCZOS) if scale < 1 else grid.copy()
     with atomic_path(path) as tmp_path:
         preview.save(tmp_path, format="JPEG", quality=85)
     return Path(path)
