@@ -11,6 +11,18 @@ test: writing and reading a 6.9 GB file and holding several GB of weights costs 
 memory that CI's 24 GB / 2-core runner cannot spare beside the suite; CI keeps the key-map test
 (tests/training/test_sdxl_single_file.py) that checks all 2515 keys and shapes on meta tensors, and a
 tiny file's round trip. Numbers: bench/RESULTS.md.
+
+`--through-rules` then takes the user's whole path with that file, on the CPU: a folder per person (two demo
+photos), `tifactory roster people --class woman -o roster.tsv`, and one `snakemake --cores 2 --resources gpu=1`
+with `base_model:` the file, offline with an empty HF_HOME: crops, dataset, 2 training steps at 256 px (the smallest train.resolution; the
+crops follow train.resolution), the sample grid (64 px, 1 sampling step), likeness, report. Each GPU job loads
+its own copy (`gpu_worker.enabled: false`): a worker holding a training and a sampling copy of SDXL in float32
+(~14 GB each on a CPU) does not fit a 23 GB box. It checks the embedding (clip_l [5, 768] + clip_g [5, 1280],
+bf16, finite), the checkpoints, the grid, the report's family and the empty HF_HOME, and reports each job's
+seconds and peak RSS from Snakemake's benchmark files.
+
+    python bench/bench_sdxl_single_file.py --file /tmp/sdxl-random.safetensors --through-rules --keep \
+        --json-out rules.json
 """
 
 from __future__ import annotations
@@ -75,6 +87,67 @@ def child_load(path: Path, text_dtype: str) -> dict:
     return report
 
 
+def through_rules(path: Path, env: dict) -> dict:
+    """The user's path with the SDXL single file (see the module docstring); returns timings and checks."""
+    import csv
+    import shutil
+
+    import yaml
+
+    from tifactory.demo.photos import make_demo_photos
+    from tifactory.families.sdxl_embedding import read_sdxl_embedding
+
+    work = Path(tempfile.mkdtemp(prefix="sdxl-rules-"))
+    photos = make_demo_photos("astronaut", work / "all_photos")
+    (work / "people" / "QZV").mkdir(parents=True)
+    for photo in photos[:2]:
+        shutil.copy(photo, work / "people" / "QZV" / photo.name)
+    subprocess.run(["tifactory", "roster", "people", "--class", "woman", "-o", "roster.tsv"], cwd=work, env=env,
+                   check=True, capture_output=True, text=True)
+    with open(REPO / "config.yaml", encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    config.update(roster="roster.tsv", base_model=str(path), base_model_config="", vae="",
+                  gpu_worker=dict(config["gpu_worker"], enabled=False))
+    config["dataset"]["repeats"] = 1
+    config["train"].update(max_train_steps=2, save_every_n_steps=1, gradient_accumulation_steps=1,
+                           micro_batch_size=1, resolution=256, device="cpu", compile=False)
+    config["samples"].update(seeds=[1], steps=1, width=64, height=64, device="cpu")
+    (work / "prompts.txt").write_text("a photo of {token}\n")
+    config["samples"]["prompts"] = "prompts.txt"
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    hf_home = work / "empty-hf-home"
+    hf_home.mkdir()
+    offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    offline.pop("HF_HUB_CACHE", None)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
+                           "--configfile", str(work / "config.yaml"), "--cores", "2", "--resources", "gpu=1"],
+                          cwd=work, env=offline, capture_output=True, text=True, check=False)
+    report = {"workdir": str(work), "snakemake_exit": done.returncode,
+              "snakemake_s": round(time.perf_counter() - started, 1)}
+    if done.returncode != 0:
+        report["snakemake_tail"] = (done.stdout + done.stderr)[-3000:]
+        return report
+    jobs = {}
+    for tsv in sorted((work / "benchmarks").rglob("*.tsv")):
+        with open(tsv, encoding="utf-8") as handle:
+            row = next(csv.DictReader(handle, delimiter="\t"))
+        jobs[str(tsv.relative_to(work / "benchmarks"))] = {"s": round(float(row["s"]), 1),
+                                                          "max_rss_gib": round(float(row["max_rss"]) / 1024, 2)}
+    vectors, metadata = read_sdxl_embedding(work / "results" / "qzv" / "qzv-ti.safetensors")
+    page = (work / "results" / "qzv" / "report" / "summary.html").read_text(encoding="utf-8")
+    report.update(
+        jobs=jobs,
+        embedding={"shapes": [list(tensor.shape) for tensor in vectors], "dtypes": [str(t.dtype) for t in vectors],
+                   "finite": all(bool(t.float().isfinite().all()) for t in vectors),
+                   "architecture": metadata.get("modelspec.architecture")},
+        checkpoints=sorted(p.name for p in (work / "results" / "qzv" / "checkpoints").glob("*.safetensors")),
+        grid_bytes=(work / "results" / "qzv" / "samples" / "grid.png").stat().st_size,
+        report_names_sdxl="model family <b>sdxl</b>" in page,
+        hf_home_still_empty=not any(hf_home.rglob("*")))
+    return report
+
+
 def run_child(role: str, args: argparse.Namespace, env: dict) -> dict:
     command = [sys.executable, __file__, "--role", role, "--file", str(args.file), "--seed", str(args.seed),
                "--text-dtype", args.text_dtype]
@@ -91,6 +164,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--keep", action="store_true", help="keep the file afterwards")
+    parser.add_argument("--through-rules", action="store_true",
+                        help="then run the user's path through the rules with the file (see above)")
+    parser.add_argument("--skip-load", action="store_true", help="skip the load child (with --through-rules)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--role", choices=["write", "load"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -112,10 +188,13 @@ def main(argv=None) -> int:
     report["file_gb"] = round(args.file.stat().st_size / 1e9, 3)
     report["tensors"] = len(header.shapes)
     report["family"] = detect_family_keys(header.shapes, header.metadata).family
-    with tempfile.TemporaryDirectory(prefix="empty-hf-home-") as hf_home:
-        offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": hf_home}
-        report.update(run_child("load", args, offline))
-        report["hf_home_still_empty"] = not any(Path(hf_home).rglob("*"))
+    if not args.skip_load:
+        with tempfile.TemporaryDirectory(prefix="empty-hf-home-") as hf_home:
+            offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": hf_home}
+            report.update(run_child("load", args, offline))
+            report["hf_home_still_empty"] = not any(Path(hf_home).rglob("*"))
+    if args.through_rules:
+        report["through_rules"] = through_rules(args.file, env)
     if not args.keep and args.write:
         args.file.unlink()
     text = json.dumps(report, indent=2)
