@@ -4,6 +4,12 @@
 # prepared datasets (on a CPU machine: bench_workflow.py prepare --subjects 10; prepare --family sdxl
 # --subjects 2), with the wheels (snakemake, pandas, diffusers and their dependencies) in WHEELS:
 #   bash bench/gpu_next.sh OUT WHEELS STAGE...
+# The copy (ignored by git, carried with the wheels; the datasets' tomls name their images by absolute path, so
+# they are prepared inside the copy, at the path the device tool gives it too):
+#   mkdir -p .dev/worker && git archive HEAD | tar -x -C .dev/worker && rm -rf .dev/worker/bench/raw .dev/worker/tests
+#   (cd .dev/worker && python bench/bench_workflow.py prepare --subjects 10 \
+#      && python bench/bench_workflow.py prepare --family sdxl --subjects 2)
+#   device tool: carry [".dev/worker", ".whl"], command: cd .dev/worker && bash bench/gpu_next.sh $OUT ../../.whl STAGE...
 # Stages (their seconds as estimated from the H100 runs of 2026-12-05; bench/RESULTS.md):
 #   sdxl-rules  issue 19: 2 SDXL subjects through the rules in one Snakemake run, through the GPU worker, from a
 #               random original-layout SDXL file (~6.9 GB), empty compile cache; 50 steps, a checkpoint every
