@@ -147,12 +147,12 @@ def write_random_sd15(folder: Path) -> dict:
 
 def write_random_sdxl(path: Path) -> dict:
     """SDXL base's architecture with random weights, as one original-layout fp16 file (what A1111 users hold)."""
+    import torch
+
     from tifactory.families.sdxl_checkpoint import write_random_sdxl_single_file
 
     started = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
     write_random_sdxl_single_file(path, device="cuda" if torch.cuda.is_available() else "cpu")
     return {"build_s": 0.0, "write_s": time.perf_counter() - started, "bytes": path.stat().st_size}
 
@@ -319,7 +319,7 @@ def series(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    names = subjects(args.first + args.subjects, args.family)
+    names = subjects(args.first + args.subjects, args.family)[args.first:]
     roster = ROSTERS[args.family]
     model = Path(args.model_dir or MODEL_PATHS[args.family])
     if args.tiny:
