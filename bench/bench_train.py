@@ -183,6 +183,9 @@ def run_variant(variant: str, args) -> dict:
     if args.device.startswith("cuda"):  # the random build's peak (fp32 on the GPU) is not the training's
         import torch
 
+        if params["mixed_precision"] == "bf16":  # as train_embedding places them (there, then, a no-op)
+            for module in (components.unet, *components.text_encoders):
+                module.to(dtype=torch.bfloat16)
         build_peak_gib = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     toml = make_dataset(workdir / "dataset", args.images, args.resolution)
