@@ -14,12 +14,12 @@ tiny file's round trip. Numbers: bench/RESULTS.md.
 
 `--through-rules` then takes the user's whole path with that file, on the CPU: a folder per person (two demo
 photos), `tifactory roster people --class woman -o roster.tsv`, and one `snakemake --cores 2 --resources gpu=1`
-with `base_model:` the file, offline with an empty HF_HOME: crops, dataset, 2 training steps at 256 px (the smallest train.resolution; the
-crops follow train.resolution), the sample grid (64 px, 1 sampling step), likeness, report. Each GPU job loads
-its own copy (`gpu_worker.enabled: false`): a worker holding a training and a sampling copy of SDXL in float32
-(~14 GB each on a CPU) does not fit a 23 GB box. It checks the embedding (clip_l [5, 768] + clip_g [5, 1280],
-bf16, finite), the checkpoints, the grid, the report's family and the empty HF_HOME, and reports each job's
-seconds and peak RSS from Snakemake's benchmark files.
+with `base_model:` the file, offline with an empty HF_HOME: crops, dataset, 2 training steps at 256 px (the
+smallest train.resolution; the crops follow it), the sample grid (64 px, 1 sampling step), likeness, report.
+Each GPU job loads its own copy (`gpu_worker.enabled: false`): a worker holding a training and a sampling copy
+of SDXL in float32 (~14 GB each on a CPU) does not fit a 23 GB box. It checks the embedding (clip_l [5, 768] +
+clip_g [5, 1280], bf16, finite), the checkpoints, the grid, the report's family and the empty HF_HOME, and
+reports each job's seconds and peak RSS from Snakemake's benchmark files.
 
     python bench/bench_sdxl_single_file.py --file /tmp/sdxl-random.safetensors --through-rules --keep \
         --json-out rules.json

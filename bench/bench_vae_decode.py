@@ -84,7 +84,7 @@ def main() -> None:
     for n in args.images:
         for sliced in (False, True):
             command = [sys.executable, __file__, "--child", "--family", args.family, "--side", str(args.side),
-                       "--n", str(n), "--device", args.device, "--dtype", args.dtype] + (["--sliced"] if sliced else [])
+                       "--n", str(n), "--device", args.device, "--dtype", args.dtype, *(["--sliced"] if sliced else [])]
             completed = subprocess.run(command, capture_output=True, text=True, check=True)
             rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
@@ -93,9 +93,10 @@ def main() -> None:
     megapixels = args.side**2 / 1e6
     print(f"\n{'images':>6} {'decode':>10} {'peak GiB above':>15} {'GiB per image-MP':>17} {'seconds':>8}")
     for row in rows:
+        decoded_at_once = 1 if row["sliced"] else row["images"]
+        per_megapixel = row["peak_above_before_gib"] / decoded_at_once / megapixels
         print(f"{row['images']:>6} {'one by one' if row['sliced'] else 'batched':>10} "
-              f"{row['peak_above_before_gib']:>15.2f} {row['peak_above_before_gib'] / (row['images'] if not row['sliced'] else 1) / megapixels:>17.2f} "
-              f"{row['decode_s']:>8.1f}")
+              f"{row['peak_above_before_gib']:>15.2f} {per_megapixel:>17.2f} {row['decode_s']:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -411,8 +411,8 @@ def series(args) -> None:
         rows[name] = row
     for path in Path(args.worker_dir).glob("*.log"):
         shutil.copy(path, out / f"worker-{args.tag}-{path.name}")
-    result = {"tag": args.tag, "family": args.family, "worker": args.worker, "steps": args.steps, "save_every": args.save_every,
-              "cold": args.cold, "model": made, "run": after, "subjects": rows}
+    result = {"tag": args.tag, "family": args.family, "worker": args.worker, "steps": args.steps,
+              "save_every": args.save_every, "cold": args.cold, "model": made, "run": after, "subjects": rows}
     (out / f"series-{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     save_logs(out, names, f"logs-{args.tag}.tar.gz")
     print(json.dumps(after), flush=True)

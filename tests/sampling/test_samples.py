@@ -47,7 +47,6 @@ def test_column_labels_show_the_word_people_type(tmp_path, tiny_model_dir, monke
                         or real(rows, columns, title))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "prompts.txt").write_text("a photo of {token}\n")
-    (tmp_path / "none").mkdir()
     settings = SampleSettings(seeds=[1], steps=1, guidance_scale=7.5, width=64, height=64, scheduler="ddim",
                               device="cpu", batch_size=4, init_word="woman")
     for out, trigger in (("a", "evagreen_v2"), ("b", None)):
